@@ -1,0 +1,294 @@
+"""FLUX models behind one loader: the embedded ``tiny`` preset and a local FLUX.1-dev folder.
+
+``load_flux("tiny")`` builds a FLUX-architecture pipeline from small configs with random weights
+(every module is the real diffusers / transformers class, so the code path is the real one),
+caches it on disk once and loads it from there afterwards, with no network.
+``load_flux("/path/to/FLUX.1-dev")`` loads a local folder in the diffusers layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+TINY = "tiny"
+PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+# FLUX.1-dev's scheduler (its scheduler_config.json): resolution-dependent shift of the sigmas.
+FLUX_DEV_SCHEDULER = dict(
+    base_image_seq_len=256,
+    base_shift=0.5,
+    max_image_seq_len=4096,
+    max_shift=1.15,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+)
+
+
+@dataclass(frozen=True)
+class TinyFluxConfig:
+    """Sizes of the embedded tiny FLUX. Changing any field gives a new cache entry."""
+
+    num_layers: int = 2  # double-stream (MM-DiT) blocks; FLUX.1-dev has 19
+    num_single_layers: int = 2  # single-stream blocks; FLUX.1-dev has 38
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)  # sums to attention_head_dim, as (16, 56, 56) sums to 128
+    text_dim: int = 32  # CLIP hidden size (= pooled projection dim) and T5 d_model (= joint attention dim)
+    vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # 4 levels: 8x spatial compression, like FLUX's VAE
+    text_max_length: int = 32  # T5 tokens kept per prompt (FLUX.1-dev uses 512)
+    seed: int = 0
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True) + "|diffusers-layout-v1"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class FluxModel:
+    """A loaded FLUX pipeline plus the facts the rest of ``sfo`` needs about it.
+
+    ``pipe`` is a stock ``diffusers.FluxPipeline``: its modules are what LoRA, DeepSpeed and
+    checkpoints see, and ``pipe.load_lora_weights`` reads the adapters ``sfo.adapters`` saves.
+    """
+
+    pipe: FluxPipeline
+    source: str
+    text_max_length: int
+    dtype: torch.dtype
+    device: torch.device
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def transformer(self) -> FluxTransformer2DModel:
+        return self.pipe.transformer
+
+    @property
+    def vae(self) -> AutoencoderKL:
+        return self.pipe.vae
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8 for FLUX)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this: VAE compression times the 2x2 token packing."""
+        return self.vae_scale_factor * 2
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on GPU (FLUX's training precision), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cache_root() -> Path:
+    """Where built models are cached: ``$SFO_CACHE_DIR`` or ``~/.cache/sfo``."""
+    return Path(os.environ.get("SFO_CACHE_DIR", Path.home() / ".cache" / "sfo"))
+
+
+def load_flux(
+    source: str | os.PathLike = TINY,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    tiny_config: TinyFluxConfig | None = None,
+    text_max_length: int | None = None,
+) -> FluxModel:
+    """Loads the ``tiny`` preset or a local FLUX.1-dev folder (diffusers layout).
+
+    Args:
+        source: ``"tiny"`` or the path of a folder holding ``model_index.json`` and the seven
+            component folders (transformer, vae, text_encoder[_2], tokenizer[_2], scheduler).
+        device: where the modules live; defaults to CUDA when available.
+        dtype: ``torch.bfloat16``/``"bf16"``, ``torch.float32``/``"fp32"``...; defaults to
+            bf16 on GPU and fp32 on CPU.
+        tiny_config: sizes of the tiny preset (ignored for folders).
+        text_max_length: T5 tokens per prompt; defaults to 512 for folders (FLUX.1-dev) and to
+            ``tiny_config.text_max_length`` for the tiny preset.
+
+    Returns:
+        A ``FluxModel`` in eval mode with every parameter frozen.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+    if str(source) == TINY:
+        config = tiny_config or TinyFluxConfig()
+        folder = _cached_tiny_folder(config)
+        max_length = text_max_length or config.text_max_length
+    else:
+        folder = check_flux_folder(source)
+        max_length = text_max_length or 512
+    pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+    pipe.to(device)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.eval().requires_grad_(False)
+    return FluxModel(pipe=pipe, source=str(source), text_max_length=max_length, dtype=dtype, device=device)
+
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32,
+}
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype: unknown value {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def check_flux_folder(path: str | os.PathLike) -> Path:
+    """Checks that ``path`` is a FLUX folder in the diffusers layout; names what is missing."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"model: folder {str(folder)!r} does not exist; pass 'tiny' for the embedded model or the path "
+            "of a local FLUX.1-dev download in the diffusers layout (the folder holding model_index.json)"
+        )
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"model: {str(folder)!r} has no model_index.json; point it at the top of a FLUX.1-dev folder "
+            "in the diffusers layout (huggingface-cli download black-forest-labs/FLUX.1-dev --local-dir DIR)"
+        )
+    missing = [name for name in PIPELINE_COMPONENTS if not (folder / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"model: {str(folder)!r} lacks the component folder(s) {missing}; the download is incomplete")
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        if not any((folder / name).glob("*.safetensors")) and not any((folder / name).glob("*.bin")):
+            raise FileNotFoundError(
+                f"model: {str(folder / name)!r} holds no weights (*.safetensors); the download is incomplete"
+            )
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiny preset
+# ----------------------------------------------------------------------------------------------
+
+# Byte-level "BPE" with no merges: every printable ASCII character is one token.
+_CLIP_CHARS = [chr(c) for c in range(33, 127)]
+
+
+def build_tiny_pipeline(config: TinyFluxConfig) -> FluxPipeline:
+    """Builds the tiny FLUX pipeline with random weights (seeded), entirely in memory."""
+    torch.manual_seed(config.seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x 2x2 packing, as in FLUX
+        num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.text_dim,
+        pooled_projection_dim=config.text_dim,
+        guidance_embeds=True,  # FLUX.1-dev is guidance-distilled
+        axes_dims_rope=list(config.axes_dims_rope),
+    )
+    levels = len(config.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=list(config.vae_channels),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+    )
+    # CLIP: special tokens first, then one token per character ("</w>" marks a word end).
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _CLIP_CHARS:
+        clip_vocab[ch] = len(clip_vocab)
+        clip_vocab[ch + "</w>"] = len(clip_vocab)
+    tokenizer = CLIPTokenizer(
+        vocab=clip_vocab, merges=[], unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_vocab),
+            hidden_size=config.text_dim,
+            intermediate_size=config.text_dim * 2,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=config.text_dim,
+            bos_token_id=0,
+            eos_token_id=1,  # must be the tokenizer's end token: it selects the pooled output
+            pad_token_id=1,
+        )
+    )
+    # T5: a unigram vocabulary of single characters, word-initial ("▁x") and inner ("x").
+    t5_pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    t5_pieces += [("▁" + ch, -3.0) for ch in _CLIP_CHARS] + [(ch, -4.0) for ch in _CLIP_CHARS]
+    tokenizer_2 = T5Tokenizer(
+        vocab=t5_pieces, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0, model_max_length=512
+    )
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_pieces),
+            d_model=config.text_dim,
+            d_kv=config.text_dim // 4,
+            d_ff=config.text_dim * 2,
+            num_layers=2,
+            num_heads=4,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",  # as T5 v1.1, the FLUX text encoder
+            decoder_start_token_id=0,
+        )
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    return pipe
+
+
+def _cached_tiny_folder(config: TinyFluxConfig) -> Path:
+    """Builds the tiny pipeline once per config and returns its folder (atomic for concurrent builders)."""
+    folder = cache_root() / "tiny-flux" / config.fingerprint()
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        build_tiny_pipeline(config).save_pretrained(staging)
+        (staging / "tiny_config.json").write_text(json.dumps(asdict(config), indent=2))
+        try:
+            staging.rename(folder)
+        except OSError:  # another process finished first: theirs is identical
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
