@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,7 +81,9 @@ def add_lora(
         raise ValueError(f"lora.name: the transformer already has an adapter {name!r}; pick another name")
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init,
                         target_modules=target_modules)
-    transformer.add_adapter(config, adapter_name=name)
+    with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        transformer.add_adapter(config, adapter_name=name)
     _activate(transformer, adapter_names(transformer))
     set_trainable(transformer, [name])
     return config

@@ -77,24 +77,21 @@ SUBJECTS200K_PADDING = 8
 
 
 def split_subjects200k_pair(image: Image.Image, *, padding: int = SUBJECTS200K_PADDING) -> tuple[Image.Image, Image.Image]:
-    """Splits a Subjects200K pair image into its two square panels (left, right).
+    """Splits a Subjects200K pair image into its two square panels (left, right), as OminiControl does.
 
-    Two layouts exist:
-    - the dataset's native one, ``(2S + 3p) x (S + 2p)`` (1056x528 for S = 512, p = 8): panels of
-      side S separated and framed by ``padding`` p; cropped exactly as OminiControl does;
-    - the padding-free ``2S x S`` one (1024x512, as in the dataset card's example notebook and
-      ``shared/data/subjects200k_samples``): the two halves.
+    With panel side S = H - 2p, the panels are the boxes (p, p, S+p, S+p) and (S+2p, p, 2S+2p, S+p):
+    on the dataset's native 1056x528 images (p = 8) these are exactly the two 512x512 panels. The
+    padding-free 1024x512 copies (the dataset card's notebook, ``shared/data/subjects200k_samples``)
+    give two 496x496 panels with an 8-px margin trimmed; callers resize to their training size.
+    ``padding=0`` splits a padding-free image into its exact halves.
     """
     w, h = image.size
     side = h - 2 * padding
-    if side > 0 and w == 2 * side + 3 * padding:
-        left = image.crop((padding, padding, padding + side, padding + side))
-        right = image.crop((2 * padding + side, padding, 2 * padding + 2 * side, padding + side))
-    elif w == 2 * h:
-        left, right = image.crop((0, 0, h, h)), image.crop((h, 0, 2 * h, h))
-    else:
+    if padding < 0 or side <= 0 or w < 2 * side + 2 * padding:
         raise ValueError(
-            f"image: a Subjects200K pair is (2S+3p)x(S+2p) with p={padding} (e.g. 1056x528) or 2SxS "
-            f"(e.g. 1024x512); got {w}x{h}"
+            f"image: a Subjects200K pair is at least (2S+2p)x(S+2p) with padding p={padding} "
+            f"(e.g. 1056x528 or 1024x512); got {w}x{h}"
         )
+    left = image.crop((padding, padding, side + padding, side + padding))
+    right = image.crop((side + 2 * padding, padding, 2 * side + 2 * padding, side + padding))
     return left.convert("RGB"), right.convert("RGB")

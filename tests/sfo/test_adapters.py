@@ -1,0 +1,142 @@
+import pytest
+import torch
+from torch.testing import assert_close
+
+from sfo import adapters as A
+from sfo.latents import grid_ids
+from sfo.models import load_flux
+from sfo.text import encode_prompts
+from sfo.transformer import flux_forward
+
+
+def _randomise(transformer, name, std=0.05, seed=0):
+    """Give an adapter non-zero weights (fresh LoRA B matrices are zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, p in transformer.named_parameters():
+            if f".{name}." in key and "lora_" in key:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture
+def two_adapters(fresh_flux):
+    tr = fresh_flux.transformer
+    A.add_lora(tr, A.REF, A.REF_RANK)
+    A.add_lora(tr, A.SFO, A.SFO_RANK)
+    _randomise(tr, A.REF, seed=1)
+    _randomise(tr, A.SFO, seed=2)
+    return fresh_flux
+
+
+def _predict(model, transformer=None):
+    tr = transformer or model.transformer
+    text = encode_prompts(model, ["a dog"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return flux_forward(tr, torch.randn(1, 16, 64, generator=g), grid_ids(4, 4), text, torch.tensor([0.5]),
+                            torch.tensor([3.5]))
+
+
+def test_ranks_targets_and_only_the_newest_adapter_trains(fresh_flux):
+    tr = fresh_flux.transformer
+    A.add_lora(tr, A.REF, A.REF_RANK)
+    A.add_lora(tr, A.SFO, A.SFO_RANK)
+    assert A.adapter_names(tr) == ["ref", "sfo"]
+    trainable = {k for k, p in tr.named_parameters() if p.requires_grad}
+    assert trainable and all(".sfo." in k for k in trainable)
+    assert tr.transformer_blocks[0].attn.to_q.lora_A["ref"].weight.shape[0] == 4
+    assert tr.transformer_blocks[0].attn.to_q.lora_A["sfo"].weight.shape[0] == 16
+    targeted = {k.split(".lora_A")[0] for k in trainable if "lora_A" in k}
+    assert "x_embedder" in targeted and "single_transformer_blocks.0.proj_mlp" in targeted
+    assert not any("add_q_proj" in k or "context_embedder" in k for k in targeted)  # text stream untouched
+
+
+def test_new_adapter_starts_as_a_no_op(fresh_flux):
+    base = _predict(fresh_flux)
+    A.add_lora(fresh_flux.transformer, A.SFO, A.SFO_RANK)
+    assert_close(_predict(fresh_flux), base)
+
+
+def test_context_managers_switch_adapters_and_keep_ref_frozen(two_adapters):
+    tr = two_adapters.transformer
+    with A.use_adapters(tr, []):
+        base = _predict(two_adapters)
+    with A.ref_only(tr):
+        ref = _predict(two_adapters)
+    with A.ref_and_sfo(tr):
+        both = _predict(two_adapters)
+    assert (ref - base).abs().max() > 1e-4 and (both - ref).abs().max() > 1e-4
+    assert not any(p.requires_grad for k, p in tr.named_parameters() if ".ref." in k)
+    assert all(p.requires_grad for k, p in tr.named_parameters() if ".sfo." in k and "lora_" in k)
+    assert_close(_predict(two_adapters), both)  # both adapters are active outside the contexts
+
+
+def test_context_restores_state_after_an_exception(two_adapters):
+    tr = two_adapters.transformer
+    before = _predict(two_adapters)
+    with pytest.raises(RuntimeError):
+        with A.ref_only(tr):
+            raise RuntimeError("boom")
+    assert_close(_predict(two_adapters), before)
+
+
+def test_diffusers_set_adapters_pitfall_is_real():
+    """Why use_adapters exists: diffusers' set_adapters unfreezes every active adapter (peft #1374)."""
+    model = load_flux("tiny", device="cpu")
+    tr = model.transformer
+    A.add_lora(tr, A.REF, 4)
+    A.add_lora(tr, A.SFO, 16)
+    tr.set_adapters([A.REF, A.SFO])
+    assert any(p.requires_grad for k, p in tr.named_parameters() if ".ref." in k)
+
+
+def test_save_load_round_trip_with_plain_diffusers(two_adapters, tmp_path):
+    tr = two_adapters.transformer
+    A.save_adapter(tr, A.REF, tmp_path / "ref")
+    path = A.save_adapter(tr, A.SFO, tmp_path / "sfo")
+    assert path.suffix == ".safetensors"
+    expected = _predict(two_adapters)
+    fresh = load_flux("tiny", device="cpu")
+    fresh.pipe.load_lora_weights(str(tmp_path / "ref"), adapter_name="ref")  # plain diffusers
+    fresh.pipe.load_lora_weights(str(tmp_path / "sfo"), adapter_name="sfo")
+    fresh.transformer.set_adapters(["ref", "sfo"])
+    assert_close(_predict(fresh), expected)
+    ours = load_flux("tiny", device="cpu")
+    A.load_adapter(ours.transformer, tmp_path / "ref", A.REF)
+    A.load_adapter(ours.transformer, tmp_path / "sfo", A.SFO)
+    assert_close(_predict(ours), expected)
+    assert not any(p.requires_grad for p in ours.transformer.parameters())
+    assert A.adapter_fingerprint(ours.transformer, ["sfo"]) == A.adapter_fingerprint(tr, ["sfo"])
+
+
+def test_merged_export_equals_adapters(two_adapters, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    tr = two_adapters.transformer
+    expected = _predict(two_adapters)
+    A.save_merged(tr, [A.REF, A.SFO], tmp_path / "merged")
+    merged = FluxTransformer2DModel.from_pretrained(tmp_path / "merged")
+    assert not hasattr(merged, "peft_config") or not merged.peft_config
+    assert_close(_predict(two_adapters, merged), expected, rtol=1e-4, atol=1e-5)
+    assert_close(_predict(two_adapters), expected)  # the live model was unmerged again
+
+
+def test_fingerprint_follows_the_weights(two_adapters):
+    tr = two_adapters.transformer
+    before = A.adapter_fingerprint(tr, ["sfo"])
+    _randomise(tr, A.SFO, seed=9)
+    assert A.adapter_fingerprint(tr, ["sfo"]) != before
+
+
+@pytest.mark.parametrize("rank", [0, -4, 2.5])
+def test_bad_rank_names_the_field(fresh_flux, rank):
+    with pytest.raises(ValueError, match="lora.rank"):
+        A.add_lora(fresh_flux.transformer, "x", rank)
+
+
+def test_unknown_adapter_and_missing_folder(two_adapters, tmp_path):
+    with pytest.raises(ValueError, match="unknown adapter"):
+        with A.use_adapters(two_adapters.transformer, ["nope"]):
+            pass
+    with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
+        A.load_adapter(two_adapters.transformer, tmp_path, "x")
