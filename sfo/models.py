@@ -46,7 +46,7 @@ class TinyFluxConfig:
     axes_dims_rope: tuple[int, int, int] = (4, 6, 6)  # sums to attention_head_dim, as (16, 56, 56) sums to 128
     text_dim: int = 32  # CLIP hidden size (= pooled projection dim) and T5 d_model (= joint attention dim)
     vae_channels: tuple[int, ...] = (8, 16, 16, 16)  # 4 levels: 8x spatial compression, like FLUX's VAE
-    text_max_length: int = 32  # T5 tokens kept per prompt (FLUX.1-dev uses 512)
+    text_max_length: int = 64  # T5 tokens (one per character here) kept per prompt; FLUX.1-dev uses 512
     seed: int = 0
 
     def fingerprint(self) -> str:

@@ -1,0 +1,139 @@
+"""Training objectives on the FLUX transformer: SFT (paper Eq. 1) and SFO (Eq. 3, Fig. C).
+
+These run the model passes; the math on their outputs is ``sfo.loss``. Ray Train loops call them
+and only shard, reduce, step and report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from dataclasses import dataclass
+
+import torch
+
+from PIL import Image
+
+from sfo.adapters import REF, SFO, use_adapters
+from sfo.latents import condition_ids, encode_images, grid_ids
+from sfo.models import FluxModel
+from sfo.loss import flow_matching_error, sfo_loss
+from sfo.text import TextEmbeddings, encode_prompts
+from sfo.transformer import Condition, encode_condition, flux_forward
+
+TRAIN_GUIDANCE = 1.0  # OminiControl trains FLUX.1-dev's guidance embedding input at 1.0
+
+
+@dataclass
+class TrainBatch:
+    """One batch of N samples in the transformer's token space.
+
+    Attributes:
+        target: (N, L, 64) clean packed latents of the (positive) target x_tgt.
+        text: prompt embeddings of the target text c_text.
+        condition: reference-image tokens c_img.
+        img_ids: (L, 3) target position ids.
+        negative: (N, L, 64) clean packed latents of the negative target x_tgt^-, for SFO.
+    """
+
+    target: torch.Tensor
+    text: TextEmbeddings
+    condition: Condition
+    img_ids: torch.Tensor
+    negative: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+
+def encode_batch(
+    model: FluxModel,
+    references: list[Image.Image],
+    prompts: list[str],
+    targets: list[Image.Image],
+    negatives: list[Image.Image] | None = None,
+) -> TrainBatch:
+    """Encodes triplets (and negatives) with the frozen VAE and text encoders into a ``TrainBatch``."""
+    cell = model.pixel_multiple
+    target_w, target_h = targets[0].size
+    ref_w, ref_h = references[0].size
+    return TrainBatch(
+        target=encode_images(model, targets),
+        text=encode_prompts(model, prompts),
+        condition=Condition(encode_images(model, references), condition_ids(ref_h // cell, ref_w // cell).to(model.device)),
+        img_ids=grid_ids(target_h // cell, target_w // cell).to(model.device),
+        negative=encode_images(model, negatives) if negatives is not None else None,
+    )
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t = (1 - t) x_0 + t * epsilon (paper Eq. 1), t (N,) broadcast over tokens."""
+    t = t.to(x0.dtype).view(-1, 1, 1)
+    return (1 - t) * x0 + t * noise
+
+
+def _guidance(transformer, n: int, device) -> torch.Tensor | None:
+    return torch.full((n,), TRAIN_GUIDANCE, device=device) if transformer.config.guidance_embeds else None
+
+
+def sft_objective(
+    transformer, batch: TrainBatch, t: torch.Tensor, noise: torch.Tensor, adapters: list[str] | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Flow-matching loss per sample (paper Eq. 1) with the given adapters active.
+
+    Args:
+        t: (N,) timesteps; noise: (N, L, 64) epsilon.
+        adapters: adapters applied in the pass (default: those active on the transformer).
+    Returns:
+        loss (N,) and stats {"flow_matching_error": (N,)}.
+    """
+    guidance = _guidance(transformer, len(batch), batch.target.device)
+    x_t = noised(batch.target, noise, t)
+    with use_adapters(transformer, adapters) if adapters is not None else contextlib.nullcontext():
+        pred = flux_forward(transformer, x_t, batch.img_ids, batch.text, t, guidance, batch.condition)
+    err = flow_matching_error(pred, noise - batch.target)
+    return err, {"flow_matching_error": err.detach()}
+
+
+def sfo_objective(
+    transformer,
+    batch: TrainBatch,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    beta: float,
+    policy: list[str] = (REF, SFO),
+    reference: list[str] = (REF,),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SFO loss per sample (paper Eq. 3; Fig. C).
+
+    Positive and negative share the noise epsilon and the timestep t (Fig. C lines 8-16), and go
+    through the model as one batch of 2N. The reference pass (``reference`` adapters) runs without
+    gradient; the policy pass (``policy`` adapters) carries it.
+
+    Returns:
+        loss (N,) and stats (N,) tensors: implicit_accuracy, reward_margin, policy/ref errors.
+    """
+    if batch.negative is None:
+        raise ValueError("batch.negative: SFO needs a negative target per sample (run the cdns stage first)")
+    n = len(batch)
+    guidance = _guidance(transformer, n, batch.target.device)
+    x0 = torch.cat([batch.target, batch.negative])  # (2N, L, 64)
+    x_t = noised(x0, noise.repeat(2, 1, 1), t.repeat(2))
+    target_v = noise.repeat(2, 1, 1) - x0
+    text2, t2 = batch.text.repeat(2), t.repeat(2)
+    guidance2 = guidance.repeat(2) if guidance is not None else None
+
+    def errors() -> torch.Tensor:
+        # The condition path is shared by the pair: computed once for N, repeated for 2N.
+        cache = encode_condition(transformer, batch.condition, batch.text.pooled, guidance).repeat(2)
+        pred = flux_forward(transformer, x_t, batch.img_ids, text2, t2, guidance2, cache)
+        return flow_matching_error(pred, target_v)  # (2N,)
+
+    with torch.no_grad(), use_adapters(transformer, list(reference)):
+        ref_pos, ref_neg = errors().chunk(2)
+    with use_adapters(transformer, list(policy)):
+        pol_pos, pol_neg = errors().chunk(2)
+    loss, stats = sfo_loss(pol_pos, pol_neg, ref_pos, ref_neg, beta=beta)
+    stats.update(policy_err_pos=pol_pos.detach(), policy_err_neg=pol_neg.detach(), ref_err_pos=ref_pos, ref_err_neg=ref_neg)
+    return loss, stats
