@@ -1,0 +1,1 @@
+"""Ray jobs: each runs as ``python -m pipelines.<job>`` locally or under ``ray job submit``."""

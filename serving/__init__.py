@@ -1,0 +1,1 @@
+"""Ray Serve application (issue #4; not built yet)."""

@@ -1,0 +1,1 @@
+"""SFO method library: the math and model code. Never imports Ray."""
