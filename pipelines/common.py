@@ -1,0 +1,39 @@
+"""Config sections shared by the jobs, and helpers every job uses to start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sfo.models import parse_dtype
+
+
+@dataclass
+class ModelConfig:
+    """Which FLUX to load and which adapters go on it."""
+
+    source: str = "tiny"  # "tiny" (embedded) or the path of a local FLUX.1-dev folder (diffusers layout)
+    dtype: str | None = None  # bf16 | fp32; default bf16 on GPU, fp32 on CPU
+    ref_adapter: str | None = None  # folder holding the "ref" LoRA (the sft job's output)
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None:
+            parse_dtype(self.dtype)
+
+
+@dataclass
+class ScalingConfig:
+    """How much of the cluster a job asks for. On a 2-core laptop keep CPU shares fractional:
+    whole CPUs for every worker starve Ray Data's read/write tasks and the run hangs."""
+
+    num_workers: int = 1  # Ray Train workers, or Ray Data actors for generation jobs
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0  # used only with use_gpu
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 1:
+            raise ValueError(f"scaling.num_workers: must be at least 1, got {self.num_workers}")
+        if self.cpus_per_worker <= 0:
+            raise ValueError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+        if self.use_gpu and self.gpus_per_worker <= 0:
+            raise ValueError(f"scaling.gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
