@@ -102,8 +102,8 @@ def _build(cls: type[T], values: dict, prefix: str = "") -> T:
         return cls(**kwargs)
     except ConfigError:
         raise
-    except ValueError as exc:  # a validation in __post_init__
-        raise ConfigError(f"{prefix + '.' if prefix else ''}{exc}") from None
+    except ValueError as exc:  # a validation in __post_init__: its message names the field
+        raise ConfigError(str(exc)) from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

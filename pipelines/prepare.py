@@ -1,0 +1,199 @@
+"""prepare: builds the triplet Parquet (reference image, target text, target image) every stage reads.
+
+    python -m pipelines.prepare --config pipelines/configs/prepare.yaml [key=value ...]
+
+Sources:
+- ``synthetic``: the embedded procedural subjects (no downloads), the default.
+- ``subjects200k``: Subjects200K pairs (paper Sec. 3.1 / App. D.2), either a folder of
+  ``NAME.png`` (the pair image) + ``NAME.txt`` ("Instance: ...", "Description1: ...",
+  "Description2: ...") and optional ``NAME.json`` quality scores, as in the dataset card's
+  notebook; or Parquet shards in the Hugging Face layout (``image`` {bytes}, ``description``
+  {item, description_0, description_1}, ``quality_assessment`` {compositeStructure,
+  objectConsistency, imageQuality}). Pairs with any quality score below ``min_quality`` (5, as
+  OminiControl) are dropped; pairs without scores are kept and counted.
+
+Each pair gives one triplet: one panel is the reference, the other the target, described by its
+own description. Which panel is which is decided per pair by a hash of its id (or both ways with
+``both_directions``), so reruns give the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipelines.config import parse_job_args
+from pipelines.synthetic import synthetic_triplets
+from sfo.records import TRIPLET_SCHEMA, encode_png, split_subjects200k_pair
+
+SOURCES = ("synthetic", "subjects200k")
+QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
+ROWS_PER_FILE = 1000
+DEFAULT_SYNTHETIC_ROWS = 16
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    input: str | None = None  # Subjects200K folder or Parquet shard folder (source subjects200k)
+    output: str = "runs/data/triplets"  # folder of Parquet files
+    limit: int | None = None  # at most this many triplets (synthetic: exactly, default 16)
+    size: int = 512  # panels are resized to size x size
+    seed: int = 0
+    padding: int = 8  # Subjects200K panel padding (0 for padding-free 1024x512 copies)
+    min_quality: int = 5  # OminiControl's filter: every quality score >= 5
+    both_directions: bool = False  # two triplets per pair (each panel as the reference once)
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source: unknown source {self.source!r}; use one of {list(SOURCES)}")
+        if self.source == "subjects200k" and not self.input:
+            raise ValueError("data.input: the subjects200k source needs the folder of pairs (data.input=PATH)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data.limit: must be at least 1, got {self.limit}")
+        if self.size < 16 or self.size % 16:
+            raise ValueError(f"data.size: must be a positive multiple of 16, got {self.size}")
+
+
+@dataclass
+class PrepareConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair_id: str
+    image: Image.Image
+    item: str
+    descriptions: tuple[str, str]
+    quality: dict | None
+
+
+def read_pair_folder(folder: Path) -> Iterator[Pair]:
+    """Pairs from ``NAME.png`` + ``NAME.txt`` (+ optional ``NAME.json``) files, sorted by name."""
+    for png in sorted(folder.glob("*.png")):
+        txt = png.with_suffix(".txt")
+        if not txt.is_file():
+            raise ValueError(f"data.input: {str(png)!r} has no description file {txt.name!r}")
+        fields = {}
+        for line in txt.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key.strip().lower()] = value.strip()
+        missing = [k for k in ("instance", "description1", "description2") if not fields.get(k)]
+        if missing:
+            raise ValueError(f"data.input: {str(txt)!r} lacks {missing} lines ('Instance: ...', 'Description1: ...')")
+        quality_file = png.with_suffix(".json")
+        quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
+        yield Pair(png.stem, Image.open(png), fields["instance"], (fields["description1"], fields["description2"]), quality)
+
+
+def read_pair_parquet(folder: Path) -> Iterator[Pair]:
+    """Pairs from Parquet shards in the Hugging Face Subjects200K layout."""
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else [folder]
+    for path in files:
+        table = pq.read_table(path)
+        for name in ("image", "description"):
+            if name not in table.column_names:
+                raise ValueError(f"data.input: {str(path)!r} has no {name!r} column (Subjects200K layout expected)")
+        for index, row in enumerate(table.to_pylist()):
+            image = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
+            desc = row["description"]
+            yield Pair(f"{path.stem}-{index:07d}", Image.open(io.BytesIO(image)), desc["item"],
+                       (desc["description_0"], desc["description_1"]), row.get("quality_assessment"))
+
+
+def passes_quality(quality: dict | None, minimum: int) -> bool:
+    return quality is None or all((quality.get(key) or 0) >= minimum for key in QUALITY_KEYS)
+
+
+def subjects200k_rows(config: DataConfig, stats: dict) -> Iterator[dict]:
+    source = Path(config.input)
+    if not source.exists():
+        raise FileNotFoundError(f"data.input: {str(source)!r} does not exist")
+    has_parquet = source.is_file() or any(source.glob("*.parquet"))
+    pairs = read_pair_parquet(source) if has_parquet else read_pair_folder(source)
+    for pair in pairs:
+        stats["pairs"] += 1
+        if pair.quality is None:
+            stats["unscored"] += 1
+        if not passes_quality(pair.quality, config.min_quality):
+            stats["filtered"] += 1
+            continue
+        panels = [p.resize((config.size, config.size), Image.BICUBIC)
+                  for p in split_subjects200k_pair(pair.image, padding=config.padding)]
+        flip = int(hashlib.sha256(f"{config.seed}/{pair.pair_id}".encode()).hexdigest(), 16) % 2
+        directions = [(0, 1), (1, 0)] if config.both_directions else [(flip, 1 - flip)]
+        for ref, tgt in directions:
+            yield {
+                "sample_id": f"s200k-{pair.pair_id}-{tgt}",
+                "item": pair.item,
+                "target_text": pair.descriptions[tgt],
+                "reference_png": encode_png(panels[ref]),
+                "target_png": encode_png(panels[tgt]),
+                "source": f"subjects200k:{source.name}",
+            }
+
+
+def synthetic_rows(config: DataConfig) -> Iterator[dict]:
+    for t in synthetic_triplets(config.limit or DEFAULT_SYNTHETIC_ROWS, config.size, config.seed):
+        yield {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
+               "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
+
+
+def run(config: PrepareConfig) -> Path:
+    """Writes the triplet Parquet files; returns the output folder."""
+    data = config.data
+    output = Path(data.output)
+    if output.exists() and any(output.glob("*.parquet")):
+        raise FileExistsError(f"data.output: {str(output)!r} already holds Parquet files; pick a new folder or delete it")
+    output.mkdir(parents=True, exist_ok=True)
+    stats = {"pairs": 0, "filtered": 0, "unscored": 0}
+    rows = synthetic_rows(data) if data.source == "synthetic" else subjects200k_rows(data, stats)
+    started, written, buffer, part = time.time(), 0, [], 0
+
+    def flush():
+        nonlocal buffer, part
+        if buffer:
+            pq.write_table(pa.Table.from_pylist(buffer, schema=TRIPLET_SCHEMA), output / f"part-{part:05d}.parquet")
+            part += 1
+            buffer = []
+
+    for row in rows:
+        buffer.append(row)
+        written += 1
+        if len(buffer) >= ROWS_PER_FILE:
+            flush()
+            print(f"  prepare: {written} triplets ({written / (time.time() - started):.1f}/s)", flush=True)
+        if data.limit is not None and written >= data.limit:
+            break
+    flush()
+    if written == 0:
+        raise ValueError(f"data.input: no triplet survived (pairs read: {stats['pairs']}, "
+                         f"below quality {data.min_quality}: {stats['filtered']})")
+    detail = "" if data.source == "synthetic" else (
+        f" from {stats['pairs']} pairs ({stats['filtered']} dropped below quality {data.min_quality}, "
+        f"{stats['unscored']} without scores kept)")
+    print(f"prepare: wrote {written} triplets{detail} to {output} in {time.time() - started:.1f} s", flush=True)
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_job_args(PrepareConfig, "python -m pipelines.prepare", __doc__, argv)
+    if config is None:
+        return 0
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

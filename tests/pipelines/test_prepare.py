@@ -1,0 +1,113 @@
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines.config import ConfigError, load_config
+from pipelines.prepare import PrepareConfig, main, run
+from sfo.records import TRIPLET_SCHEMA, check_schema, decode_png
+from tests.conftest import shared_path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path, *overrides):
+    return load_config(PrepareConfig, None, [f"data.output={tmp_path / 'out'}", *overrides])
+
+
+def test_synthetic_source_writes_the_triplet_schema(tmp_path):
+    out = run(_config(tmp_path, "data.limit=5", "data.size=32"))
+    table = pq.read_table(out)
+    check_schema(table, TRIPLET_SCHEMA, "triplets")
+    assert table.num_rows == 5 and len(set(table.column("sample_id").to_pylist())) == 5
+    assert decode_png(table.column("target_png")[0].as_py()).size == (32, 32)
+    again = run(_config(tmp_path / "again", "data.limit=5", "data.size=32"))
+    assert pq.read_table(again).column("target_png").to_pylist() == table.column("target_png").to_pylist()
+
+
+def _pair_folder(tmp_path, scores):
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i, score in enumerate(scores):
+        Image.fromarray(rng.integers(0, 256, (528, 1056, 3), dtype=np.uint8)).save(folder / f"pair{i}.png")
+        (folder / f"pair{i}.txt").write_text(f"Instance: thing {i}\nDescription1: left {i}\nDescription2: right {i}\n")
+        if score is not None:
+            (folder / f"pair{i}.json").write_text(json.dumps(dict.fromkeys(
+                ["compositeStructure", "objectConsistency", "imageQuality"], 5) | {"imageQuality": score}))
+    return folder
+
+
+def test_subjects200k_folder_with_quality_filter(tmp_path, capsys):
+    folder = _pair_folder(tmp_path, [5, 4, None])
+    out = run(_config(tmp_path, "data.source=subjects200k", f"data.input={folder}", "data.size=32"))
+    table = pq.read_table(out)
+    assert table.num_rows == 2  # pair1 scores 4 < 5
+    items = table.column("item").to_pylist()
+    assert items == ["thing 0", "thing 2"]
+    for row in table.to_pylist():
+        side = row["sample_id"].rsplit("-", 1)[1]
+        assert row["target_text"] == f"{'left' if side == '0' else 'right'} {row['item'].split()[1]}"
+    assert "1 dropped below quality 5" in capsys.readouterr().out
+
+
+def test_subjects200k_both_directions(tmp_path):
+    folder = _pair_folder(tmp_path, [5])
+    table = pq.read_table(run(_config(tmp_path, "data.source=subjects200k", f"data.input={folder}", "data.size=32",
+                                      "data.both_directions=true")))
+    assert sorted(table.column("target_text").to_pylist()) == ["left 0", "right 0"]
+
+
+def test_subjects200k_parquet_layout(tmp_path):
+    rng = np.random.default_rng(1)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (528, 1056, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    rows = [{"image": {"bytes": buffer.getvalue(), "path": None},
+             "description": {"item": "mug", "description_0": "a mug on a desk", "description_1": "a mug, studio"},
+             "quality_assessment": {"compositeStructure": 5, "objectConsistency": 5, "imageQuality": 5}}]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), shards / "train-00000.parquet")
+    table = pq.read_table(run(_config(tmp_path, "data.source=subjects200k", f"data.input={shards}", "data.size=32")))
+    assert table.num_rows == 1 and table.column("item")[0].as_py() == "mug"
+
+
+def test_shared_samples(tmp_path):
+    folder = shared_path("data", "subjects200k_samples")
+    table = pq.read_table(run(_config(tmp_path, "data.source=subjects200k", f"data.input={folder}", "data.size=64",
+                                      "data.padding=0")))
+    assert table.num_rows == 3 and "Hedgehog" in table.column("item").to_pylist()
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["data.source=laion"], "data.source"),
+    (["data.source=subjects200k"], "data.input"),
+    (["data.size=40"], "data.size"),
+    (["data.limit=0"], "data.limit"),
+])
+def test_bad_configs_name_the_field(tmp_path, overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        _config(tmp_path, *overrides)
+
+
+def test_refuses_to_overwrite_and_missing_input(tmp_path):
+    run(_config(tmp_path, "data.limit=1", "data.size=16"))
+    with pytest.raises(FileExistsError, match="data.output"):
+        run(_config(tmp_path, "data.limit=1", "data.size=16"))
+    with pytest.raises(FileNotFoundError, match="data.input"):
+        run(_config(tmp_path / "x", "data.source=subjects200k", f"data.input={tmp_path / 'nope'}"))
+
+
+def test_command_line_and_yaml(tmp_path):
+    assert main(["--config", str(ROOT / "pipelines/configs/prepare.yaml"), f"data.output={tmp_path / 'cli'}",
+                 "data.limit=2", "data.size=16"]) == 0
+    assert pq.read_table(tmp_path / "cli").num_rows == 2
+    result = subprocess.run([sys.executable, "-m", "pipelines.prepare", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0 and "key=value" in result.stdout
