@@ -17,7 +17,10 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.dtype is not None:
-            parse_dtype(self.dtype)
+            try:
+                parse_dtype(self.dtype)
+            except ValueError as exc:
+                raise ValueError(f"model.{exc}") from None
 
 
 @dataclass
