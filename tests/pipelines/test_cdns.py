@@ -1,0 +1,135 @@
+"""The cdns stage: Ray Data and the plain loop give the same quadruplets; resume; configs fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import cdns
+from pipelines.cdns import CdnsConfig, run
+from pipelines.config import ConfigError, load_config
+from pipelines.synthetic import synthetic_triplets
+from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema, decode_png, encode_png
+
+ROWS = 4
+SIZE = 32
+FAST = [f"cdns.size={SIZE}", "cdns.steps=2", "cdns.batch_size=4", "scaling.num_workers=1",
+        "scaling.cpus_per_worker=0.5"]
+
+
+@pytest.fixture(scope="module")
+def triplets(tmp_path_factory) -> Path:
+    """4 synthetic triplets at 32 px as one Parquet file (the prepare stage's layout)."""
+    rows = synthetic_triplets(ROWS, SIZE, seed=3)
+    table = pa.Table.from_pylist([
+        {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
+         "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
+        for t in rows], schema=TRIPLET_SCHEMA)
+    path = tmp_path_factory.mktemp("triplets") / "part-0.parquet"
+    pq.write_table(table, path)
+    return path
+
+
+def config(triplets: Path, output: Path, *overrides: str) -> CdnsConfig:
+    return load_config(CdnsConfig, None, [f"data.input={triplets}", f"data.output={output}", *FAST, *overrides])
+
+
+def read(output: Path) -> pa.Table:
+    return pq.ParquetDataset(cdns.parquet_files(output)).read()
+
+
+@pytest.fixture(scope="module")
+def ray_output(ray_local, triplets, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("cdns-ray")
+    result = run(config(triplets, output, "runner=ray"))
+    assert result == {"skipped": 0, "written": ROWS, "output": output}
+    return output
+
+
+def test_ray_writes_quadruplets_with_provenance(ray_output, triplets):
+    table = read(ray_output)
+    check_schema(table, QUADRUPLET_SCHEMA, "cdns output")
+    source = pq.read_table(triplets).to_pylist()
+    assert sorted(table.column("sample_id").to_pylist()) == sorted(r["sample_id"] for r in source)
+    by_id = {r["sample_id"]: r for r in table.to_pylist()}
+    for row in source:
+        out = by_id[row["sample_id"]]
+        assert out["target_png"] == row["target_png"] and out["target_text"] == row["target_text"]
+        assert out["negative_mode"] == "cdns" and out["negative_image_degradation"] == "blur"
+        assert out["negative_text_degradation"] == "generic" and out["negative_noise_std"] is None
+        assert out["negative_blur_radius"] == 5.0  # paper Sec. 4.1
+        assert out["negative_prompt"] == f"a photo of {row['item']}"
+        assert out["negative_steps"] == 2 and out["negative_guidance"] == pytest.approx(3.5)
+        assert out["negative_adapter_sha256"] == cdns.NO_ADAPTER
+        assert out["negative_seed"] == cdns.sample_seed(0, row["sample_id"])
+        assert decode_png(out["negative_png"]).size == (SIZE, SIZE)
+
+
+def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path):
+    """Same generator, same seeds: the plain loop reproduces Ray's PNG bytes, across a resume."""
+    first = run(config(triplets, tmp_path, "runner=local", "data.limit=2"))
+    assert first["written"] == 2 and first["skipped"] == 0
+    (tmp_path / "cdns-interrupted_000000.parquet").write_bytes(b"PAR1 cut short")  # an interrupted write
+    second = run(config(triplets, tmp_path, "runner=local"))
+    assert second == {"skipped": 2, "written": 2, "output": tmp_path}
+    assert (tmp_path / "cdns-interrupted_000000.parquet.incomplete").exists()
+    ids = read(tmp_path).column("sample_id").to_pylist()
+    assert len(ids) == len(set(ids)) == ROWS
+    local = {r["sample_id"]: r["negative_png"] for r in read(tmp_path).to_pylist()}
+    remote = {r["sample_id"]: r["negative_png"] for r in read(ray_output).to_pylist()}
+    assert local == remote
+    assert run(config(triplets, tmp_path, "runner=local")) == {"skipped": ROWS, "written": 0, "output": tmp_path}
+
+
+def test_ray_rerun_writes_nothing_new(ray_output, triplets):
+    files = cdns.parquet_files(ray_output)
+    assert run(config(triplets, ray_output, "runner=ray"))["written"] == 0
+    assert cdns.parquet_files(ray_output) == files
+
+
+def test_self_play_keeps_the_prompt_and_blur_sweep_is_recorded(triplets, tmp_path):
+    run(config(triplets, tmp_path / "sp", "runner=local", "cdns.mode=self-play", "data.limit=1"))
+    row = read(tmp_path / "sp").to_pylist()[0]
+    source = pq.read_table(triplets).to_pylist()[0]
+    assert row["negative_prompt"] == source["target_text"]
+    assert row["negative_image_degradation"] == "none" and row["negative_blur_radius"] is None
+    run(config(triplets, tmp_path / "sweep", "runner=local", "cdns.blur_radius=2.5", "data.limit=1"))
+    assert read(tmp_path / "sweep").column("negative_blur_radius").to_pylist() == [2.5]
+
+
+@pytest.mark.parametrize("override,field", [
+    ("cdns.mode=dreambooth", "cdns.mode"),
+    ("scaling.num_workers=0", "scaling.num_workers"),
+    ("cdns.size=40", "cdns.size"),
+    ("cdns.steps=0", "cdns.steps"),
+    ("cdns.blur_radius=-1", "cdns.blur_radius"),
+    ("runner=spark", "runner"),
+])
+def test_bad_values_name_the_field(triplets, tmp_path, override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        config(triplets, tmp_path, override)
+
+
+def test_bad_inputs_fail_before_any_work(triplets, tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(cdns, "run_ray", no_work)
+    with pytest.raises(ConfigError, match=r"data\.input: .*does not exist"):
+        run(config(tmp_path / "absent.parquet", tmp_path / "out"))
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pq.read_table(triplets).drop_columns(["target_png"]), bad)
+    with pytest.raises(ConfigError, match="data.input .*missing column 'target_png'"):
+        run(config(bad, tmp_path / "out"))
+
+
+def test_help_and_yaml_load(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cdns.main(["--help"])
+    assert exit_.value.code == 0 and "cdns" in capsys.readouterr().out
+    yaml_path = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "cdns.yaml"
+    assert yaml_path.read_text().startswith("# python -m pipelines.cdns --config pipelines/configs/cdns.yaml\n")
+    assert cdns.main(["--config", str(yaml_path), "--print-config"]) == 0
