@@ -1,0 +1,297 @@
+"""The sft and sfo training jobs on Ray Train (TorchTrainer) with DeepSpeed ZeRO inside the loop.
+
+Orchestration only (STYLE 5): the loss math is ``sfo.objectives`` / ``sfo.loss``; this module
+builds the model on each worker, shards the Parquet with Ray Data, steps DeepSpeed, reports
+metrics, checkpoints (trainable weights + optimiser state only) and exports the adapter.
+
+Layout of ``{output.storage_path}/{output.name}/``: Ray Train's ``checkpoint_*`` folders,
+``metrics.jsonl`` (one line per step, rank 0), ``summary.json``, and ``adapters/<name>/`` in the
+diffusers LoRA format (``FluxPipeline.load_lora_weights`` reads it). The export and the metrics
+log are written by rank 0 straight to the storage path, so it must be a shared filesystem.
+
+Randomness: each sample's timestep and noise come from a ``torch.Generator`` seeded with
+(train.seed, optimiser step, sample_id), so they do not depend on how samples are laid out over
+workers and micro-batches (that is what makes the invariance test hold), and positive/negative
+share them (``sfo_objective``). Resuming restarts the data stream at an epoch start; the step
+count, weights, optimiser state and the noise stream continue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from pipelines.train_config import SfoConfig, TrainConfig
+from sfo import adapters as A
+from sfo.objectives import encode_batch, sfo_objective, sft_objective
+from sfo.records import decode_png
+from sfo.timesteps import sample_timesteps
+
+FROZEN_REF = "ref_frozen"  # variant "direct": a frozen copy of "ref" plays p_ref in Eq. 3
+CKPT_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray checkpoint folder
+STATE_FILE = "train_state.json"
+NEVER_PRINT = 10**9  # DeepSpeed's steps_per_print: we report ourselves
+FINGERPRINT_MAX_PARAMS = 50_000_000  # hash frozen weights only for small models (the tiny preset)
+SEED_BYTES = 8
+
+
+def _columns(cfg: TrainConfig) -> list[str]:
+    cols = ["sample_id", "target_text", "reference_png", "target_png"]
+    return cols + (["negative_png"] if cfg.needs_negatives else [])
+
+
+def run(cfg: TrainConfig):
+    """Runs the job described by ``cfg`` on the current Ray cluster; returns Ray Train's Result."""
+    from ray.train.torch import TorchTrainer
+
+    cfg.check_inputs()
+    if not ray.is_initialized():
+        ray.init()
+    data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg))
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": cfg},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=cfg.output.name, storage_path=str(cfg.output.run_dir.parent),
+                                       failure_config=ray.train.FailureConfig(max_failures=cfg.output.max_failures)),
+        datasets={"train": data},
+    )
+    return trainer.fit()
+
+
+def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:
+    """Puts the job's adapters on the transformer; returns (trained adapter, objective(batch, t, noise))."""
+    if not isinstance(cfg, SfoConfig):
+        A.add_lora(transformer, cfg.lora.name, cfg.lora.rank, alpha=cfg.lora.alpha, init="gaussian")
+        return cfg.lora.name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[cfg.lora.name])
+    A.load_adapter(transformer, cfg.model.ref_adapter, A.REF)  # frozen
+    beta, variant = cfg.sfo.beta, cfg.sfo.variant
+    if variant == "direct":  # paper Table E: SFO on the SFT LoRA itself, against a frozen copy of it
+        A.load_adapter(transformer, cfg.model.ref_adapter, FROZEN_REF)
+        A.set_trainable(transformer, [A.REF])
+        return A.REF, lambda b, t, n: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF],
+                                                    reference=[FROZEN_REF])
+    name = cfg.lora.name
+    A.add_lora(transformer, name, cfg.lora.rank, alpha=cfg.lora.alpha)  # B = 0: policy starts = reference
+    if variant == "sft-additional":  # paper Table E: the extra LoRA trained with Eq. 1, no negatives
+        return name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[A.REF, name])
+    return name, lambda b, t, n: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF, name],
+                                               reference=[A.REF])
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], sharded: bool) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    from prodigyopt import Prodigy
+
+    # Paper Sec. 4.1 / OminiControl: Prodigy, lr 1, bias correction, safeguard warm-up. Under ZeRO
+    # sharding each rank sees a slice, so the step-size estimate must be all-reduced (fsdp_in_use);
+    # that path calls .cuda(), so the config refuses it on CPU (TrainConfig.__post_init__).
+    return Prodigy(params, lr=cfg.train.lr, use_bias_correction=True, safeguard_warmup=True,
+                   weight_decay=cfg.train.weight_decay, fsdp_in_use=sharded)
+
+
+def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.train.max_grad_norm,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,  # Prodigy is a client optimiser DeepSpeed does not know
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": NEVER_PRINT,
+    }
+
+
+def sample_seed(seed: int, step: int, sample_id: str) -> int:
+    """A generator seed per (run seed, optimiser step, sample): independent of the worker layout."""
+    digest = hashlib.sha256(f"{seed}/{step}/{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:SEED_BYTES], "little") >> 1
+
+
+def timesteps_and_noise(cfg: TrainConfig, step: int, sample_ids, shape: tuple[int, ...]):
+    """(N,) timesteps and (N, L, 64) noise, one seeded generator per sample."""
+    ts, noises = [], []
+    for sample_id in sample_ids:
+        generator = torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, str(sample_id)))
+        ts.append(sample_timesteps(1, cfg.sampling, generator))
+        noises.append(torch.randn(shape, generator=generator))
+    return torch.cat(ts), torch.stack(noises)
+
+
+def _images(column, size: int) -> list:
+    images = [decode_png(bytes(b)) for b in column]
+    return [im if im.size == (size, size) else im.resize((size, size)) for im in images]
+
+
+def micro_batches(cfg: TrainConfig, model):
+    """Endless stream of encoded micro-batches (with sample ids) from this worker's Ray Data shard."""
+    shard = ray.train.get_dataset_shard("train")
+    size = cfg.data.size
+    while True:
+        seen = False
+        for rows in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+            seen = True
+            with torch.no_grad():
+                batch = encode_batch(model, _images(rows["reference_png"], size), [str(x) for x in rows["target_text"]],
+                                     _images(rows["target_png"], size),
+                                     _images(rows["negative_png"], size) if cfg.needs_negatives else None)
+            yield list(rows["sample_id"]), batch
+        if not seen:
+            raise ValueError(f"data.path: a worker got no full batch; need at least train.batch_size x "
+                             f"scaling.num_workers = {cfg.train.batch_size * cfg.scaling.num_workers} rows")
+
+
+def frozen_fingerprint(transformer) -> str | None:
+    """sha256 of every frozen parameter (base + frozen adapters), or None for big models."""
+    frozen = [(k, p) for k, p in transformer.named_parameters() if not p.requires_grad]
+    if sum(p.numel() for _, p in frozen) > FINGERPRINT_MAX_PARAMS:
+        return None
+    digest = hashlib.sha256()
+    for key, param in frozen:
+        digest.update(key.encode())
+        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reduce(values: list[float]) -> list[float]:
+    """Sums values over all workers (gloo/nccl), so rank 0 reports global numbers."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+        tensor = tensor.to(device)
+        torch.distributed.all_reduce(tensor)
+    return tensor.cpu().tolist()
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker loop: model, DeepSpeed engine, resume, steps, checkpoints, export."""
+    cfg: TrainConfig = loop_config["config"]
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from ray.train.torch import get_device
+
+    from sfo.models import load_flux
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = get_device()
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
+    model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
+    transformer = model.transformer
+    torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global RNG: same on every rank and layout
+    trained, objective = setup_adapters(cfg, transformer)
+    if cfg.train.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    fingerprint_before = frozen_fingerprint(transformer)
+    params = A.trainable_parameters(transformer)
+    sharded = world > 1 and cfg.deepspeed.zero_stage > 0
+    engine, _, _, _ = deepspeed.initialize(model=transformer, model_parameters=params,
+                                           optimizer=build_optimizer(cfg, params, sharded),
+                                           config=deepspeed_config(cfg, model.dtype))
+
+    run_dir = cfg.output.run_dir
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
+            start = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+
+    stream = micro_batches(cfg, model)
+    for step in range(start + 1, cfg.train.steps + 1):
+        began = time.perf_counter()
+        sums: dict[str, float] = {"loss": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "samples": 0.0}
+        for _ in range(cfg.train.grad_accum):
+            sample_ids, batch = next(stream)
+            t, noise = timesteps_and_noise(cfg, step, sample_ids, tuple(batch.target.shape[1:]))
+            loss, stats = objective(batch, t.to(device), noise.to(device, model.dtype))  # (N,)
+            engine.backward(loss.mean())
+            engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
+            sums["loss"] += loss.detach().sum().item()
+            for key in ("implicit_accuracy", "reward_margin"):
+                if key in stats:
+                    sums[key] += stats[key].float().sum().item()
+            sums["samples"] += len(batch)
+        totals = dict(zip(sums, _reduce(list(sums.values()))))
+        elapsed = time.perf_counter() - began
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {"step": step, "loss": totals["loss"] / totals["samples"],
+                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                   "step_time": elapsed, "samples_per_s": totals["samples"] / elapsed}
+        if cfg.needs_negatives:
+            metrics["implicit_accuracy"] = totals["implicit_accuracy"] / totals["samples"]
+            metrics["reward_margin"] = totals["reward_margin"] / totals["samples"]
+        if rank == 0:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with open(run_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(metrics) + "\n")
+        every = cfg.train.checkpoint_every
+        if step == cfg.train.steps or (every and step % every == 0):
+            _report_with_checkpoint(engine, metrics, step, rank)
+        else:
+            ray.train.report(metrics)
+    _export(cfg, engine, transformer, trained, rank, fingerprint_before)
+
+
+def _report_with_checkpoint(engine, metrics: dict, step: int, rank: int) -> None:
+    """Saves trainable weights + optimiser state (each rank its own ZeRO shard) and reports them."""
+    with tempfile.TemporaryDirectory() as folder:
+        engine.save_checkpoint(folder, tag=CKPT_TAG, exclude_frozen_parameters=True)
+        if rank == 0:
+            (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def _export(cfg: TrainConfig, engine, transformer, trained: str, rank: int, fingerprint_before) -> None:
+    """Rank 0 writes the trained adapter (gathered from ZeRO-3 shards first) and a summary."""
+    import deepspeed
+
+    params = A.trainable_parameters(transformer)
+    gather = cfg.deepspeed.zero_stage == 3
+    adapters = cfg.output.run_dir / "adapters"
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
+        if rank == 0:
+            A.save_adapter(transformer, trained, adapters / trained,
+                           state_dict={k: v.detach().clone() for k, v in A.adapter_state_dict(transformer, trained).items()})
+    if rank != 0:
+        return
+    if isinstance(cfg, SfoConfig) and trained != A.REF:  # the sfo LoRA only means something on its ref
+        shutil.copytree(cfg.model.ref_adapter, adapters / A.REF, dirs_exist_ok=True)
+    summary = {
+        "stage": cfg.stage, "variant": getattr(getattr(cfg, "sfo", None), "variant", None), "trained": trained,
+        "steps": cfg.train.steps, "world_size": engine.world_size if hasattr(engine, "world_size") else None,
+        "frozen_sha256_before": fingerprint_before,
+        "frozen_sha256_after": frozen_fingerprint(transformer) if not gather else None,
+        "adapters": sorted(p.name for p in adapters.iterdir()),
+    }
+    (cfg.output.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+
+def main_for(cfg: TrainConfig) -> int:
+    """Command-line body shared by ``pipelines.sft`` and ``pipelines.sfo``."""
+    try:
+        cfg.check_inputs()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run(cfg)
+    print(f"done: {cfg.stage} step {result.metrics.get('step')} loss {result.metrics.get('loss')}")
+    print(f"  adapters: {cfg.output.run_dir / 'adapters'}; metrics: {cfg.output.run_dir / 'metrics.jsonl'}")
+    return 0

@@ -1,0 +1,217 @@
+"""Typed configs of the two Ray Train jobs: ``sft`` ("ref" LoRA, Eq. 1) and ``sfo`` ("sfo" LoRA, Eq. 3).
+
+Everything is validated here, in the driver, before Ray starts a worker: a bad field fails in
+milliseconds with its dotted name instead of after a worker group has paid its imports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.dataset as pads
+
+from pipelines.common import ModelConfig, ScalingConfig
+from sfo.adapters import LORA_WEIGHTS, REF, REF_RANK, SFO, SFO_RANK
+from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
+from sfo.timesteps import SCHEMES, TimestepSampling
+
+OPTIMIZERS = ("prodigy", "adamw")
+VARIANTS = ("sfo", "sft-additional", "direct")  # paper Table E: SFO, SFT on an extra LoRA, SFO on "ref" itself
+ZERO_STAGES = (0, 2, 3)  # 0 = plain data parallel (the only sharding-free choice for Prodigy on CPU)
+PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
+
+
+@dataclass
+class TrainDataConfig:
+    path: str = ""  # Parquet file or folder: triplets (sft) or quadruplets with negatives (sfo)
+    size: int = 64  # images are resized to size x size; a multiple of 16
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("data.path: required; point it at the Parquet written by the prepare (sft) or cdns (sfo) job")
+        if self.size < PIXEL_MULTIPLE or self.size % PIXEL_MULTIPLE:
+            raise ValueError(f"data.size: must be a positive multiple of {PIXEL_MULTIPLE}, got {self.size}")
+
+
+@dataclass
+class LoraConfig:
+    name: str = REF  # the adapter this job trains (and exports)
+    rank: int = REF_RANK
+    alpha: float | None = None  # scale = alpha / rank; default alpha = rank
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("lora.name: must not be empty")
+        if self.rank < 1:
+            raise ValueError(f"lora.rank: must be at least 1, got {self.rank}")
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 2  # optimiser steps (paper App. D.2: 300 at 4 GPUs x batch 4)
+    batch_size: int = 1  # per worker per micro-step
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    checkpoint_every: int = 0  # 0: one checkpoint at the end only
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    optimizer: str = "prodigy"  # paper Sec. 4.1
+    lr: float = 1.0  # Prodigy's lr is a multiplier of its own estimate: 1 as the paper; adamw: e.g. 1e-4
+    weight_decay: float = 0.01
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"train.checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer: unknown {self.optimizer!r}; use one of {list(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr: must be > 0, got {self.lr}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"train.max_grad_norm: must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class TimestepConfig:
+    scheme: str = "logit_normal"  # timestep sampling (paper Sec. 3.2, Table C)
+    mean: float = 0.0
+    std: float = 1.0
+
+    section = "timesteps"
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"{self.section}.scheme: unknown {self.scheme!r}; use one of {list(SCHEMES)}")
+        if not self.std > 0:
+            raise ValueError(f"{self.section}.std: must be > 0, got {self.std}")
+
+    @property
+    def sampling(self) -> TimestepSampling:
+        return TimestepSampling(self.scheme, self.mean, self.std)
+
+
+@dataclass
+class SfoSection(TimestepConfig):
+    beta: float = 1000.0  # paper Sec. 4.1
+    variant: str = "sfo"
+
+    section = "sfo"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.variant not in VARIANTS:
+            raise ValueError(f"sfo.variant: unknown {self.variant!r}; use one of {list(VARIANTS)}")
+        if not self.beta > 0:
+            raise ValueError(f"sfo.beta: must be > 0, got {self.beta}")
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 2
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in ZERO_STAGES:
+            raise ValueError(f"deepspeed.zero_stage: {self.zero_stage} is not supported; use one of {list(ZERO_STAGES)}")
+
+
+@dataclass
+class OutputConfig:
+    storage_path: str = "runs/train"  # a shared filesystem path (local on a laptop, NFS on a cluster)
+    name: str = "sft"  # rerunning with the same storage_path and name resumes from the last checkpoint
+    max_failures: int = 0  # Ray Train restarts the worker group from the last checkpoint this often
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage_path).expanduser().resolve() / self.name
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"output.name: must be a plain folder name, got {self.name!r}")
+        if self.max_failures < -1:
+            raise ValueError(f"output.max_failures: must be >= -1 (-1 = forever), got {self.max_failures}")
+
+
+@dataclass
+class TrainConfig:
+    """Sections both training jobs share; ``SftConfig`` and ``SfoConfig`` add their own."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: TrainDataConfig = field(default_factory=lambda: TrainDataConfig(path="runs/data/triplets"))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    stage = "sft"
+
+    def __post_init__(self) -> None:
+        sharded = self.scaling.num_workers > 1 and self.deepspeed.zero_stage > 0
+        if self.train.optimizer == "prodigy" and sharded and not self.scaling.use_gpu:
+            raise ValueError(
+                "train.optimizer: prodigy with a sharded optimizer (deepspeed.zero_stage > 0, scaling.num_workers > 1) "
+                "needs prodigyopt's fsdp_in_use path, which calls .cuda(): on CPU use train.optimizer=adamw "
+                "(e.g. train.lr=1e-4) or deepspeed.zero_stage=0, or scaling.use_gpu=true"
+            )
+
+    def check_inputs(self) -> None:
+        """Checks the files the job reads (data schema, adapters) before anything starts."""
+        if not Path(self.data.path).exists():
+            raise ValueError(f"data.path: {self.data.path!r} does not exist; run the prepare/cdns job first")
+        schema = pads.dataset(self.data.path, format="parquet").schema
+        check_schema(schema, QUADRUPLET_SCHEMA if self.needs_negatives else TRIPLET_SCHEMA, "data.path")
+
+    @property
+    def needs_negatives(self) -> bool:
+        return False
+
+    @property
+    def sampling(self) -> TimestepSampling:
+        raise NotImplementedError
+
+
+@dataclass
+class SftConfig(TrainConfig):
+    """The sft job: trains the "ref" LoRA with the flow-matching loss (paper Eq. 1, App. D.1)."""
+
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+
+    @property
+    def sampling(self) -> TimestepSampling:
+        return self.timesteps.sampling
+
+
+@dataclass
+class SfoConfig(TrainConfig):
+    """The sfo job: trains the "sfo" LoRA over the frozen "ref" (paper Eq. 3, Sec. 4.1, App. D.2)."""
+
+    data: TrainDataConfig = field(default_factory=lambda: TrainDataConfig(path="runs/data/quadruplets"))
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(name=SFO, rank=SFO_RANK))
+    sfo: SfoSection = field(default_factory=SfoSection)
+    output: OutputConfig = field(default_factory=lambda: OutputConfig(name="sfo"))
+
+    stage = "sfo"
+
+    def __post_init__(self) -> None:
+        TrainConfig.__post_init__(self)
+        if not self.model.ref_adapter:
+            raise ValueError("model.ref_adapter: required for sfo; the folder holding the sft job's 'ref' LoRA")
+        if self.sfo.variant != "direct" and self.lora.name == REF:
+            raise ValueError(f"lora.name: {REF!r} is the frozen SFT adapter; name the new one e.g. {SFO!r}")
+
+    def check_inputs(self) -> None:
+        super().check_inputs()
+        if not (Path(self.model.ref_adapter) / LORA_WEIGHTS).is_file():
+            raise ValueError(f"model.ref_adapter: no {LORA_WEIGHTS} in {self.model.ref_adapter!r}; "
+                             "pass the adapters/ref folder the sft job wrote")
+
+    @property
+    def needs_negatives(self) -> bool:
+        return self.sfo.variant != "sft-additional"
+
+    @property
+    def sampling(self) -> TimestepSampling:
+        return self.sfo.sampling

@@ -1,0 +1,186 @@
+"""The sft and sfo Ray Train jobs end to end on the tiny FLUX at 32 px (DeepSpeed ZeRO on CPU, gloo).
+
+One Ray session for all (``ray_local``); each Ray Train run pays ~10-20 s of worker imports, so
+the runs are shared through module-scoped fixtures: SFT (1 worker) -> SFO (2 workers, ZeRO-2,
+2 steps, then resumed to 4 steps), and two short SFT runs for the layout invariance.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.config import ConfigError, load_config
+from pipelines.synthetic import synthetic_triplets
+from pipelines.train_config import SfoConfig, SftConfig
+from sfo.adapters import LORA_WEIGHTS
+from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, encode_png
+
+SIZE = 32
+CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
+ROWS = 8  # 4 steps x 2 workers fit in one epoch: each epoch restarts Ray Data (seconds)
+
+
+def _write_parquet(folder: Path, rows: int, negatives: bool) -> str:
+    triplets = synthetic_triplets(rows, SIZE, seed=0)
+    others = synthetic_triplets(rows, SIZE, seed=1)  # another subject's image stands in for a CDNS negative
+    columns = {
+        "sample_id": [t.sample_id for t in triplets], "item": [t.item for t in triplets],
+        "target_text": [t.target_text for t in triplets],
+        "reference_png": [encode_png(t.reference) for t in triplets],
+        "target_png": [encode_png(t.target) for t in triplets], "source": ["synthetic"] * rows,
+    }
+    if negatives:
+        columns.update(
+            negative_png=[encode_png(o.target) for o in others], negative_mode=["test"] * rows,
+            negative_image_degradation=["none"] * rows, negative_text_degradation=["none"] * rows,
+            negative_blur_radius=[None] * rows, negative_noise_std=[None] * rows,
+            negative_prompt=[t.target_text for t in triplets], negative_seed=list(range(rows)),
+            negative_steps=[1] * rows, negative_guidance=[1.0] * rows, negative_adapter_sha256=["0"] * rows,
+        )
+    folder.mkdir(parents=True)
+    schema = QUADRUPLET_SCHEMA if negatives else TRIPLET_SCHEMA
+    pq.write_table(pa.table(columns, schema=schema), folder / "part-0.parquet")
+    return str(folder)
+
+
+def _sft(tmp: Path, name: str, data: str, *overrides: str) -> SftConfig:
+    return load_config(SftConfig, None, [f"data.path={data}", f"data.size={SIZE}", "train.steps=2",
+                                         f"output.storage_path={tmp}", f"output.name={name}", *overrides])
+
+
+def _steps(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    return {"triplets": _write_parquet(root / "triplets", ROWS, False),
+            "pair": _write_parquet(root / "pair", 2, False),
+            "quadruplets": _write_parquet(root / "quadruplets", ROWS, True)}
+
+
+@pytest.fixture(scope="module")
+def sft_run(ray_local, data, tmp_path_factory):
+    from pipelines.train import run
+
+    cfg = _sft(tmp_path_factory.mktemp("sft"), "sft", data["triplets"])
+    result = run(cfg)
+    return cfg, result
+
+
+@pytest.fixture(scope="module")
+def sfo_run(sft_run, data, tmp_path_factory):
+    """SFO with 2 workers under ZeRO-2 (adamw: Prodigy is refused for sharded CPU runs)."""
+    from pipelines.train import run
+
+    sft_cfg, _ = sft_run
+    cfg = load_config(SfoConfig, None, [
+        f"data.path={data['quadruplets']}", f"data.size={SIZE}", "train.steps=2",
+        f"model.ref_adapter={sft_cfg.output.run_dir / 'adapters' / 'ref'}", "train.optimizer=adamw", "train.lr=1e-3",
+        "scaling.num_workers=2", "deepspeed.zero_stage=2", f"output.storage_path={tmp_path_factory.mktemp('sfo')}"])
+    result = run(cfg)
+    return cfg, result
+
+
+def test_sft_exports_ref_and_keeps_base_frozen(sft_run):
+    cfg, result = sft_run
+    summary = json.loads((cfg.output.run_dir / "summary.json").read_text())
+    assert summary["frozen_sha256_before"] == summary["frozen_sha256_after"]
+    assert _steps(cfg.output.run_dir) == [1, 2]
+    assert result.metrics["step"] == 2 and result.metrics["loss"] > 0
+    assert (cfg.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS).is_file()
+
+
+def test_sfo_two_workers_zero2_trains_sfo_only_and_loads_in_diffusers(sfo_run, sft_run):
+    from sfo.models import load_flux
+
+    cfg, result = sfo_run
+    adapters = cfg.output.run_dir / "adapters"
+    summary = json.loads((cfg.output.run_dir / "summary.json").read_text())
+    assert summary["adapters"] == ["ref", "sfo"]
+    assert summary["frozen_sha256_before"] == summary["frozen_sha256_after"]  # base + "ref" untouched
+    ref_in = load_file(sft_run[0].output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    ref_out = load_file(adapters / "ref" / LORA_WEIGHTS)
+    assert ref_in.keys() == ref_out.keys() and all(torch.equal(ref_in[k], ref_out[k]) for k in ref_in)
+    sfo = load_file(adapters / "sfo" / LORA_WEIGHTS)
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sfo.items())  # B started at 0
+    for key in ("loss", "implicit_accuracy", "reward_margin", "grad_norm", "step_time", "samples_per_s", "step"):
+        assert isinstance(result.metrics[key], (int, float)), key
+
+    pipe = load_flux("tiny", device="cpu").pipe
+    pipe.load_lora_weights(str(adapters / "ref"), adapter_name="ref")
+    pipe.load_lora_weights(str(adapters / "sfo"), adapter_name="sfo")
+    assert set(pipe.transformer.peft_config) == {"ref", "sfo"}
+
+
+def test_sfo_resume_continues_step_count(sfo_run):
+    from pipelines.train import run
+
+    cfg, _ = sfo_run
+    cfg.train.steps = 4
+    result = run(cfg)
+    assert _steps(cfg.output.run_dir) == [1, 2, 3, 4]
+    assert result.metrics["step"] == 4
+
+
+def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
+    """Same 2 samples per step, same per-sample noise (seeded by sample id): same adamw update."""
+    from pipelines.train import run
+
+    common = ("train.optimizer=adamw", "train.lr=1e-3", "train.weight_decay=0", "train.batch_size=1")
+    one = _sft(tmp_path, "one", data["pair"], *common, "train.grad_accum=2")
+    two = _sft(tmp_path, "two", data["pair"], *common, "scaling.num_workers=2")
+    run(one)
+    run(two)
+    log_one, log_two = ([json.loads(line) for line in (c.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+                        for c in (one, two))
+    for a, b in zip(log_one, log_two, strict=True):  # the averaged gradient itself, not only Adam's sign-like step
+        assert a["step"] == b["step"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    a = load_file(one.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    b = load_file(two.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("scaling.num_workers=0", "scaling.num_workers"),
+    ("sfo.variant=bogus", "sfo.variant"),
+    ("deepspeed.zero_stage=1", "deepspeed.zero_stage"),
+    ("data.path=", "data.path"),
+    ("scaling.num_workers=2", "train.optimizer"),  # prodigy + ZeRO sharding on CPU is refused
+])
+def test_bad_configs_fail_naming_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(SfoConfig, CONFIGS / "sfo.yaml", [override])
+
+
+def test_missing_data_path_fails_before_ray(tmp_path):
+    from pipelines.train import main_for
+
+    cfg = load_config(SftConfig, CONFIGS / "sft.yaml", [f"data.path={tmp_path / 'nope'}"])
+    assert main_for(cfg) == 2
+
+
+@pytest.mark.parametrize("module", ["pipelines.sft", "pipelines.sfo"])
+def test_help(module):
+    import importlib
+
+    with pytest.raises(SystemExit) as exc:
+        importlib.import_module(module).main(["--help"])
+    assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("cls, path", [(SftConfig, CONFIGS / "sft.yaml"), (SfoConfig, CONFIGS / "sfo.yaml")])
+def test_yaml_loads(cls, path):
+    assert load_config(cls, path).train.steps >= 1
