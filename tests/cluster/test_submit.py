@@ -1,0 +1,79 @@
+"""One job through `ray job submit` to a local head with token authentication on."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cluster.local import LocalHead, auth_env, ensure_token
+from cluster.submit import entrypoint, main, parse_sets, runtime_env
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    token = ensure_token(tmp_path_factory.mktemp("auth") / "token")
+    saved = dict(os.environ)
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
+    try:
+        with LocalHead(num_cpus=2, dashboard_port=8299, gcs_port=6391, token_file=token) as address:
+            yield address
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.slow
+def test_prepare_job_runs_through_job_submission(head, tmp_path, capsys):
+    out = tmp_path / "triplets"
+    code = main(["--address", head, "--stages", "prepare", "--set", f"prepare:data.output={out}",
+                 "--set", "prepare:data.limit=3", "--set", "prepare:data.size=16"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "[prepare] SUCCEEDED" in printed and "wrote 3 triplets" in printed
+    assert pq.read_table(out).num_rows == 3
+
+
+@pytest.mark.slow
+def test_a_client_without_the_token_is_refused(head):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "no-ray-token-home")  # no ~/.ray/auth_token either
+    code = "from ray.job_submission import JobSubmissionClient as C; C(%r).list_jobs()" % head
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "auth" in (result.stderr + result.stdout).lower()
+
+
+@pytest.mark.slow
+def test_a_failing_stage_stops_the_chain(head, capsys):
+    code = main(["--address", head, "--stages", "prepare,sft", "--set", "prepare:data.size=40"])
+    printed = capsys.readouterr().out
+    assert code == 1 and "[prepare] FAILED" in printed and "data.size" in printed
+    assert "[sft]" not in printed
+
+
+def test_entrypoints_and_overrides():
+    assert entrypoint("cdns", ["scaling.num_workers=2"]) == (
+        "python -m pipelines.cdns --config pipelines/configs/cdns.yaml scaling.num_workers=2")
+    with pytest.raises(ValueError, match="--stages"):
+        entrypoint("train")
+    assert parse_sets(["sfo:train.steps=3"])["sfo"] == ["train.steps=3"]
+    with pytest.raises(ValueError, match="--set"):
+        parse_sets(["train.steps=3"])
+    assert runtime_env()["working_dir"] == str(ROOT)
+
+
+def test_local_auth_env_keeps_auth_on_unless_asked(tmp_path):
+    env = auth_env(True, tmp_path / "t")
+    assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o077 == 0
+    assert auth_env(False) == {"RAY_AUTH_MODE": "disabled"}
+
+
+def test_help():
+    for module in ("cluster.submit", "cluster.local"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0 and "usage" in result.stdout
