@@ -156,15 +156,22 @@ def micro_batches(cfg: TrainConfig, model):
                              f"scaling.num_workers = {cfg.train.batch_size * cfg.scaling.num_workers} rows")
 
 
-def frozen_fingerprint(transformer) -> str | None:
-    """sha256 of every frozen parameter (base + frozen adapters), or None for big models."""
+def frozen_fingerprint(transformer, zero3: bool = False) -> str | None:
+    """sha256 of every frozen parameter (base + frozen adapters), or None for big models.
+
+    Under ZeRO-3 the parameters are gathered first (a collective: every rank must call this).
+    """
+    import deepspeed
+
     frozen = [(k, p) for k, p in transformer.named_parameters() if not p.requires_grad]
-    if sum(p.numel() for _, p in frozen) > FINGERPRINT_MAX_PARAMS:
+    size = sum(getattr(p, "ds_numel", p.numel()) for _, p in frozen)
+    if size > FINGERPRINT_MAX_PARAMS:
         return None
     digest = hashlib.sha256()
-    for key, param in frozen:
-        digest.update(key.encode())
-        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None, enabled=zero3):
+        for key, param in frozen:
+            digest.update(key.encode())
+            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -270,6 +277,7 @@ def _export(cfg: TrainConfig, engine, transformer, trained: str, rank: int, fing
         if rank == 0:
             A.save_adapter(transformer, trained, adapters / trained,
                            state_dict={k: v.detach().clone() for k, v in A.adapter_state_dict(transformer, trained).items()})
+    fingerprint_after = frozen_fingerprint(transformer, zero3=gather)
     if rank != 0:
         return
     if isinstance(cfg, SfoConfig) and trained != A.REF:  # the sfo LoRA only means something on its ref
@@ -278,7 +286,7 @@ def _export(cfg: TrainConfig, engine, transformer, trained: str, rank: int, fing
         "stage": cfg.stage, "variant": getattr(getattr(cfg, "sfo", None), "variant", None), "trained": trained,
         "steps": cfg.train.steps, "world_size": engine.world_size if hasattr(engine, "world_size") else None,
         "frozen_sha256_before": fingerprint_before,
-        "frozen_sha256_after": frozen_fingerprint(transformer) if not gather else None,
+        "frozen_sha256_after": fingerprint_after, "zero_stage": cfg.deepspeed.zero_stage,
         "adapters": sorted(p.name for p in adapters.iterdir()),
     }
     (cfg.output.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
