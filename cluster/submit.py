@@ -1,13 +1,14 @@
 """Submits the pipeline stages as Ray jobs to any cluster and follows them.
 
     python -m cluster.submit --address http://127.0.0.1:8265                 # prepare -> sft -> cdns -> sfo
-    python -m cluster.submit --address ADDR --stages cdns,sfo --set cdns:scaling.num_workers=4
+    python -m cluster.submit --address ADDR --runs /mnt/shared/runs --stages cdns,sfo --set cdns:scaling.num_workers=4
 
 Each stage runs as ``python -m pipelines.<stage> --config pipelines/configs/<stage>.yaml`` with this
 repository as the job's working directory (files ignored by .gitignore are not uploaded). The
 client authenticates with the token Ray finds in its environment (``RAY_AUTH_TOKEN`` or
 ``RAY_AUTH_TOKEN_PATH``; ``python -m cluster.local env`` prints them for the local head). A failed
-stage stops the chain with its logs.
+stage stops the chain with its logs. Stages read and write under ``--runs`` (see
+``cluster.chain``), a folder every node of the cluster sees.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("prepare", "sft", "cdns", "sfo")
+from cluster.chain import STAGES, stage_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 2.0
 AGENT_WAIT_S = 120.0  # a freshly started head answers before its job agent is up
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, default {','.join(STAGES)}")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs",
+                        help="shared folder the stages read and write (default: this repository's runs/)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:key=value",
                         help="a config override for one stage (repeatable)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per stage (default 3600)")
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = [s for s in args.stages.split(",") if s]
     try:
         sets = parse_sets(args.sets)
-        commands = [(stage, entrypoint(stage, sets[stage])) for stage in stages]
+        commands = [(stage, entrypoint(stage, stage_overrides(stage, args.runs) + sets[stage])) for stage in stages]
     except ValueError as exc:
         parser.error(str(exc))
 

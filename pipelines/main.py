@@ -1,9 +1,11 @@
-"""The main job, end to end on the embedded tiny FLUX.
+"""The main job: every stage end to end on a local Ray it starts itself.
 
-What runs today is the method library (``sfo/``) in this one process:
-SFT "ref" LoRA -> CDNS negatives -> SFO "sfo" LoRA -> samples, on embedded synthetic triplets.
-The Ray stages (Ray Data prepare/cdns, Ray Train sft/sfo with DeepSpeed, Ray Serve, DreamBench
-evaluation) are not built yet; the job says so at the end instead of pretending.
+    prepare (triplets) -> sft (Ray Train + DeepSpeed) -> cdns (Ray Data) -> sfo (Ray Train + DeepSpeed)
+    -> samples from the SFT base and the SFO model side by side
+
+Each stage is the same job ``python -m pipelines.<stage>`` runs (same config classes, the YAML files
+in pipelines/configs/ plus the chain's paths from ``cluster.chain``), called in this one driver.
+The default is the embedded tiny FLUX on embedded synthetic triplets: no downloads.
 
     python -m pipelines.main --help
 """
@@ -13,24 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
-import torch
-from PIL import Image
+from cluster.chain import paths, stage_overrides
+from pipelines.config import load_config
 
-from pipelines.synthetic import synthetic_triplets
-from sfo import adapters as A
-from sfo.degrade import CDNS_MODES, degrade_condition
-from sfo.models import load_flux
-from sfo.objectives import encode_batch, sfo_objective, sft_objective
-from sfo.sampler import SamplerConfig, generate
-from sfo.timesteps import TimestepSampling, sample_timesteps
-
+CONFIGS = Path(__file__).resolve().parent / "configs"
 NOT_YET_BUILT = [
-    "Ray Data triplet preparation and CDNS negatives -> Parquet (issue #3)",
-    "Ray Train SFT/SFO with DeepSpeed ZeRO (issue #3)",
-    "Ray Serve deployment and KubeRay manifests (issue #4)",
-    "DreamBench DINO / CLIP-I / CLIP-T evaluation and report (issue #5)",
+    "DreamBench DINO / CLIP-I / CLIP-T evaluation and its report (issue #5)",
+    "a request through the Ray Serve app (issue #4)",
 ]
 
 
@@ -38,110 +32,131 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (embedded, default) or a local FLUX.1-dev folder")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    parser.add_argument("--samples", type=int, default=4, help="synthetic triplets (default: 4)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="run folder (default: runs/main-<date>-<time>); must not exist yet")
+    parser.add_argument("--samples", type=int, default=8, help="synthetic triplets (default: 8)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 16 (default: 64)")
-    parser.add_argument("--sft-steps", type=int, default=20, help="SFT optimiser steps for the 'ref' LoRA (default: 20)")
-    parser.add_argument("--sfo-steps", type=int, default=20, help="SFO optimiser steps for the 'sfo' LoRA (default: 20)")
+    parser.add_argument("--sft-steps", type=int, default=8, help="SFT optimiser steps of the 'ref' LoRA (default: 8)")
+    parser.add_argument("--sfo-steps", type=int, default=8, help="SFO optimiser steps of the 'sfo' LoRA (default: 8)")
     parser.add_argument("--sample-steps", type=int, default=28, help="sampling steps (default: 28, as the paper)")
-    parser.add_argument("--beta", type=float, default=1000.0, help="SFO beta (default: 1000, as the paper)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-cpus", type=int, default=4,
+                        help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
     args = parser.parse_args(argv)
-    for name in ("samples", "sft_steps", "sfo_steps", "sample_steps"):
+    for name in ("samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.size < 16 or args.size % 16:
         parser.error("--size must be a positive multiple of 16")
+    if args.out is not None and args.out.exists():
+        parser.error(f"--out {args.out} exists already; pick a new folder")
+    if args.model != "tiny":
+        from sfo.models import check_flux_folder
+
+        try:
+            check_flux_folder(args.model)
+        except FileNotFoundError as exc:
+            parser.error(str(exc))
     return args
 
 
-def _prodigy(params):
-    from prodigyopt import Prodigy
+def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
+    """The four jobs' configs: their YAML, the chain's paths, then this run's sizes."""
+    from pipelines.cdns import CdnsConfig
+    from pipelines.prepare import PrepareConfig
+    from pipelines.train_config import SfoConfig, SftConfig
 
-    # Paper Sec. 4.1 / OminiControl: Prodigy, lr 1, bias correction, safeguard warm-up, weight decay 0.01.
-    return Prodigy(params, lr=1.0, use_bias_correction=True, safeguard_warmup=True, weight_decay=0.01)
+    model = [f"model.source={args.model}"]
+    extra = {
+        "prepare": [f"data.limit={args.samples}", f"data.size={args.size}"],
+        "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"],
+        "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"],
+        "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"],
+    }
+    classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "sfo": SfoConfig}
+    return {stage: load_config(cls, CONFIGS / f"{stage}.yaml", stage_overrides(stage, runs) + extra[stage])
+            for stage, cls in classes.items()}
 
 
-def _train(step_fn, params, steps: int, seed: int, label: str) -> list[float]:
-    optimizer = _prodigy(params)
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for step in range(1, steps + 1):
-        loss, stats = step_fn(generator)
-        optimizer.zero_grad()
-        loss.mean().backward()
-        optimizer.step()
-        losses.append(loss.mean().item())
-        if step == 1 or step == steps or step % max(1, steps // 4) == 0:
-            extra = "".join(f" {k}={v.mean().item():.3f}" for k, v in stats.items() if k in ("implicit_accuracy",))
-            print(f"    {label} step {step}/{steps} loss={losses[-1]:.5f}{extra}", flush=True)
-    return losses
+def sample_grid(args: argparse.Namespace, runs: Path, configs: dict) -> Path:
+    """Reference | target | CDNS negative | SFT base | SFO, for every triplet, with the exported adapters."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from sfo import adapters as A
+    from sfo.models import load_flux
+    from sfo.records import decode_png
+    from sfo.sampler import SamplerConfig, generate
+
+    rows = sorted(pq.read_table(paths(runs)["quadruplets"]).to_pylist(), key=lambda r: r["sample_id"])
+    model = load_flux(args.model)
+    for name in (A.REF, A.SFO):
+        A.load_adapter(model.transformer, paths(runs)["adapters"] / name, name)
+    size = args.size
+    refs = [decode_png(r["reference_png"]).resize((size, size)) for r in rows]
+    prompts = [r["target_text"] for r in rows]
+    seeds = list(range(len(rows)))
+    sampler = SamplerConfig(steps=args.sample_steps, height=size, width=size)
+    with A.ref_only(model.transformer):
+        sft = generate(model, prompts, seeds, sampler, refs)
+    with A.ref_and_sfo(model.transformer):
+        sfo = generate(model, prompts, seeds, sampler, refs)
+    columns = [refs, [decode_png(r["target_png"]) for r in rows], [decode_png(r["negative_png"]) for r in rows], sft, sfo]
+    grid = Image.new("RGB", (size * len(columns), size * len(rows)), "white")
+    for c, column in enumerate(columns):
+        for r, image in enumerate(column):
+            grid.paste(image.resize((size, size)), (c * size, r * size))
+    path = runs / "grid.png"
+    grid.save(path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    runs = (args.out or Path("runs") / time.strftime("main-%Y%m%d-%H%M%S")).resolve()
     started = time.time()
+    try:
+        configs = stage_configs(args, runs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runs.mkdir(parents=True)
 
-    print(f"[1/6] loading model {args.model!r}", flush=True)
-    model = load_flux(args.model)
-    tr = model.transformer
-    print(f"      {type(tr).__name__} on {model.device}, {model.dtype}; "
-          f"{sum(p.numel() for p in tr.parameters()) / 1e6:.2f} M transformer parameters")
+    import ray
 
-    print(f"[2/6] building {args.samples} synthetic triplets at {args.size}px (embedded source)", flush=True)
-    triplets = synthetic_triplets(args.samples, args.size, args.seed)
-    batch = encode_batch(model, [t.reference for t in triplets], [t.target_text for t in triplets],
-                         [t.target for t in triplets])
-    timesteps = TimestepSampling("logit_normal")
+    from pipelines import cdns, prepare, train
 
-    def noise_t(generator):
-        return (sample_timesteps(len(batch), timesteps, generator).to(model.device),
-                torch.randn(batch.target.shape, generator=generator).to(model.device, model.dtype))
+    # address="local": a Ray of its own, even when another cluster runs on this machine.
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    p = paths(runs)
+    steps = [
+        ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
+        ("sft", lambda: train.run(configs["sft"]), f"'ref' LoRA in {p['ref_adapter']}"),
+        ("cdns", lambda: cdns.run(configs["cdns"]), f"quadruplets in {p['quadruplets']}"),
+        ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),
+        ("samples", lambda: sample_grid(args, runs, configs), f"grid in {runs / 'grid.png'}"),
+    ]
+    try:
+        for index, (name, step, output) in enumerate(steps, 1):
+            print(f"\n[{index}/{len(steps)}] {name}", flush=True)
+            t0 = time.time()
+            try:
+                result = step()
+            except Exception:
+                print(f"[{index}/{len(steps)}] {name} FAILED after {time.time() - t0:.0f} s:", flush=True)
+                traceback.print_exc()
+                return 1
+            metrics = getattr(result, "metrics", None)
+            summary = "" if not metrics else f" (step {metrics.get('step')}, loss {metrics.get('loss'):.4f})"
+            print(f"[{index}/{len(steps)}] {name} done in {time.time() - t0:.0f} s{summary}: {output}", flush=True)
+    finally:
+        if started_ray:
+            ray.shutdown()
 
-    print(f"[3/6] SFT: training the rank-{A.REF_RANK} 'ref' LoRA in-process ({args.sft_steps} steps)", flush=True)
-    A.add_lora(tr, A.REF, A.REF_RANK, init="gaussian")
-    sft_losses = _train(lambda g: sft_objective(tr, batch, *noise_t(g), adapters=[A.REF]),
-                        A.trainable_parameters(tr), args.sft_steps, args.seed, "sft")
-
-    print(f"[4/6] CDNS: generating {args.samples} negatives (blur r=5 + 'a photo of {{item}}', "
-          f"{args.sample_steps} steps, guidance 3.5)", flush=True)
-    sampler = SamplerConfig(steps=args.sample_steps, height=args.size, width=args.size)
-    degraded = [degrade_condition(t.reference, t.target_text, t.item, CDNS_MODES["cdns"], seed=i)
-                for i, t in enumerate(triplets)]
-    seeds = [args.seed * 1000 + i for i in range(len(triplets))]
-    with A.ref_only(tr):
-        negatives = generate(model, [text for _, text in degraded], seeds, sampler, [img for img, _ in degraded])
-    batch.negative = encode_batch(model, [t.reference for t in triplets], [t.target_text for t in triplets],
-                                  negatives).target
-
-    print(f"[5/6] SFO: training the rank-{A.SFO_RANK} 'sfo' LoRA over the frozen 'ref' "
-          f"({args.sfo_steps} steps, beta {args.beta:g})", flush=True)
-    A.add_lora(tr, A.SFO, A.SFO_RANK)
-    ref_before = A.adapter_fingerprint(tr, [A.REF])
-    sfo_losses = _train(lambda g: sfo_objective(tr, batch, *noise_t(g), beta=args.beta),
-                        A.trainable_parameters(tr), args.sfo_steps, args.seed + 1, "sfo")
-    assert A.adapter_fingerprint(tr, [A.REF]) == ref_before, "the frozen 'ref' LoRA changed during SFO"
-
-    print("[6/6] saving adapters and a sample grid", flush=True)
-    A.save_adapter(tr, A.REF, args.out / "adapters" / A.REF)
-    A.save_adapter(tr, A.SFO, args.out / "adapters" / A.SFO)
-    prompts, refs = [t.target_text for t in triplets], [t.reference for t in triplets]
-    with A.ref_only(tr):
-        sft_images = generate(model, prompts, seeds, sampler, refs)
-    with A.ref_and_sfo(tr):
-        sfo_images = generate(model, prompts, seeds, sampler, refs)
-    columns = [refs, [t.target for t in triplets], negatives, sft_images, sfo_images]
-    grid = Image.new("RGB", (args.size * len(columns), args.size * len(triplets)), "white")
-    for c, column in enumerate(columns):
-        for r, image in enumerate(column):
-            grid.paste(image, (c * args.size, r * args.size))
-    grid.save(args.out / "grid.png")
-
-    print(f"\nDone in {time.time() - started:.0f} s (in-process, model {args.model!r}).")
-    print(f"  SFT loss {sft_losses[0]:.4f} -> {sft_losses[-1]:.4f}; SFO loss {sfo_losses[0]:.4f} -> {sfo_losses[-1]:.4f}")
-    print(f"  adapters: {args.out / 'adapters'} (diffusers LoRA safetensors: ref, sfo)")
-    print(f"  grid:     {args.out / 'grid.png'} (columns: reference | target | CDNS negative | SFT | SFO)")
+    print(f"\nDone in {time.time() - started:.0f} s, model {args.model!r}. Everything is under {runs}:")
+    print(f"  adapters (diffusers LoRA safetensors): {p['adapters']}")
+    print(f"  grid (reference | target | CDNS negative | SFT | SFO): {runs / 'grid.png'}")
     if args.model == "tiny":
         print("  The tiny model has random weights: this proves the code path, not image quality.")
     print("Not run, because not built yet:")

@@ -77,3 +77,16 @@ def test_help():
     for module in ("cluster.submit", "cluster.local"):
         result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0 and "usage" in result.stdout
+
+
+def test_chain_wiring_feeds_each_stage_the_previous_outputs(tmp_path):
+    from cluster.chain import paths, stage_overrides
+
+    wired = {stage: dict(o.split("=", 1) for o in stage_overrides(stage, tmp_path)) for stage in
+             ("prepare", "sft", "cdns", "sfo")}
+    p = paths(tmp_path)
+    assert wired["prepare"]["data.output"] == wired["sft"]["data.path"] == wired["cdns"]["data.input"] == str(p["triplets"])
+    assert wired["cdns"]["data.output"] == wired["sfo"]["data.path"] == str(p["quadruplets"])
+    sft_ref = f"{wired['sft']['output.storage_path']}/{wired['sft']['output.name']}/adapters/ref"
+    assert wired["cdns"]["model.ref_adapter"] == wired["sfo"]["model.ref_adapter"] == sft_ref
+    assert all(Path(v).is_absolute() for o in wired.values() for k, v in o.items() if k != "output.name")

@@ -1,3 +1,5 @@
+"""The main job: every stage end to end on a local Ray (tiny model, minimal sizes)."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -5,29 +7,47 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from diffusers import FluxPipeline
-from pipelines.main import main, parse_args
+from pipelines import main as main_job
 from sfo.models import load_flux
 
 ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = ["--samples", "2", "--size", "32", "--sft-steps", "1", "--sfo-steps", "1", "--sample-steps", "2"]
 
 
-def test_main_job_runs_end_to_end_at_minimal_size(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["--out", str(out), "--samples", "2", "--size", "32", "--sft-steps", "2", "--sfo-steps", "2",
-                 "--sample-steps", "2"]) == 0
+@pytest.mark.slow
+def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main_job.main(["--out", str(out), *MINIMAL]) == 0
     printed = capsys.readouterr().out
-    assert "[6/6]" in printed and "Not run, because not built yet" in printed
-    grid = Image.open(out / "grid.png")
-    assert grid.size == (5 * 32, 2 * 32)
-    pipe = load_flux("tiny", device="cpu").pipe
+    for index, stage in enumerate(["prepare", "sft", "cdns", "sfo", "samples"], 1):
+        assert f"[{index}/5] {stage} done" in printed
+    assert "Not run, because not built yet" in printed
+    assert Image.open(out / "grid.png").size == (5 * 32, 2 * 32)
+    pipe = load_flux("tiny", device="cpu").pipe  # the exported adapters load with plain diffusers
     for name in ("ref", "sfo"):
-        pipe.load_lora_weights(str(out / "adapters" / name), adapter_name=name)
+        pipe.load_lora_weights(str(out / "train" / "sfo" / "adapters" / name), adapter_name=name)
     assert set(pipe.transformer.peft_config) == {"ref", "sfo"}
 
 
-def test_main_job_help_and_bad_flags():
+def test_a_failed_stage_stops_the_run_with_its_error(tmp_path, capsys, monkeypatch):
+    from pipelines import prepare, train
+
+    def broken(config):
+        raise RuntimeError("disk full")
+
+    def must_not_run(config):
+        raise AssertionError("a stage after the failed one ran")
+
+    monkeypatch.setattr(prepare, "run", broken)
+    monkeypatch.setattr(train, "run", must_not_run)
+    assert main_job.main(["--out", str(tmp_path / "run"), *MINIMAL]) == 1
+    captured = capsys.readouterr()
+    assert "[1/5] prepare FAILED" in captured.out and "disk full" in captured.err
+
+
+def test_help_and_bad_flags(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipelines.main", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "--sfo-steps" in result.stdout
-    with pytest.raises(SystemExit):
-        parse_args(["--size", "40"])
+    for bad in (["--size", "40"], ["--samples", "0"], ["--model", str(tmp_path / "nope")], ["--out", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            main_job.parse_args(bad)
