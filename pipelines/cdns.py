@@ -34,6 +34,7 @@ PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 SEED_BITS = 31  # per-sample seeds fit torch.Generator and int64 columns on every platform
 RUNNERS = ("ray", "local")
 NO_ADAPTER = "none"  # negative_adapter_sha256 when no "ref" LoRA was loaded
+DPO_DINO_MODE = "dpo-dino"  # paper Table 4 baseline: pipelines.dpo_dino, not a degradation
 
 
 @dataclass
@@ -49,7 +50,7 @@ class DataConfig:
 
 @dataclass
 class CdnsSection:
-    mode: str = "cdns"  # one of sfo.degrade.CDNS_MODES (paper Tables 4/5)
+    mode: str = "cdns"  # one of sfo.degrade.CDNS_MODES (paper Tables 4/5), or "dpo-dino" (Table 4)
     blur_radius: float | None = None  # override the mode's blur (paper Table B sweeps 2.5 / 5 / 10 / 20)
     noise_std: float | None = None  # override the mode's noise level ("noise" mode)
     steps: int = 28  # paper Sec. 4.1
@@ -57,10 +58,11 @@ class CdnsSection:
     size: int = 512  # negatives are size x size; references are resized to it
     batch_size: int = 4  # samples per model call (per actor)
     seed: int = 0  # per-sample seeds derive from (seed, sample_id)
+    dino_encoder: str = "tiny"  # dpo-dino only: a local DINO ViT-S/16 folder, or "tiny" (random weights)
 
     def __post_init__(self) -> None:
-        if self.mode not in CDNS_MODES:
-            raise ValueError(f"cdns.mode: unknown {self.mode!r}; use one of {sorted(CDNS_MODES)}")
+        if self.mode not in CDNS_MODES and self.mode != DPO_DINO_MODE:
+            raise ValueError(f"cdns.mode: unknown {self.mode!r}; use one of {sorted(CDNS_MODES) + [DPO_DINO_MODE]}")
         if self.size < PIXEL_MULTIPLE or self.size % PIXEL_MULTIPLE:
             raise ValueError(f"cdns.size: must be a positive multiple of {PIXEL_MULTIPLE}, got {self.size}")
         if self.steps < 1:
@@ -72,8 +74,9 @@ class CdnsSection:
     def degradation(self) -> Degradation:
         """The mode's degradation with this section's overrides applied."""
         overrides = {k: v for k, v in (("blur_radius", self.blur_radius), ("noise_std", self.noise_std)) if v is not None}
+        base = CDNS_MODES["self-play"] if self.mode == DPO_DINO_MODE else CDNS_MODES[self.mode]  # dpo-dino: undegraded
         try:
-            return dataclasses.replace(CDNS_MODES[self.mode], **overrides)
+            return dataclasses.replace(base, **overrides)
         except ValueError as exc:
             raise ValueError(str(exc).replace("degradation.", "cdns.")) from None
 
@@ -227,9 +230,18 @@ def _keep(batch: pa.Table, todo: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch["sample_id"], value_set=pa.array(todo, pa.string())))
 
 
+def generator_class(config: CdnsConfig) -> type[NegativeGenerator]:
+    """``NegativeGenerator``, or ``pipelines.dpo_dino.DpoDinoGenerator`` for mode "dpo-dino"."""
+    if config.cdns.mode == DPO_DINO_MODE:
+        from pipelines.dpo_dino import DpoDinoGenerator
+
+        return DpoDinoGenerator
+    return NegativeGenerator
+
+
 def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> int:
-    """The plain loop: the same ``NegativeGenerator``, one Parquet file per batch. Returns rows written."""
-    generator = NegativeGenerator(config)
+    """The plain loop: the same generator class as the Ray job, one Parquet file per batch. Returns rows written."""
+    generator = generator_class(config)(config)
     table = _keep(pq.ParquetDataset(files).read(), todo)
     config.data.output.mkdir(parents=True, exist_ok=True)
     size = config.cdns.batch_size
@@ -252,7 +264,7 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
     ds = ray.data.read_parquet([str(p) for p in files])
     ds = ds.map_batches(_keep, fn_kwargs={"todo": todo}, batch_format="pyarrow")
     ds = ds.map_batches(
-        NegativeGenerator,
+        generator_class(config),
         fn_constructor_kwargs={"config": config},
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers),
         batch_size=config.cdns.batch_size,

@@ -29,7 +29,7 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
     assert set(pipe.transformer.peft_config) == {"ref", "sfo"}
 
 
-def test_a_failed_stage_stops_the_run_with_its_error(tmp_path, capsys, monkeypatch):
+def test_a_failed_stage_stops_the_run_with_its_error(ray_local, tmp_path, capsys, monkeypatch):
     from pipelines import prepare, train
 
     def broken(config):
