@@ -1,0 +1,329 @@
+"""Evaluation stage (SFO paper Sec. 4.1, Table 1): DreamBench DINO / CLIP-I / CLIP-T per method.
+
+For every method (a name, adapter folders, the adapters active while sampling) and every
+(subject, prompt, seed), one image is generated from the subject's reference and scored. One
+callable class, ``Evaluator``, loads the model, the method's adapters and the encoders once per
+instance; the Ray Data job runs an actor pool of it, ``runner=local`` a plain loop of the same.
+
+    python -m pipelines.evaluate --config pipelines/configs/evaluate.yaml [key=value ...]
+
+Writes ``<output>/images/<method>/*.parquet`` (method, subject, prompt, seed, image png, scores),
+``<output>/summary.json`` and ``summary.csv`` (per method overall and per subject), and prints the
+table. Re-running replaces a method's images. Without ``eval.dreambench`` it runs on the embedded
+synthetic subjects. Scores from the tiny random encoders carry ``metrics.RANDOM_ENCODERS_NOTE``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.common import ModelConfig, ScalingConfig
+from pipelines.config import ConfigError, parse_job_args
+
+PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
+RUNNERS = ("ray", "local")
+ADAPTER_NAMES = ("ref", "sfo")  # sfo.adapters.REF / SFO
+SYNTHETIC_SUBJECTS = 4  # embedded subjects when no DreamBench folder is given (one prompt each)
+METRICS = ("dino", "clip_i", "clip_t")
+IMAGE_SCHEMA = pa.schema([
+    pa.field("method", pa.string()), pa.field("subject", pa.string()), pa.field("prompt_index", pa.int32()),
+    pa.field("prompt", pa.string()), pa.field("seed", pa.int64()), pa.field("image_png", pa.binary()),
+    pa.field("dino", pa.float32()), pa.field("clip_i", pa.float32()), pa.field("clip_t", pa.float32()),
+    pa.field("random_encoders", pa.bool_()),
+])
+
+
+@dataclass
+class MethodConfig:
+    name: str = "base"
+    ref_adapter: str | None = None  # folder of the "ref" LoRA (sft job output)
+    sfo_adapter: str | None = None  # folder of the "sfo" LoRA (sfo job output)
+    active: list[str] = field(default_factory=list)  # adapters applied while sampling, e.g. [ref] or [ref, sfo]
+
+    def __post_init__(self) -> None:
+        for name in self.active:
+            if name not in ADAPTER_NAMES:
+                raise ValueError(f"methods.active: unknown adapter {name!r} in method {self.name!r}; use {list(ADAPTER_NAMES)}")
+            if getattr(self, f"{name}_adapter") is None:
+                raise ValueError(f"methods.{name}_adapter: method {self.name!r} activates {name!r} but gives no folder")
+
+
+@dataclass
+class EvalSection:
+    dreambench: Path | None = None  # DreamBench 'dataset' folder; null = embedded synthetic subjects
+    descriptive_names: bool = True  # paper App. D.3 subject names instead of the class word
+    subjects: list[str] | int | None = None  # names, or the first N subjects; null = all
+    prompts: int | None = None  # the first N prompts per subject; null = all (25)
+    seeds: int = 4  # images per (subject, prompt), seeds seed..seed+seeds-1 (paper: 4)
+    seed: int = 0
+    steps: int = 28  # paper Sec. 4.1
+    guidance: float = 3.5
+    size: int = 512
+    reference_index: int = 0  # which reference photo conditions the model (DINO/CLIP-I use all of them)
+    batch_size: int = 4
+    dino_encoder: str = "tiny"  # "tiny" (random) or a local folder, e.g. facebook/dino-vits16
+    clip_encoder: str = "tiny"  # "tiny" (random) or a local folder, e.g. openai/clip-vit-large-patch14
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"eval.seeds: must be at least 1, got {self.seeds}")
+        if isinstance(self.subjects, int) and self.subjects < 1:
+            raise ValueError(f"eval.subjects: a count must be at least 1, got {self.subjects}")
+        if self.prompts is not None and self.prompts < 1:
+            raise ValueError(f"eval.prompts: must be at least 1 or null, got {self.prompts}")
+        if self.size < PIXEL_MULTIPLE or self.size % PIXEL_MULTIPLE:
+            raise ValueError(f"eval.size: must be a positive multiple of {PIXEL_MULTIPLE}, got {self.size}")
+        if self.steps < 1:
+            raise ValueError(f"eval.steps: must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"eval.batch_size: must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class EvaluateConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # model.ref_adapter is unused: methods name adapters
+    methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
+    eval: EvalSection = field(default_factory=EvalSection)
+    output: Path = Path("runs/evaluate")
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    runner: str = "ray"
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
+        names = [m.name for m in self.methods]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"methods: need at least one method and unique names, got {names}")
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """The selected subjects: their prompts (index, text), conditioning reference and all references."""
+
+    prompts: dict[str, list[tuple[int, str]]]
+    condition: dict[str, object]  # subject -> PIL image the model is conditioned on
+    references: dict[str, list]  # subject -> PIL images DINO / CLIP-I compare against
+
+
+def load_benchmark(section: EvalSection) -> Benchmark:
+    """DreamBench (or the synthetic subjects), limited by ``eval.subjects`` / ``eval.prompts``."""
+    if section.dreambench is None:
+        from pipelines.synthetic import synthetic_triplets
+
+        count = section.subjects if isinstance(section.subjects, int) else SYNTHETIC_SUBJECTS
+        triplets = {t.sample_id: t for t in synthetic_triplets(count, section.size)}
+        if isinstance(section.subjects, list):
+            triplets = {k: v for k, v in triplets.items() if k in section.subjects}
+        return Benchmark({k: [(0, t.target_text)] for k, t in triplets.items()},
+                         {k: t.reference for k, t in triplets.items()}, {k: [t.reference] for k, t in triplets.items()})
+    from sfo.dreambench import load_dreambench
+
+    bench = load_dreambench(section.dreambench)
+    names = list(bench.subjects)
+    if isinstance(section.subjects, int):
+        names = names[: section.subjects]
+    elif section.subjects:
+        unknown = [s for s in section.subjects if s not in bench.subjects]
+        if unknown:
+            raise ValueError(f"eval.subjects: unknown subject(s) {unknown}; DreamBench has {names}")
+        names = list(section.subjects)
+    prompts, condition, references = {}, {}, {}
+    for name in names:
+        cases = bench.cases(name, section.descriptive_names)[: section.prompts]
+        prompts[name] = [(c.index, c.prompt) for c in cases]
+        references[name] = bench.references(name, section.size)
+        condition[name] = references[name][min(section.reference_index, len(references[name]) - 1)]
+    return Benchmark(prompts, condition, references)
+
+
+def work_rows(config: EvaluateConfig, bench: Benchmark, method: str) -> list[dict]:
+    """One row per image to generate: (method, subject, prompt_index, prompt, seed)."""
+    seeds = range(config.eval.seed, config.eval.seed + config.eval.seeds)
+    return [{"method": method, "subject": s, "prompt_index": i, "prompt": p, "seed": seed}
+            for s, cases in bench.prompts.items() for i, p in cases[: config.eval.prompts] for seed in seeds]
+
+
+class Evaluator:
+    """Work rows in, scored image rows out; model, one method's adapters and encoders loaded once per instance."""
+
+    def __init__(self, config: EvaluateConfig, method: str, device: str | None = None) -> None:
+        from sfo import adapters
+        from sfo.metrics import Scorer
+        from sfo.models import load_flux
+        from sfo.sampler import SamplerConfig
+
+        spec = next(m for m in config.methods if m.name == method)
+        self.bench = load_benchmark(config.eval)
+        self.model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
+        transformer = self.model.transformer
+        for name in ADAPTER_NAMES:
+            folder = getattr(spec, f"{name}_adapter")
+            if folder is not None:
+                adapters.load_adapter(transformer, folder, name)
+        self._adapters = lambda: adapters.use_adapters(transformer, list(spec.active))
+        self.scorer = Scorer.load(config.eval.dino_encoder, config.eval.clip_encoder, device=self.model.device)
+        e = config.eval
+        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size, width=e.size)
+
+    def __call__(self, batch: dict | pa.Table) -> pa.Table:
+        """B work rows (dict of columns or ``pa.Table``) -> B rows of ``IMAGE_SCHEMA``."""
+        from sfo.records import encode_png
+        from sfo.sampler import generate
+
+        columns = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
+        subjects = [str(s) for s in columns["subject"]]
+        prompts = [str(p) for p in columns["prompt"]]
+        with self._adapters():
+            images = generate(self.model, prompts, [int(s) for s in columns["seed"]], self.sampler,
+                              [self.bench.condition[s] for s in subjects])
+        dino, clip_i = [], []
+        for image, subject in zip(images, subjects):  # references differ per subject
+            refs = self.bench.references[subject]
+            dino.append(float(self.scorer.dino([image], refs)[0]))
+            clip_i.append(float(self.scorer.clip_i([image], refs)[0]))
+        clip_t = self.scorer.clip_t(images, prompts).tolist()
+        return pa.Table.from_pydict({
+            "method": [str(m) for m in columns["method"]], "subject": subjects,
+            "prompt_index": [int(i) for i in columns["prompt_index"]], "prompt": prompts,
+            "seed": [int(s) for s in columns["seed"]], "image_png": [encode_png(im) for im in images],
+            "dino": dino, "clip_i": clip_i, "clip_t": clip_t,
+            "random_encoders": [self.scorer.random_encoders] * len(images),
+        }, schema=IMAGE_SCHEMA)
+
+
+def check_config(config: EvaluateConfig) -> Benchmark:
+    """Fails before any work on a missing adapter folder, DreamBench folder or encoder folder."""
+    from sfo.adapters import LORA_WEIGHTS
+
+    for index, method in enumerate(config.methods):
+        for name in ADAPTER_NAMES:
+            folder = getattr(method, f"{name}_adapter")
+            if folder is not None and not (Path(folder) / LORA_WEIGHTS).is_file():
+                raise ConfigError(f"methods[{index}].{name}_adapter: no {LORA_WEIGHTS} in {folder!r} (method {method.name!r})")
+    for name in ("dino_encoder", "clip_encoder"):
+        folder = getattr(config.eval, name)
+        if folder != "tiny" and not (Path(folder) / "config.json").is_file():
+            raise ConfigError(f"eval.{name}: {folder!r} is not a local transformers model folder (no config.json)")
+    if config.eval.dreambench is not None and not config.eval.dreambench.is_dir():
+        raise ConfigError(f"eval.dreambench: {str(config.eval.dreambench)!r} does not exist; pass DreamBench's "
+                          "'dataset' folder or null for the embedded synthetic subjects")
+    try:
+        return load_benchmark(config.eval)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc) if str(exc).startswith("eval.") else f"eval.dreambench: {exc}") from None
+
+
+def run_local(config: EvaluateConfig, method: str, rows: list[dict], folder: Path) -> None:
+    evaluator = Evaluator(config, method)
+    size = config.eval.batch_size
+    for index, start in enumerate(range(0, len(rows), size)):
+        pq.write_table(evaluator(pa.Table.from_pylist(rows[start:start + size])), folder / f"part-{index:06d}.parquet")
+        print(f"[evaluate] {method}: {min(start + size, len(rows))}/{len(rows)} images", flush=True)
+
+
+def run_ray(config: EvaluateConfig, method: str, rows: list[dict], folder: Path) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    scaling = config.scaling
+    gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
+    ds = ray.data.from_items(rows).map_batches(
+        Evaluator, fn_constructor_kwargs={"config": config, "method": method},
+        compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=config.eval.batch_size,
+        batch_format="numpy", num_cpus=scaling.cpus_per_worker, **gpus)
+    ds.write_parquet(str(folder))
+
+
+def read_images(output: Path, methods: list[str]) -> pa.Table:
+    """The scored images of ``methods`` under ``output/images``."""
+    files = sorted(f for m in methods for f in (output / "images" / m).rglob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f, schema=IMAGE_SCHEMA) for f in files]) if files else IMAGE_SCHEMA.empty_table()
+
+
+def summarize(table: pa.Table) -> dict:
+    """Mean DINO / CLIP-I / CLIP-T per method (over all its images) and per (method, subject)."""
+    from sfo.metrics import RANDOM_ENCODERS_NOTE
+
+    rows = table.select(["method", "subject", *METRICS]).to_pylist()
+
+    def means(selected: list[dict]) -> dict:
+        return {"images": len(selected), **{m: sum(r[m] for r in selected) / len(selected) for m in METRICS}}
+
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    summary = {"methods": {}, "subjects": {}}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        summary["methods"][method] = means(mine)
+        summary["subjects"][method] = {s: means([r for r in mine if r["subject"] == s])
+                                       for s in dict.fromkeys(r["subject"] for r in mine)}
+    random = any(table.column("random_encoders").to_pylist())
+    summary["random_encoders"] = random
+    summary["note"] = RANDOM_ENCODERS_NOTE if random else "DINO ViT-S/16 and CLIP encoders from local folders"
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """The Table-1-style text table (per method, then per subject)."""
+    lines = [f"{'method':<16} {'images':>6} {'DINO':>7} {'CLIP-I':>7} {'CLIP-T':>7}"]
+    for method, m in summary["methods"].items():
+        lines.append(f"{method:<16} {m['images']:>6} {m['dino']:>7.3f} {m['clip_i']:>7.3f} {m['clip_t']:>7.3f}")
+    for method, subjects in summary["subjects"].items():
+        for subject, m in subjects.items():
+            lines.append(f"  {method}/{subject:<24} {m['images']:>4} {m['dino']:>7.3f} {m['clip_i']:>7.3f} {m['clip_t']:>7.3f}")
+    if summary["random_encoders"]:
+        lines.append(f"NOTE: {summary['note']}")
+    return "\n".join(lines)
+
+
+def write_summary(summary: dict, output: Path) -> None:
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["method,subject,images,dino,clip_i,clip_t,note"]
+    note = summary["note"] if summary["random_encoders"] else ""
+    for method, m in summary["methods"].items():
+        lines.append(f"{method},ALL,{m['images']},{m['dino']:.6f},{m['clip_i']:.6f},{m['clip_t']:.6f},{note}")
+        for subject, s in summary["subjects"][method].items():
+            lines.append(f"{method},{subject},{s['images']},{s['dino']:.6f},{s['clip_i']:.6f},{s['clip_t']:.6f},{note}")
+    (output / "summary.csv").write_text("\n".join(lines) + "\n")
+
+
+def run(config: EvaluateConfig) -> dict:
+    """Checks the config, generates and scores every method's images, writes and returns the summary."""
+    bench = check_config(config)
+    started = time.time()
+    for method in config.methods:
+        rows = work_rows(config, bench, method.name)
+        folder = config.output / "images" / method.name
+        shutil.rmtree(folder, ignore_errors=True)  # re-running replaces this method's images
+        folder.mkdir(parents=True)
+        print(f"[evaluate] {method.name}: {len(rows)} images ({len(bench.prompts)} subjects, {config.runner})", flush=True)
+        (run_local if config.runner == "local" else run_ray)(config, method.name, rows, folder)
+    summary = summarize(read_images(config.output, [m.name for m in config.methods]))
+    write_summary(summary, config.output)
+    print(format_table(summary), flush=True)
+    print(f"[evaluate] wrote {config.output}/summary.json, summary.csv in {time.time() - started:.1f} s", flush=True)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_job_args(EvaluateConfig, "python -m pipelines.evaluate", __doc__, argv)
+    if config is None:
+        return 0
+    try:
+        run(config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
