@@ -1,1 +1,1 @@
-"""Ray Serve application (issue #4; not built yet)."""
+"""Ray Serve application: ``serving.app:build_app`` (FastAPI ingress + FluxGenerator), config in serve_config.yaml."""

@@ -1,0 +1,273 @@
+"""Request validation for ``POST /v1/generate``, without Ray or a model (unit-tested on its own).
+
+A request is JSON (``image`` as base64) or multipart/form-data (the same fields as form fields,
+``image`` as a file part). Both end in one ``GenerateParams`` plus the reference image's bytes.
+Every refusal is a ``RequestError`` naming the field, answered as a 4xx by the ingress.
+Nothing in a request names a file: ``adapter`` is an enum, the image travels as bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.parser
+import email.policy
+import io
+import json
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+PIXEL_MULTIPLE = 16  # FLUX: VAE 8x compression times 2x2 token packing (sfo.models.FluxModel.pixel_multiple)
+MAX_SEED = 2**32 - 1  # JSON-safe in every client; torch.Generator takes any of them
+Adapter = Literal["sfo", "ref"]  # "sfo" = base + ref + sfo (the SFO policy), "ref" = base + ref (the SFT base)
+
+
+class RequestError(ValueError):
+    """A request the server refuses; ``field`` names the culprit, ``status`` is the HTTP code."""
+
+    def __init__(self, field: str, message: str, status: int = 422):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+    def body(self) -> dict[str, Any]:
+        return {"error": str(self), "field": self.field}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; set per application from ``build_app``'s args."""
+
+    max_side: int = 1024
+    min_side: int = PIXEL_MULTIPLE
+    max_steps: int = 50
+    max_guidance: float = 20.0
+    max_num_images: int = 4
+    max_prompt_chars: int = 2000
+    max_image_bytes: int = 8 * 1024 * 1024
+    max_image_pixels: int = 2048 * 2048
+    default_side: int = 512
+    default_steps: int = 28  # paper Sec. 4.1
+    default_guidance: float = 3.5  # paper Sec. 4.1
+
+    def __post_init__(self) -> None:
+        for name in ("max_side", "min_side", "default_side"):
+            value = getattr(self, name)
+            if value < PIXEL_MULTIPLE or value % PIXEL_MULTIPLE:
+                raise ValueError(f"limits.{name}: must be a positive multiple of {PIXEL_MULTIPLE}, got {value}")
+        if not self.min_side <= self.default_side <= self.max_side:
+            raise ValueError(f"limits.default_side: {self.default_side} is outside [{self.min_side}, {self.max_side}]")
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise ValueError(f"limits.default_steps: {self.default_steps} is outside [1, {self.max_steps}]")
+        if not 0 <= self.default_guidance <= self.max_guidance:
+            raise ValueError(f"limits.default_guidance: {self.default_guidance} is outside [0, {self.max_guidance}]")
+        for name in ("max_num_images", "max_prompt_chars", "max_image_bytes", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"limits.{name}: must be >= 1")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body: the image as base64 (4/3) plus room for the other fields."""
+        return self.max_image_bytes * 4 // 3 + 64 * 1024
+
+
+class GenerateParams(BaseModel):
+    """Every field of a request but the image; types only (ranges are checked against ``Limits``)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=False)
+
+    prompt: str = Field(description="text prompt")
+    steps: int | None = Field(None, description="sampling steps (default: the server's)")
+    guidance: float | None = Field(None, description="FLUX guidance embedding (default 3.5)")
+    seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
+    width: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
+    height: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
+    num_images: int = Field(1, description="images to return; more than one needs Accept: application/json")
+    adapter: Adapter = Field("sfo", description='"sfo": base + ref + sfo LoRA; "ref": base + ref (SFT base)')
+
+
+class GenerateRequest(GenerateParams):
+    """The JSON body: ``GenerateParams`` plus the reference image as base64."""
+
+    image: str = Field(description="reference (subject) image, base64 of PNG/JPEG/... bytes")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated request, as the model deployment receives it (plain values, picklable)."""
+
+    prompt: str
+    image: bytes  # the reference image's original bytes; checked to decode within the limits
+    steps: int
+    guidance: float
+    seeds: tuple[int, ...]  # one per image
+    width: int
+    height: int
+    adapter: str
+
+    @property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one sampler call (same schedule, size and adapters)."""
+        return (self.width, self.height, self.steps, self.guidance, self.adapter)
+
+    def params(self) -> dict[str, Any]:
+        """The resolved parameters, echoed back to the client."""
+        return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance, "seeds": list(self.seeds),
+                "width": self.width, "height": self.height, "num_images": len(self.seeds), "adapter": self.adapter}
+
+
+class _NonFinite:
+    """Stands in for NaN/Infinity while parsing, so the error can name the field that held it."""
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Bytes -> JSON object; NaN/Infinity (which Python's json accepts) and non-objects refused."""
+    try:
+        data = json.loads(body, parse_constant=lambda name: _NonFinite())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError("body", f"not valid JSON ({exc})", 400) from None
+    if not isinstance(data, dict):
+        raise RequestError("body", f"must be a JSON object, got {type(data).__name__}", 400)
+    for key, value in data.items():
+        if isinstance(value, _NonFinite) or (isinstance(value, list) and any(isinstance(v, _NonFinite) for v in value)):
+            raise RequestError(str(key), "NaN/Infinity is not a JSON number; send a finite number")
+    return data
+
+
+def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, bytes]]:
+    """multipart/form-data -> (text fields, file parts), with the standard library's MIME parser.
+
+    Duplicate field names are refused (a client bug, not something to resolve silently).
+    """
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise RequestError("body", "not a valid multipart/form-data body (missing or wrong boundary)", 400)
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            raise RequestError("body", "a multipart part has no name", 400)
+        if name in fields or name in files:
+            raise RequestError(name, "given more than once", 422)
+        payload = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            files[name] = payload
+        else:
+            try:
+                fields[name] = payload.decode(part.get_content_charset() or "utf-8")
+            except (UnicodeDecodeError, LookupError):
+                raise RequestError(name, "form field is not valid UTF-8 text", 422) from None
+    return fields, files
+
+
+def _validation_error(exc: ValidationError) -> RequestError:
+    """The first pydantic error as a ``RequestError`` naming the field (the input is not echoed)."""
+    error = exc.errors(include_input=False, include_url=False)[0]
+    field = ".".join(str(p) for p in error["loc"]) or "body"
+    if error["type"] == "extra_forbidden":
+        known = ", ".join(f for f in GenerateRequest.model_fields)
+        return RequestError(field, f"unknown field; known fields are {known}")
+    return RequestError(field, error["msg"])
+
+
+def decode_base64_image(text: str, limits: Limits) -> bytes:
+    if len(text) > limits.max_image_bytes * 4 // 3 + 4:
+        raise RequestError("image", f"too large: more than {limits.max_image_bytes} bytes", 413)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("image", "not valid base64") from None
+
+
+def check_image(data: bytes, limits: Limits) -> Image.Image:
+    """Bytes -> RGB image, refusing non-images and images over the byte or pixel limits.
+
+    The pixel count is read from the header before the pixels are decoded (decompression bombs).
+    """
+    if not data:
+        raise RequestError("image", "is empty")
+    if len(data) > limits.max_image_bytes:
+        raise RequestError("image", f"too large: {len(data)} bytes > {limits.max_image_bytes}", 413)
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception:
+        raise RequestError("image", "not a readable image (PNG, JPEG, WebP...)") from None
+    w, h = image.size
+    if w * h > limits.max_image_pixels:
+        raise RequestError("image", f"too large: {w}x{h} = {w * h} pixels > {limits.max_image_pixels}", 413)
+    try:
+        image.load()
+    except Exception:
+        raise RequestError("image", "not a readable image (truncated or corrupt)") from None
+    return image.convert("RGB")
+
+
+def _resolve(params: GenerateParams, image: bytes, limits: Limits) -> Job:
+    """Checks ranges against the limits and fills defaults; the seed defaults to a random one."""
+    if not params.prompt.strip():
+        raise RequestError("prompt", "must not be empty")
+    if len(params.prompt) > limits.max_prompt_chars:
+        raise RequestError("prompt", f"too long: {len(params.prompt)} characters > {limits.max_prompt_chars}")
+    steps = limits.default_steps if params.steps is None else params.steps
+    if not 1 <= steps <= limits.max_steps:
+        raise RequestError("steps", f"must be in [1, {limits.max_steps}], got {steps}")
+    guidance = limits.default_guidance if params.guidance is None else params.guidance
+    if not (math.isfinite(guidance) and 0 <= guidance <= limits.max_guidance):
+        raise RequestError("guidance", f"must be in [0, {limits.max_guidance}], got {guidance}")
+    sides = {}
+    for name in ("width", "height"):
+        value = getattr(params, name)
+        value = limits.default_side if value is None else value
+        if not limits.min_side <= value <= limits.max_side:
+            raise RequestError(name, f"must be in [{limits.min_side}, {limits.max_side}], got {value}")
+        if value % PIXEL_MULTIPLE:
+            raise RequestError(name, f"must be a multiple of {PIXEL_MULTIPLE}, got {value}")
+        sides[name] = value
+    if not 1 <= params.num_images <= limits.max_num_images:
+        raise RequestError("num_images", f"must be in [1, {limits.max_num_images}], got {params.num_images}")
+    seed = random.SystemRandom().randrange(MAX_SEED - limits.max_num_images) if params.seed is None else params.seed
+    if not 0 <= seed <= MAX_SEED - params.num_images + 1:
+        raise RequestError("seed", f"must be in [0, {MAX_SEED - params.num_images + 1}], got {seed}")
+    check_image(image, limits)
+    return Job(prompt=params.prompt, image=image, steps=steps, guidance=float(guidance),
+               seeds=tuple(seed + i for i in range(params.num_images)), adapter=params.adapter, **sides)
+
+
+def job_from_json(data: dict[str, Any], limits: Limits) -> Job:
+    """A parsed JSON body -> ``Job`` (``RequestError`` on anything wrong); types checked strictly."""
+    try:
+        request = GenerateRequest.model_validate(data, strict=True)  # JSON has types: 3.0 or true is no step count
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    image = decode_base64_image(request.image, limits)
+    return _resolve(request, image, limits)
+
+
+def job_from_form(fields: dict[str, str], files: dict[str, bytes], limits: Limits) -> Job:
+    """Multipart fields and files -> ``Job``; ``image`` may be a file part or a base64 text field.
+
+    Form fields are text, so numbers are parsed from strings (pydantic's lax mode; "nan" refused).
+    """
+    fields = dict(fields)
+    unknown_files = set(files) - {"image"}
+    if unknown_files:
+        raise RequestError(sorted(unknown_files)[0], "unknown file part; only 'image' is a file")
+    if "image" in files:
+        image = files["image"]
+    elif "image" in fields:
+        image = decode_base64_image(fields.pop("image"), limits)
+    else:
+        raise RequestError("image", "missing: send the reference image as a file part named 'image'")
+    try:
+        params = GenerateParams.model_validate(fields)
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    return _resolve(params, image, limits)

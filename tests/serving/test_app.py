@@ -1,0 +1,181 @@
+"""The Ray Serve app end to end over HTTP on a local Ray: generate, A/B, batching, bad input, health.
+
+One Serve application for the whole module (a replica takes ~17 s to start); tiny model, 32x32, 2 steps.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.serving.test_schema import b64, png
+
+SIDE = 32
+STEPS = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(adapters_dir, _hermetic_cache):
+    """Base URL of the app; Serve (and Ray, when this module started it) shut down afterwards."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    started_ray = not ray.is_initialized()  # another module's session-wide Ray is reused, not shut down
+    if started_ray:
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({"model": "tiny", "adapters": str(adapters_dir), "default_side": SIDE, "default_steps": STEPS,
+                         "max_side": 256, "max_image_bytes": 200_000, "max_image_pixels": 512 * 512,
+                         "request_timeout_s": 60})
+        serve.run(app, name="sfo", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c
+
+
+def body(**extra) -> dict:
+    return {"prompt": "a photo of a red cube", "image": b64(png(48, 40)), "seed": 3, **extra}
+
+
+def image_of(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data))
+
+
+def test_generate_png(client):
+    r = client.post("/v1/generate", json=body(width=64, height=32))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "image/png"
+    assert image_of(r.content).size == (64, 32)
+    assert r.headers["x-seed"] == "3"
+
+
+def test_same_seed_same_image_and_adapters_differ(client):
+    first = client.post("/v1/generate", json=body()).content
+    again = client.post("/v1/generate", json=body()).content
+    ref = client.post("/v1/generate", json=body(adapter="ref")).content
+    assert first == again
+    assert first != ref
+
+
+def test_json_many_images(client):
+    r = client.post("/v1/generate", json=body(num_images=2), headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out["images"]) == 2 and out["images"][0] != out["images"][1]
+    assert out["params"]["seeds"] == [3, 4]
+    assert out["params"]["width"] == SIDE and out["params"]["steps"] == STEPS and out["params"]["adapter"] == "sfo"
+    assert image_of(base64.b64decode(out["images"][0])).size == (SIDE, SIDE)
+
+
+def test_many_images_need_json_accept(client):
+    r = client.post("/v1/generate", json=body(num_images=2))
+    assert r.status_code == 406 and r.json()["field"] == "num_images"
+
+
+def test_multipart(client):
+    files = {"image": ("ref.png", png(48, 40), "image/png")}
+    r = client.post("/v1/generate", data={"prompt": "a photo of a red cube", "seed": "3"}, files=files)
+    assert r.status_code == 200, r.text
+    assert r.content == client.post("/v1/generate", json=body()).content  # same request, same image
+
+
+_HUGE = b64(png(600, 600))
+BAD = [  # (json body or raw bytes, content type, field, status)
+    (body(image="###"), None, "image", 422),
+    (body(image=b64(b"not an image")), None, "image", 422),
+    (body(image=_HUGE), None, "image", 413),
+    (body(image=b64(b"\0" * 300_000)), None, "body", 413),
+    (body(width=40), None, "width", 422),
+    (body(height=4096), None, "height", 422),
+    (body(steps=0), None, "steps", 422),
+    (body(steps=500), None, "steps", 422),
+    (body(guidance=-2.0), None, "guidance", 422),
+    (body(prompt="x" * 3000), None, "prompt", 422),
+    (body(adapter="/etc/passwd"), None, "adapter", 422),
+    (body(step=3), None, "step", 422),
+    (json.dumps(body()).replace('"seed": 3', '"guidance": NaN').encode(), "application/json", "guidance", 422),
+    (json.dumps(body()).replace('"seed": 3', '"steps": Infinity').encode(), "application/json", "steps", 422),
+    (b"this is not json", "application/json", "body", 400),
+    (b"prompt=x", "text/plain", "content-type", 415),
+]
+
+
+@pytest.mark.parametrize("payload,content_type,field,status", BAD, ids=[f"{i}-{f}" for i, (_, _, f, _) in enumerate(BAD)])
+def test_bad_request_then_good(client, payload, content_type, field, status):
+    if content_type is None:
+        r = client.post("/v1/generate", json=payload)
+    else:
+        r = client.post("/v1/generate", content=payload, headers={"Content-Type": content_type})
+    assert r.status_code == status, r.text
+    assert r.json()["field"] == field and field in r.json()["error"]
+    assert client.post("/v1/generate", json=body()).status_code == 200  # still healthy
+
+
+def test_concurrent_requests(server):
+    def one(seed: int) -> tuple[int, bytes]:
+        with httpx.Client(base_url=server, timeout=60) as c:
+            r = c.post("/v1/generate", json=body(seed=seed))
+            return r.status_code, r.content
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(100, 106)))
+    assert [code for code, _ in results] == [200] * 6
+    assert len({content for _, content in results}) == 6
+
+
+def test_health_models_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    models = client.get("/v1/models").json()
+    assert models["base_model"] == "tiny"
+    assert set(models["adapters"]) == {"sfo", "ref"}
+    assert len(models["adapters"]["sfo"]["sha256"]) == 64
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/generate", "/v1/models", "/healthz"} <= set(spec["paths"])
+    content = spec["paths"]["/v1/generate"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(content)
+    assert client.get("/docs").status_code == 200
+
+
+def test_serve_config_file_is_valid():
+    """serving/serve_config.yaml passes Serve's own schema, its args build the app, names match the code."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.app import FluxGenerator, Ingress, build_app
+
+    path = Path(__file__).resolve().parents[2] / "serving" / "serve_config.yaml"
+    assert path.read_text().startswith("# serve run serving/serve_config.yaml")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "serving.app:build_app"
+    assert {d.name for d in application.deployments} == {FluxGenerator.name, Ingress.name}
+    build_app(application.args)  # binds only; no Ray needed
+    with pytest.raises(ValueError, match="stepz"):
+        build_app({**application.args, "stepz": 3})

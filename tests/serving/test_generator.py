@@ -1,0 +1,48 @@
+"""The model side without Ray: adapters load from safetensors, A/B differs, batching changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from serving.generator import Generator, group_jobs
+from serving.schema import Job
+from tests.serving.test_schema import png
+
+
+def job(seeds=(1,), adapter="sfo", side=32, steps=2, prompt="a red cube") -> Job:
+    return Job(prompt=prompt, image=png(48, 40), steps=steps, guidance=3.5, seeds=tuple(seeds),
+               width=side, height=side, adapter=adapter)
+
+
+def test_group_jobs_by_key_and_size():
+    jobs = [job((1,)), job((2,), adapter="ref"), job((3, 4)), job((5,), side=64), job((6, 7, 8)), job((9,))]
+    groups = list(group_jobs(jobs, max_samples=3))
+    assert groups == [[0, 2], [4], [5], [1], [3]]
+    assert list(group_jobs([job((1, 2, 3, 4))], max_samples=2)) == [[0]]  # never split a request
+
+
+@pytest.fixture(scope="module")
+def generator(adapters_dir):
+    return Generator("tiny", str(adapters_dir), device="cpu")
+
+
+def test_info_fingerprints(generator):
+    info = generator.info
+    assert info["base_model"] == "tiny"
+    assert info["adapters"]["sfo"]["loras"] == ["ref", "sfo"]
+    assert len(info["adapters"]["sfo"]["sha256"]) == 64
+    assert info["adapters"]["sfo"]["sha256"] != info["adapters"]["ref"]["sha256"]
+
+
+def test_batched_equals_alone_and_adapters_differ(generator):
+    a, b = job((11,)), job((12, 13), prompt="a blue cube")
+    together = generator.run([a, job((11,), adapter="ref"), b])
+    assert together[0] == generator.run([a])[0]  # PNG bytes: the same image batched or alone
+    assert together[2] == generator.run([b])[0]
+    assert together[0] != together[1]  # "sfo" vs "ref" on the same seed
+    assert len(set(together[2])) == 2
+
+
+def test_missing_adapter_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ref/"):
+        Generator("tiny", str(tmp_path), device="cpu")

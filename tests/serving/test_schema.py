@@ -1,0 +1,171 @@
+"""Request validation without Ray or a model: every refusal names its field."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from serving.schema import (
+    Job,
+    Limits,
+    RequestError,
+    job_from_form,
+    job_from_json,
+    parse_json_body,
+    parse_multipart,
+)
+
+LIMITS = Limits(max_side=256, default_side=64, default_steps=2, max_image_bytes=200_000, max_image_pixels=512 * 512)
+
+
+def png(width: int = 32, height: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def valid(**extra) -> dict:
+    return {"prompt": "a photo of a red cube", "image": b64(png()), **extra}
+
+
+def test_defaults_are_resolved():
+    job = job_from_json(valid(seed=7, num_images=3), LIMITS)
+    assert isinstance(job, Job)
+    assert (job.width, job.height, job.steps, job.guidance, job.adapter) == (64, 64, 2, 3.5, "sfo")
+    assert job.seeds == (7, 8, 9)
+    assert job.params()["seeds"] == [7, 8, 9]
+
+
+def test_random_seed_when_absent():
+    assert len(job_from_json(valid(), LIMITS).seeds) == 1
+
+
+def test_json_types_are_strict_but_ints_pass_as_floats():
+    job = job_from_json(valid(guidance=2), LIMITS)
+    assert job.guidance == 2.0
+    for change in ({"steps": "3"}, {"width": 32.0}, {"steps": True}):
+        with pytest.raises(RequestError, match=next(iter(change))):
+            job_from_json(valid(**change), LIMITS)
+
+
+# (body changes, field named in the error, status)
+BAD = [
+    ({"image": "not base64!!"}, "image", 422),
+    ({"image": b64(b"hello, not an image")}, "image", 422),
+    ({"image": b64(png(600, 600))}, "image", 413),  # pixels over the limit (and bytes small)
+    ({"width": 40}, "width", 422),
+    ({"height": 2048}, "height", 422),
+    ({"width": 0}, "width", 422),
+    ({"steps": 0}, "steps", 422),
+    ({"steps": 51}, "steps", 422),
+    ({"guidance": -1.0}, "guidance", 422),
+    ({"guidance": 1e9}, "guidance", 422),
+    ({"guidance": float("nan")}, "guidance", 422),
+    ({"guidance": float("inf")}, "guidance", 422),
+    ({"prompt": "x" * 5000}, "prompt", 422),
+    ({"prompt": "  "}, "prompt", 422),
+    ({"adapter": "../../etc/passwd"}, "adapter", 422),
+    ({"step": 3}, "step", 422),
+    ({"num_images": 0}, "num_images", 422),
+    ({"num_images": 9}, "num_images", 422),
+    ({"seed": -1}, "seed", 422),
+    ({"width": 32.5}, "width", 422),
+    ({"steps": True}, "steps", 422),
+]
+
+
+@pytest.mark.parametrize("change,field,status", BAD, ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(BAD)])
+def test_bad_json_fields(change, field, status):
+    with pytest.raises(RequestError) as info:
+        job_from_json(valid(**change), LIMITS)
+    assert info.value.field == field, str(info.value)
+    assert info.value.status == status
+    json.dumps(info.value.body())  # the error itself always serialises (no NaN echoed back)
+
+
+def test_missing_fields():
+    for field in ("prompt", "image"):
+        body = valid()
+        del body[field]
+        with pytest.raises(RequestError, match=field):
+            job_from_json(body, LIMITS)
+
+
+def test_image_over_byte_limit():
+    with pytest.raises(RequestError) as info:
+        job_from_json(valid(image=b64(b"\0" * 300_000)), LIMITS)
+    assert (info.value.field, info.value.status) == ("image", 413)
+
+
+@pytest.mark.parametrize("body", [b'{"guidance": NaN}', b'{"seed": -Infinity}', b'{"steps": [Infinity]}'])
+def test_non_finite_json_names_the_field(body):
+    with pytest.raises(RequestError) as info:
+        parse_json_body(body)
+    assert info.value.field == next(iter(json.loads(body))) and info.value.status == 422
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+def test_body_not_a_json_object(body):
+    with pytest.raises(RequestError) as info:
+        parse_json_body(body)
+    assert info.value.field == "body" and info.value.status == 400
+
+
+def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = "XyZboundary"
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    for name, data in files.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="ref.png"\r\n'
+                     f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_fields_and_file():
+    body, content_type = _multipart({"prompt": "a cube", "steps": "3", "seed": "5", "adapter": "ref"}, {"image": png()})
+    fields, files = parse_multipart(body, content_type)
+    job = job_from_form(fields, files, LIMITS)
+    assert (job.prompt, job.steps, job.seeds, job.adapter) == ("a cube", 3, (5,), "ref")
+    assert job.image == png()
+
+
+@pytest.mark.parametrize("fields,files,field", [
+    ({"prompt": "a", "guidance": "nan"}, {"image": png()}, "guidance"),
+    ({"prompt": "a", "step": "3"}, {"image": png()}, "step"),
+    ({"prompt": "a"}, {}, "image"),
+    ({"prompt": "a"}, {"image": b"nope"}, "image"),
+    ({"prompt": "a"}, {"image": png(), "other": png()}, "other"),
+])
+def test_bad_multipart(fields, files, field):
+    body, content_type = _multipart(fields, files)
+    with pytest.raises(RequestError) as info:
+        job_from_form(*parse_multipart(body, content_type), LIMITS)
+    assert info.value.field == field, str(info.value)
+
+
+def test_limits_validate_themselves():
+    with pytest.raises(ValueError, match="max_side"):
+        Limits(max_side=1000)
+
+
+def test_fastapi_validation_handler_survives_nan():
+    """FastAPI's default handler answers 500 when the failing input holds NaN; the app's own answers 422."""
+    import asyncio
+
+    from fastapi.exceptions import RequestValidationError
+
+    from serving.app import _validation_error
+
+    exc = RequestValidationError([{"loc": ("body", "guidance"), "msg": "bad", "type": "x", "input": float("nan")}])
+    response = asyncio.run(_validation_error(None, exc))
+    assert response.status_code == 422
+    assert json.loads(response.body) == {"error": "guidance: bad", "field": "guidance"}
