@@ -1,7 +1,7 @@
 """Serving latency and throughput over HTTP vs a direct call of the same model, and autoscaling under a burst.
 
     python benchmarks/serve_latency.py                      # tiny model, 64x64, 4 steps, random adapters
-    python benchmarks/serve_latency.py --adapters runs/demo/adapters --clients 1 4 8 --requests 32
+    python benchmarks/serve_latency.py --adapters runs/train/sfo/adapters --clients 1 4 8 --requests 32
 
 Starts a local Ray + Serve on 127.0.0.1 (the app from ``serving.app.build_app``), then prints:
   * direct: ``serving.generator.Generator.run`` on one job at a time, in this process;

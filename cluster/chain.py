@@ -8,13 +8,16 @@ repository's ``runs/`` on a laptop, a shared volume on a cluster):
     <runs>/train/sft/adapters   sft -> cdns, sfo          ("ref")
     <runs>/data/quadruplets     cdns -> sfo
     <runs>/train/sfo/adapters   sfo -> serve, evaluate    ("ref" + "sfo")
+    <runs>/analysis/pairs       pair_analysis (optional): DINO gap per pair, High/Mid/Low buckets
+    <runs>/evaluate             evaluate: SFT base ("ref") vs SFO ("ref" + "sfo")
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("prepare", "sft", "cdns", "sfo")
+DEFAULT_CHAIN = ("prepare", "sft", "cdns", "sfo", "evaluate")
+STAGES = ("prepare", "sft", "cdns", "pair_analysis", "sfo", "evaluate")
 
 
 def paths(runs: str | Path) -> dict[str, Path]:
@@ -25,7 +28,16 @@ def paths(runs: str | Path) -> dict[str, Path]:
         "train": runs / "train",
         "ref_adapter": runs / "train" / "sft" / "adapters" / "ref",
         "adapters": runs / "train" / "sfo" / "adapters",
+        "pairs": runs / "analysis" / "pairs",
+        "evaluate": runs / "evaluate",
     }
+
+
+def evaluation_methods(runs: str | Path) -> str:
+    """The evaluate job's ``methods`` override: the SFT base against SFO, as the paper's tables."""
+    a = paths(runs)["adapters"]
+    return (f"methods=[{{name: sft, ref_adapter: '{a / 'ref'}', active: [ref]}}, "
+            f"{{name: sfo, ref_adapter: '{a / 'ref'}', sfo_adapter: '{a / 'sfo'}', active: [ref, sfo]}}]")
 
 
 def stage_overrides(stage: str, runs: str | Path) -> list[str]:
@@ -35,8 +47,10 @@ def stage_overrides(stage: str, runs: str | Path) -> list[str]:
         "prepare": [f"data.output={p['triplets']}"],
         "sft": [f"data.path={p['triplets']}", f"output.storage_path={p['train']}", "output.name=sft"],
         "cdns": [f"data.input={p['triplets']}", f"data.output={p['quadruplets']}", f"model.ref_adapter={p['ref_adapter']}"],
+        "pair_analysis": [f"analysis.input={p['quadruplets']}", f"analysis.output={p['pairs']}"],
         "sfo": [f"data.path={p['quadruplets']}", f"model.ref_adapter={p['ref_adapter']}",
                 f"output.storage_path={p['train']}", "output.name=sfo"],
+        "evaluate": [evaluation_methods(runs), f"output={p['evaluate']}"],
     }
     if stage not in wiring:
         raise ValueError(f"--stages: unknown stage {stage!r}; use some of {list(STAGES)}")

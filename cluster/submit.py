@@ -1,6 +1,6 @@
 """Submits the pipeline stages as Ray jobs to any cluster and follows them.
 
-    python -m cluster.submit --address http://127.0.0.1:8265                 # prepare -> sft -> cdns -> sfo
+    python -m cluster.submit --address http://127.0.0.1:8265     # prepare -> sft -> cdns -> sfo -> evaluate
     python -m cluster.submit --address ADDR --runs /mnt/shared/runs --stages cdns,sfo --set cdns:scaling.num_workers=4
 
 Each stage runs as ``python -m pipelines.<stage> --config pipelines/configs/<stage>.yaml`` with this
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.chain import STAGES, stage_overrides
+from cluster.chain import DEFAULT_CHAIN, STAGES, stage_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 2.0
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, default {','.join(STAGES)}")
+    parser.add_argument("--stages", default=",".join(DEFAULT_CHAIN),
+                        help=f"comma-separated, in order; default {','.join(DEFAULT_CHAIN)}; known: {','.join(STAGES)}")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs",
                         help="shared folder the stages read and write (default: this repository's runs/)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:key=value",

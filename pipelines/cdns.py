@@ -40,7 +40,7 @@ DPO_DINO_MODE = "dpo-dino"  # paper Table 4 baseline: pipelines.dpo_dino, not a 
 @dataclass
 class DataConfig:
     input: Path | None = None  # a triplet Parquet file, or a folder of them (the prepare stage's output)
-    output: Path = Path("runs/cdns")  # folder of quadruplet Parquet files; re-running resumes into it
+    output: Path = Path("runs/data/quadruplets")  # folder of quadruplet Parquet files; re-running resumes into it
     limit: int | None = None  # the first N input samples only (None = all)
 
     def __post_init__(self) -> None:

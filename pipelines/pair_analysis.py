@@ -35,7 +35,7 @@ TERTILES = (1 / 3, 2 / 3)
 @dataclass
 class AnalysisSection:
     input: Path | None = None  # quadruplet Parquet file or folder (the cdns stage's output)
-    output: Path = Path("runs/pair_analysis")
+    output: Path = Path("runs/analysis/pairs")
     bins: int = 20  # histogram bins over [-1, 1]
     thresholds: list[float] | None = None  # [low, high]: pair_dino < low -> low, >= high -> high; null = tertiles
     batch_size: int = 16

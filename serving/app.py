@@ -1,7 +1,7 @@
 """Ray Serve application: a thin FastAPI ingress in front of one FLUX + "ref"/"sfo" LoRA deployment.
 
     serve run serving/serve_config.yaml                  # laptop: tiny model, make demo's adapters
-    serve run serving.app:build_app model=tiny adapters=runs/demo/adapters
+    serve run serving.app:build_app model=tiny adapters=runs/train/sfo/adapters
 
 Routes (OpenAPI at /docs and /openapi.json):
     POST /v1/generate   JSON {"prompt", "image" (base64), "steps", "guidance", "seed", "width", "height",

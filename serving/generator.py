@@ -65,7 +65,7 @@ class Generator:
         for name in (REF, SFO):
             if not (folder / name).is_dir():
                 raise FileNotFoundError(f"adapters: no {name}/ folder in {str(folder)!r}; pass the folder the "
-                                        "training export writes (runs/train/sfo/adapters) or make demo's runs/demo/adapters")
+                                        "training export writes (runs/train/sfo/adapters)")
         self.model = load_flux(model, device=device, dtype=dtype)
         load_adapter(self.model.transformer, folder / REF, REF)
         load_adapter(self.model.transformer, folder / SFO, SFO)
