@@ -9,50 +9,54 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.local import LocalHead, auth_env, ensure_token
-from cluster.submit import entrypoint, main, parse_sets, runtime_env
+from cluster.submit import entrypoint, parse_sets, runtime_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
+    """A token-auth head; clients run as subprocesses with its token, so this process's Ray stays unauthenticated
+    (Ray keeps auth settings for the life of a process, which would break later tests' local clusters)."""
     token = ensure_token(tmp_path_factory.mktemp("auth") / "token")
-    saved = dict(os.environ)
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
-    try:
-        with LocalHead(num_cpus=2, dashboard_port=8299, gcs_port=6391, token_file=token) as address:
-            yield address
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+    head = LocalHead(num_cpus=2, dashboard_port=8299, gcs_port=6391, token_file=token)
+    with head as address:
+        yield address, {**os.environ, **head.client_env}
+
+
+def submit(head, *args) -> subprocess.CompletedProcess:
+    address, env = head
+    return subprocess.run([sys.executable, "-m", "cluster.submit", "--address", address, *args], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_prepare_job_runs_through_job_submission(head, tmp_path, capsys):
+def test_prepare_job_runs_through_job_submission(head, tmp_path):
     out = tmp_path / "triplets"
-    code = main(["--address", head, "--stages", "prepare", "--set", f"prepare:data.output={out}",
-                 "--set", "prepare:data.limit=3", "--set", "prepare:data.size=16"])
-    printed = capsys.readouterr().out
-    assert code == 0, printed
+    result = submit(head, "--stages", "prepare", "--set", f"prepare:data.output={out}",
+                    "--set", "prepare:data.limit=3", "--set", "prepare:data.size=16")
+    printed = result.stdout
+    assert result.returncode == 0, printed + result.stderr
     assert "[prepare] SUCCEEDED" in printed and "wrote 3 triplets" in printed
     assert pq.read_table(out).num_rows == 3
 
 
 @pytest.mark.slow
 def test_a_client_without_the_token_is_refused(head):
+    address, _ = head
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     env["HOME"] = str(Path(os.environ.get("TMPDIR", "/tmp")) / "no-ray-token-home")  # no ~/.ray/auth_token either
-    code = "from ray.job_submission import JobSubmissionClient as C; C(%r).list_jobs()" % head
+    code = "from ray.job_submission import JobSubmissionClient as C; C(%r).list_jobs()" % address
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "auth" in (result.stderr + result.stdout).lower()
 
 
 @pytest.mark.slow
-def test_a_failing_stage_stops_the_chain(head, capsys):
-    code = main(["--address", head, "--stages", "prepare,sft", "--set", "prepare:data.size=40"])
-    printed = capsys.readouterr().out
-    assert code == 1 and "[prepare] FAILED" in printed and "data.size" in printed
+def test_a_failing_stage_stops_the_chain(head):
+    result = submit(head, "--stages", "prepare,sft", "--set", "prepare:data.size=40")
+    printed = result.stdout
+    assert result.returncode == 1 and "[prepare] FAILED" in printed and "data.size" in printed
     assert "[sft]" not in printed
 
 
