@@ -1,7 +1,8 @@
 """The main job: every stage end to end on a local Ray it starts itself.
 
-    prepare (triplets) -> sft (Ray Train + DeepSpeed) -> cdns (Ray Data) -> sfo (Ray Train + DeepSpeed)
-    -> samples from the SFT base and the SFO model side by side
+    prepare (triplets) -> sft (Ray Train + DeepSpeed) -> cdns (Ray Data) -> pair analysis
+    -> sfo (Ray Train + DeepSpeed) -> evaluate SFT vs SFO (Ray Data) -> one request through
+    the Ray Serve app -> report.html
 
 Each stage is the same job ``python -m pipelines.<stage>`` runs (same config classes, the YAML files
 in pipelines/configs/ plus the chain's paths from ``cluster.chain``), called in this one driver.
@@ -22,10 +23,6 @@ from cluster.chain import paths, stage_overrides
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-NOT_YET_BUILT = [
-    "DreamBench DINO / CLIP-I / CLIP-T evaluation and its report (issue #5)",
-    "a request through the Ray Serve app (issue #4)",
-]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,10 +36,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sft-steps", type=int, default=8, help="SFT optimiser steps of the 'ref' LoRA (default: 8)")
     parser.add_argument("--sfo-steps", type=int, default=8, help="SFO optimiser steps of the 'sfo' LoRA (default: 8)")
     parser.add_argument("--sample-steps", type=int, default=28, help="sampling steps (default: 28, as the paper)")
+    parser.add_argument("--dreambench", type=Path, default=None,
+                        help="DreamBench 'dataset' folder to evaluate on (default: embedded synthetic subjects)")
+    parser.add_argument("--eval-subjects", type=int, default=4, help="subjects evaluated (default: 4)")
+    parser.add_argument("--eval-prompts", type=int, default=2, help="prompts per DreamBench subject (default: 2)")
+    parser.add_argument("--eval-seeds", type=int, default=2, help="images per (subject, prompt) (default 2; paper 4)")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
     args = parser.parse_args(argv)
-    for name in ("samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus"):
+    for name in ("samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "eval_prompts",
+                 "eval_seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.size < 16 or args.size % 16:
@@ -56,12 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_flux_folder(args.model)
         except FileNotFoundError as exc:
             parser.error(str(exc))
+    if args.dreambench is not None and not (args.dreambench / "prompts_and_classes.txt").is_file():
+        parser.error(f"--dreambench {args.dreambench}: no prompts_and_classes.txt; pass DreamBench's dataset/ folder")
     return args
 
 
 def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     """The four jobs' configs: their YAML, the chain's paths, then this run's sizes."""
     from pipelines.cdns import CdnsConfig
+    from pipelines.evaluate import EvaluateConfig
+    from pipelines.pair_analysis import PairAnalysisConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
 
@@ -70,44 +77,62 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
         "prepare": [f"data.limit={args.samples}", f"data.size={args.size}"],
         "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"],
         "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"],
+        "pair_analysis": [],
         "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"],
+        "evaluate": model + [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
+                             f"eval.subjects={args.eval_subjects}", f"eval.prompts={args.eval_prompts}"]
+        + ([f"eval.dreambench={args.dreambench.resolve()}"] if args.dreambench else []),
     }
-    classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "sfo": SfoConfig}
+    classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
+               "sfo": SfoConfig, "evaluate": EvaluateConfig}
     return {stage: load_config(cls, CONFIGS / f"{stage}.yaml", stage_overrides(stage, runs) + extra[stage])
             for stage, cls in classes.items()}
 
 
-def sample_grid(args: argparse.Namespace, runs: Path, configs: dict) -> Path:
-    """Reference | target | CDNS negative | SFT base | SFO, for every triplet, with the exported adapters."""
+def serve_request(args: argparse.Namespace, runs: Path) -> Path:
+    """Deploys the Ray Serve app on the exported adapters, sends one request, saves the PNG it returns."""
+    import base64
+    import socket
+
+    import httpx
     import pyarrow.parquet as pq
-    from PIL import Image
+    from ray import serve
 
-    from sfo import adapters as A
-    from sfo.models import load_flux
-    from sfo.records import decode_png
-    from sfo.sampler import SamplerConfig, generate
+    from serving.app import build_app
 
-    rows = sorted(pq.read_table(paths(runs)["quadruplets"]).to_pylist(), key=lambda r: r["sample_id"])
-    model = load_flux(args.model)
-    for name in (A.REF, A.SFO):
-        A.load_adapter(model.transformer, paths(runs)["adapters"] / name, name)
-    size = args.size
-    refs = [decode_png(r["reference_png"]).resize((size, size)) for r in rows]
-    prompts = [r["target_text"] for r in rows]
-    seeds = list(range(len(rows)))
-    sampler = SamplerConfig(steps=args.sample_steps, height=size, width=size)
-    with A.ref_only(model.transformer):
-        sft = generate(model, prompts, seeds, sampler, refs)
-    with A.ref_and_sfo(model.transformer):
-        sfo = generate(model, prompts, seeds, sampler, refs)
-    columns = [refs, [decode_png(r["target_png"]) for r in rows], [decode_png(r["negative_png"]) for r in rows], sft, sfo]
-    grid = Image.new("RGB", (size * len(columns), size * len(rows)), "white")
-    for c, column in enumerate(columns):
-        for r, image in enumerate(column):
-            grid.paste(image.resize((size, size)), (c * size, r * size))
-    path = runs / "grid.png"
-    grid.save(path)
+    row = pq.read_table(paths(runs)["triplets"]).slice(0, 1).to_pylist()[0]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app({"model": args.model, "adapters": str(paths(runs)["adapters"])}),
+                  name="sfo", route_prefix="/", blocking=False)
+        body = {"prompt": row["target_text"], "image": base64.b64encode(row["reference_png"]).decode(),
+                "steps": args.sample_steps, "width": args.size, "height": args.size, "seed": 0, "adapter": "sfo"}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=300)
+        response.raise_for_status()
+    finally:
+        serve.shutdown()
+    path = runs / "served.png"
+    path.write_bytes(response.content)
     return path
+
+
+def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, pairs: dict) -> Path:
+    from pipelines.config import to_dict
+    from pipelines.evaluate import load_benchmark, read_images
+    from pipelines.report import write_report
+
+    evaluate = configs["evaluate"]
+    methods = [m.name for m in evaluate.methods]
+    served = runs / "served.png"
+    return write_report(
+        runs / "report.html", title=f"SFO run {runs.name} (model {args.model})", summary=summary,
+        images=read_images(evaluate.output, methods), references=load_benchmark(evaluate.eval).condition,
+        pairs=pairs, served=served.read_bytes() if served.is_file() else None,
+        parameters={"command line": vars(args), **{stage: to_dict(c) for stage, c in configs.items()}},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,26 +148,31 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines import cdns, prepare, train
+    from pipelines import cdns, evaluate, pair_analysis, prepare, train
 
     # address="local": a Ray of its own, even when another cluster runs on this machine.
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     p = paths(runs)
+    results: dict = {}
     steps = [
         ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
         ("sft", lambda: train.run(configs["sft"]), f"'ref' LoRA in {p['ref_adapter']}"),
         ("cdns", lambda: cdns.run(configs["cdns"]), f"quadruplets in {p['quadruplets']}"),
+        ("pair_analysis", lambda: pair_analysis.run(configs["pair_analysis"]), f"pair gaps in {p['pairs']}"),
         ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),
-        ("samples", lambda: sample_grid(args, runs, configs), f"grid in {runs / 'grid.png'}"),
+        ("evaluate", lambda: evaluate.run(configs["evaluate"]), f"scores in {p['evaluate']}"),
+        ("serve", lambda: serve_request(args, runs), f"one generated image in {runs / 'served.png'}"),
+        ("report", lambda: report(args, runs, configs, results["evaluate"], results["pair_analysis"]),
+         f"report in {runs / 'report.html'}"),
     ]
     try:
         for index, (name, step, output) in enumerate(steps, 1):
             print(f"\n[{index}/{len(steps)}] {name}", flush=True)
             t0 = time.time()
             try:
-                result = step()
+                result = results[name] = step()
             except Exception:
                 print(f"[{index}/{len(steps)}] {name} FAILED after {time.time() - t0:.0f} s:", flush=True)
                 traceback.print_exc()
@@ -156,12 +186,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nDone in {time.time() - started:.0f} s, model {args.model!r}. Everything is under {runs}:")
     print(f"  adapters (diffusers LoRA safetensors): {p['adapters']}")
-    print(f"  grid (reference | target | CDNS negative | SFT | SFO): {runs / 'grid.png'}")
+    print(f"  report: {runs / 'report.html'}")
     if args.model == "tiny":
-        print("  The tiny model has random weights: this proves the code path, not image quality.")
-    print("Not run, because not built yet:")
-    for item in NOT_YET_BUILT:
-        print(f"  - {item}")
+        print("  The tiny model has random weights and the encoders are random: this proves the code path,")
+        print("  not image quality, and its scores are not comparable to published numbers.")
     return 0
 
 

@@ -11,7 +11,8 @@ from pipelines import main as main_job
 from sfo.models import load_flux
 
 ROOT = Path(__file__).resolve().parents[2]
-MINIMAL = ["--samples", "2", "--size", "32", "--sft-steps", "1", "--sfo-steps", "1", "--sample-steps", "2"]
+MINIMAL = ["--samples", "2", "--size", "32", "--sft-steps", "1", "--sfo-steps", "1", "--sample-steps", "2",
+           "--eval-subjects", "1", "--eval-seeds", "1"]
 
 
 @pytest.mark.slow
@@ -19,10 +20,13 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
     out = tmp_path / "run"
     assert main_job.main(["--out", str(out), *MINIMAL]) == 0
     printed = capsys.readouterr().out
-    for index, stage in enumerate(["prepare", "sft", "cdns", "sfo", "samples"], 1):
-        assert f"[{index}/5] {stage} done" in printed
-    assert "Not run, because not built yet" in printed
-    assert Image.open(out / "grid.png").size == (5 * 32, 2 * 32)
+    stages = ["prepare", "sft", "cdns", "pair_analysis", "sfo", "evaluate", "serve", "report"]
+    for index, stage in enumerate(stages, 1):
+        assert f"[{index}/{len(stages)}] {stage} done" in printed
+    assert Image.open(out / "served.png").size == (32, 32)
+    report = (out / "report.html").read_text()
+    assert "<h2>CDNS pair gap" in report and "random encoders: not comparable" in report
+    assert report.count("<img") == 1 * (1 + 2) + 1  # one subject x (reference, sft, sfo), the served image
     pipe = load_flux("tiny", device="cpu").pipe  # the exported adapters load with plain diffusers
     for name in ("ref", "sfo"):
         pipe.load_lora_weights(str(out / "train" / "sfo" / "adapters" / name), adapter_name=name)
@@ -42,7 +46,7 @@ def test_a_failed_stage_stops_the_run_with_its_error(ray_local, tmp_path, capsys
     monkeypatch.setattr(train, "run", must_not_run)
     assert main_job.main(["--out", str(tmp_path / "run"), *MINIMAL]) == 1
     captured = capsys.readouterr()
-    assert "[1/5] prepare FAILED" in captured.out and "disk full" in captured.err
+    assert "[1/8] prepare FAILED" in captured.out and "disk full" in captured.err
 
 
 def test_help_and_bad_flags(tmp_path):

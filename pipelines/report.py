@@ -1,0 +1,123 @@
+"""The run report: one self-contained HTML file (images inline as base64 PNG, charts as inline SVG).
+
+It holds the metric table (per method, per subject), a bar chart of the methods, image grids
+(reference | each method, per subject and prompt), the CDNS pair-gap histogram and the run's
+parameters. Built from the files the stages wrote; it computes nothing new.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import yaml
+from PIL import Image
+
+METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
+PALETTE = ("#8c8c8c", "#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+CHART_W, CHART_H = 480, 220
+THUMB = 128  # px per image in the grids
+
+
+def _img(image: Image.Image | bytes, side: int = THUMB) -> str:
+    if isinstance(image, bytes):
+        image = Image.open(io.BytesIO(image))
+    buffer = io.BytesIO()
+    image.convert("RGB").resize((side, side), Image.NEAREST).save(buffer, format="PNG")
+    return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" width="{side}">'
+
+
+def metric_table(summary: dict) -> str:
+    head = "<tr><th>method</th><th>subject</th><th>images</th>" + "".join(f"<th>{n}</th>" for _, n in METRICS) + "</tr>"
+    rows = []
+    for method, m in summary["methods"].items():
+        rows.append(f"<tr><td><b>{html.escape(method)}</b></td><td>all</td><td>{m['images']}</td>"
+                    + "".join(f"<td>{m[k]:.3f}</td>" for k, _ in METRICS) + "</tr>")
+        for subject, s in summary["subjects"][method].items():
+            rows.append(f"<tr><td>{html.escape(method)}</td><td>{html.escape(subject)}</td><td>{s['images']}</td>"
+                        + "".join(f"<td>{s[k]:.3f}</td>" for k, _ in METRICS) + "</tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def bar_chart(summary: dict) -> str:
+    """Grouped bars: one group per metric, one bar per method; cosines drawn on [-1, 1]."""
+    methods = list(summary["methods"])
+    group_w = CHART_W / len(METRICS)
+    bar_w = group_w * 0.8 / max(1, len(methods))
+    zero = CHART_H / 2
+    parts = [f'<svg width="{CHART_W}" height="{CHART_H + 30}" xmlns="http://www.w3.org/2000/svg">',
+             f'<line x1="0" y1="{zero}" x2="{CHART_W}" y2="{zero}" stroke="#444"/>']
+    for g, (key, name) in enumerate(METRICS):
+        x0 = g * group_w + group_w * 0.1
+        for i, method in enumerate(methods):
+            value = float(summary["methods"][method][key])
+            h = abs(value) * zero
+            y = zero - h if value >= 0 else zero
+            parts.append(f'<rect x="{x0 + i * bar_w:.1f}" y="{y:.1f}" width="{bar_w * 0.9:.1f}" height="{h:.1f}" '
+                         f'fill="{PALETTE[i % len(PALETTE)]}"><title>{html.escape(method)} {name} {value:.3f}</title></rect>')
+        parts.append(f'<text x="{x0 + group_w * 0.4:.1f}" y="{CHART_H + 20}" text-anchor="middle">{name}</text>')
+    legend = " ".join(f'<span style="color:{PALETTE[i % len(PALETTE)]}">&#9632; {html.escape(m)}</span>'
+                      for i, m in enumerate(methods))
+    return "".join(parts) + "</svg><div>" + legend + "</div>"
+
+
+def histogram_chart(pairs: dict) -> str:
+    counts, edges = pairs["histogram"]["counts"], pairs["histogram"]["edges"]
+    top = max(counts) or 1
+    bar_w = CHART_W / len(counts)
+    parts = [f'<svg width="{CHART_W}" height="{CHART_H + 30}" xmlns="http://www.w3.org/2000/svg">']
+    for i, c in enumerate(counts):
+        h = c / top * CHART_H
+        parts.append(f'<rect x="{i * bar_w:.1f}" y="{CHART_H - h:.1f}" width="{bar_w * 0.9:.1f}" height="{h:.1f}" '
+                     f'fill="#1f77b4"><title>[{edges[i]:+.2f}, {edges[i + 1]:+.2f}): {c}</title></rect>')
+    parts.append(f'<text x="0" y="{CHART_H + 20}">{edges[0]:+.1f}</text>'
+                 f'<text x="{CHART_W}" y="{CHART_H + 20}" text-anchor="end">{edges[-1]:+.1f}</text></svg>')
+    low, high = pairs["thresholds"]
+    return "".join(parts) + (f"<p>DINO(positive, negative) over {pairs['rows']} pairs; buckets low &lt; {low:.3f} "
+                             f"&le; mid &lt; {high:.3f} &le; high: {pairs['counts']}</p>")
+
+
+def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: list[str], max_rows: int = 12) -> str:
+    """Per (subject, prompt), the first seed: reference | method 1 | method 2 ..."""
+    rows = images.select(["method", "subject", "prompt_index", "prompt", "seed", "image_png"]).to_pylist()
+    first = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        first.setdefault((r["subject"], r["prompt_index"], r["method"]), r)
+    cases = list(dict.fromkeys((s, i) for s, i, _ in first))[:max_rows]
+    head = "<tr><th>prompt</th><th>reference</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"
+    body = []
+    for subject, index in cases:
+        cells = [_img(first[(subject, index, m)]["image_png"]) if (subject, index, m) in first else "" for m in methods]
+        prompt = next(first[(subject, index, m)]["prompt"] for m in methods if (subject, index, m) in first)
+        ref = _img(references[subject]) if subject in references else ""
+        body.append(f"<tr><td>{html.escape(subject)}<br><small>{html.escape(prompt)}</small></td><td>{ref}</td>"
+                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
+                 pairs: dict | None, parameters: dict, served: bytes | None = None) -> Path:
+    """Writes the HTML report to ``path`` and returns it."""
+    methods = list(summary["methods"])
+    note = (f'<p class="warn">{html.escape(summary["note"])}</p>' if summary.get("random_encoders") else "")
+    sections = [
+        f"<h1>{html.escape(title)}</h1>", note,
+        "<h2>DreamBench-style metrics</h2>", metric_table(summary),
+        "<h2>Methods compared</h2>", bar_chart(summary),
+        "<h2>Samples</h2>", image_grid(images, references, methods),
+    ]
+    if pairs is not None:
+        sections += ["<h2>CDNS pair gap (paper Fig. 3b)</h2>", histogram_chart(pairs)]
+    if served is not None:
+        sections += ["<h2>One request through the Ray Serve app</h2>", _img(served)]
+    sections += ["<h2>Run parameters</h2>",
+                 f"<pre>{html.escape(yaml.safe_dump(json.loads(json.dumps(parameters, default=str)), sort_keys=False))}</pre>"]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+             "padding:4px;text-align:center}.warn{color:#b00;font-weight:bold}")
+    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                    f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+    return path

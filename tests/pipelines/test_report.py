@@ -1,0 +1,38 @@
+import io
+import re
+
+import pyarrow as pa
+from PIL import Image
+
+from pipelines.evaluate import IMAGE_SCHEMA
+from pipelines.report import write_report
+
+
+def _png(colour) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_report_holds_table_chart_grid_histogram_and_parameters(tmp_path):
+    rows = [{"method": m, "subject": "cat", "prompt_index": 0, "prompt": "a cat on a sofa", "seed": seed,
+             "image_png": _png(colour), "dino": 0.5, "clip_i": 0.25, "clip_t": -0.125, "random_encoders": True}
+            for m, colour in (("sft", "red"), ("sfo", "blue")) for seed in (0, 1)]
+    summary = {"methods": {"sft": {"images": 2, "dino": 0.5, "clip_i": 0.25, "clip_t": -0.125},
+                           "sfo": {"images": 2, "dino": 0.75, "clip_i": 0.5, "clip_t": 0.125}},
+               "subjects": {"sft": {"cat": {"images": 2, "dino": 0.5, "clip_i": 0.25, "clip_t": -0.125}},
+                            "sfo": {"cat": {"images": 2, "dino": 0.75, "clip_i": 0.5, "clip_t": 0.125}}},
+               "random_encoders": True, "note": "random encoders: not comparable to published numbers"}
+    pairs = {"rows": 3, "thresholds": [0.2, 0.6], "counts": {"low": 1, "mid": 1, "high": 1},
+             "histogram": {"counts": [1, 0, 2], "edges": [-1.0, -0.33, 0.33, 1.0]}}
+    path = write_report(tmp_path / "report.html", title="run", summary=summary,
+                        images=pa.Table.from_pylist(rows, schema=IMAGE_SCHEMA),
+                        references={"cat": Image.new("RGB", (16, 16), "green")}, pairs=pairs,
+                        parameters={"sfo": {"beta": 1000.0}}, served=_png("white"))
+    text = path.read_text()
+    assert "random encoders: not comparable to published numbers" in text
+    assert "<td>0.750</td>" in text and "<td>-0.125</td>" in text  # the metric table
+    assert text.count("<rect") == 3 * 2 + 3  # 3 metrics x 2 methods, 3 histogram bins
+    assert text.count("<img") == 1 + 2 + 1  # reference, sft, sfo for the one prompt; the served image
+    assert "a cat on a sofa" in text and "beta: 1000.0" in text and "low &lt; 0.200" in text
+    assert not re.search(r"src=\"(?!data:)", text)  # self-contained: no external files
