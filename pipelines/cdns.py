@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.common import ModelConfig, ScalingConfig
-from pipelines.config import ConfigError, parse_job_args
+from pipelines.config import ConfigError, job_main
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
 
@@ -293,15 +293,7 @@ def run(config: CdnsConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_job_args(CdnsConfig, "python -m pipelines.cdns", __doc__, argv)
-    if config is None:
-        return 0
-    try:
-        run(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main(CdnsConfig, "python -m pipelines.cdns", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import types
 import typing
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import yaml
@@ -174,3 +176,20 @@ def parse_job_args(cls: type[T], prog: str, description: str, argv: list[str] | 
         print(yaml.safe_dump(to_dict(config), sort_keys=False))
         return None
     return config
+
+
+def job_main(cls: type[T], prog: str, description: str, run: Callable[[T], object], argv: list[str] | None = None) -> int:
+    """The body of every job's ``main``: parse the command line into ``cls``, run, exit 2 on bad input.
+
+    Bad input found once the job looks at its files (a missing input, an output that exists) exits
+    with status 2 and one line naming the field, not a traceback.
+    """
+    config = parse_job_args(cls, prog, description, argv)
+    if config is None:
+        return 0
+    try:
+        run(config)
+    except (ConfigError, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.common import ModelConfig, ScalingConfig
-from pipelines.config import ConfigError, parse_job_args
+from pipelines.config import ConfigError, job_main
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 RUNNERS = ("ray", "local")
@@ -314,15 +314,7 @@ def run(config: EvaluateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_job_args(EvaluateConfig, "python -m pipelines.evaluate", __doc__, argv)
-    if config is None:
-        return 0
-    try:
-        run(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main(EvaluateConfig, "python -m pipelines.evaluate", __doc__, run, argv)
 
 
 if __name__ == "__main__":

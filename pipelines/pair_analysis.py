@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.config import ConfigError, parse_job_args
+from pipelines.config import ConfigError, job_main
 
 BUCKETS = ("low", "mid", "high")  # ascending pair DINO similarity
 TERTILES = (1 / 3, 2 / 3)
@@ -125,15 +125,7 @@ def run(config: PairAnalysisConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_job_args(PairAnalysisConfig, "python -m pipelines.pair_analysis", __doc__, argv)
-    if config is None:
-        return 0
-    try:
-        run(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return job_main(PairAnalysisConfig, "python -m pipelines.pair_analysis", __doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.config import parse_job_args
+from pipelines.config import job_main
 from pipelines.synthetic import synthetic_triplets
 from sfo.records import TRIPLET_SCHEMA, encode_png, split_subjects200k_pair
 
@@ -188,11 +188,7 @@ def run(config: PrepareConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_job_args(PrepareConfig, "python -m pipelines.prepare", __doc__, argv)
-    if config is None:
-        return 0
-    run(config)
-    return 0
+    return job_main(PrepareConfig, "python -m pipelines.prepare", __doc__, run, argv)
 
 
 if __name__ == "__main__":
