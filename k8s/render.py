@@ -35,7 +35,11 @@ PVC = "sfo-shared"  # ReadWriteMany: Ray Train's storage_path must be visible fr
 MOUNTS = {"/models": ("models", True), "/data": ("data", False), "/runs": ("runs", False)}
 FLUX = "/models/FLUX.1-dev"
 REF_ADAPTER = "/runs/train/sft/adapters/ref"  # sft's export: output.storage_path / output.name / adapters/ref
-SFO_ADAPTER = "/runs/train/sfo/adapters/sfo"
+SFO_EXPORT = "/runs/train/sfo/adapters"  # sfo's export (cluster/chain.py: <runs>/train/sfo/adapters): ref/ + sfo/
+SFO_ADAPTER = f"{SFO_EXPORT}/sfo"
+# The RayService embeds serving/serve_config.yaml verbatim (laptop args); these override its args on the
+# cluster (serving/app.py ENV_OVERRIDES): FLUX.1-dev, the sfo job's export, one GPU per FluxGenerator replica.
+SERVE_ENV = {"SFO_SERVE_MODEL": FLUX, "SFO_SERVE_ADAPTERS": SFO_EXPORT, "SFO_SERVE_GPUS_PER_REPLICA": "1"}
 # The paper's comparison (Table 1): the SFT model ("ref") against SFO ("ref" + "sfo").
 EVAL_METHODS = (f"[{{name: sft, ref_adapter: {REF_ADAPTER}, active: [ref]}}, "
                 f"{{name: sfo, ref_adapter: {REF_ADAPTER}, sfo_adapter: {SFO_ADAPTER}, active: [ref, sfo]}}]")
@@ -140,11 +144,13 @@ def _mounts() -> list[dict]:
     return mounts + [{"name": "dshm", "mountPath": "/dev/shm"}]
 
 
-def _template(container: str, resources: dict, gpus: int = 0, ports: list[dict] | None = None) -> dict:
+def _template(container: str, resources: dict, gpus: int = 0, ports: list[dict] | None = None,
+              env: dict[str, str] | None = None) -> dict:
     limits = {**resources, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
+    env_vars = {"SFO_CACHE_DIR": "/runs/cache", **(env or {})}
     spec = {"containers": [{
         "name": container, "image": IMAGE, "imagePullPolicy": "IfNotPresent",
-        "env": [{"name": "SFO_CACHE_DIR", "value": "/runs/cache"}],
+        "env": [{"name": k, "value": v} for k, v in env_vars.items()],
         **({"ports": ports} if ports else {}),
         "resources": {"requests": dict(limits), "limits": limits},
         "volumeMounts": _mounts(),
@@ -154,25 +160,26 @@ def _template(container: str, resources: dict, gpus: int = 0, ports: list[dict] 
     return {"spec": spec}
 
 
-def _head() -> dict:
+def _head(env: dict[str, str] | None = None) -> dict:
     ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
              {"containerPort": 10001, "name": "client"}, {"containerPort": 8000, "name": "serve"}]
     # num-cpus 0: nothing but drivers and controllers on the head; work goes to the worker groups.
     return {"rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-            "template": _template("ray-head", HEAD, ports=ports)}
+            "template": _template("ray-head", HEAD, ports=ports, env=env)}
 
 
-def _group(name: str, replicas: int, min_r: int, max_r: int, resources: dict, gpus: int) -> dict:
+def _group(name: str, replicas: int, min_r: int, max_r: int, resources: dict, gpus: int,
+           env: dict[str, str] | None = None) -> dict:
     return {"groupName": name, "replicas": replicas, "minReplicas": min_r, "maxReplicas": max_r,
-            "rayStartParams": {}, "template": _template("ray-worker", resources, gpus)}
+            "rayStartParams": {}, "template": _template("ray-worker", resources, gpus, env=env)}
 
 
-def cluster_spec(groups: list[dict], autoscaling: bool) -> dict:
+def cluster_spec(groups: list[dict], autoscaling: bool, head_env: dict[str, str] | None = None) -> dict:
     spec = {"rayVersion": RAY_VERSION, "authOptions": {"mode": "token", "secretName": AUTH_SECRET}}
     if autoscaling:
         spec["enableInTreeAutoscaling"] = True
         spec["autoscalerOptions"] = {"upscalingMode": "Default", "idleTimeoutSeconds": 300}
-    return {**spec, "headGroupSpec": _head(), "workerGroupSpecs": groups}
+    return {**spec, "headGroupSpec": _head(head_env), "workerGroupSpecs": groups}
 
 
 def job_cluster(stage: Stage) -> dict:
@@ -223,11 +230,12 @@ def serve_config_text() -> str:
 
 
 def rayservice() -> dict:
-    gpu = _group("gpu", 1, 1, RAYCLUSTER_GPU_MAX, {"cpu": "10", "memory": "96Gi"}, 1)
+    # SERVE_ENV on the head and the workers: Serve may run build_app (which reads it) on any node.
+    gpu = _group("gpu", 1, 1, RAYCLUSTER_GPU_MAX, {"cpu": "10", "memory": "96Gi"}, 1, env=SERVE_ENV)
     return {"apiVersion": "ray.io/v1", "kind": "RayService",
             "metadata": {"name": "sfo-serve", "labels": {"app.kubernetes.io/name": "sfo-ray"}},
             "spec": {"serveConfigV2": serve_config_text(),
-                     "rayClusterConfig": cluster_spec([gpu], autoscaling=True)}}
+                     "rayClusterConfig": cluster_spec([gpu], autoscaling=True, head_env=SERVE_ENV)}}
 
 
 def pvc(size: str = "1Ti") -> dict:

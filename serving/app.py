@@ -2,6 +2,14 @@
 
     serve run serving/serve_config.yaml                  # laptop: tiny model, make demo's adapters
     serve run serving.app:build_app model=tiny adapters=runs/train/sfo/adapters
+    SFO_SERVE_MODEL=/models/FLUX.1-dev SFO_SERVE_GPUS_PER_REPLICA=1 serve run serving/serve_config.yaml
+
+Environment variables, when set (non-empty), override ``args`` in ``build_app`` (so one config file,
+embedded verbatim by the RayService, serves the tiny model on a laptop and FLUX.1-dev on a GPU cluster):
+    SFO_SERVE_MODEL             args.model
+    SFO_SERVE_ADAPTERS          args.adapters
+    SFO_SERVE_GPUS_PER_REPLICA  args.gpus_per_replica: GPUs per FluxGenerator replica (> 0 adds num_gpus)
+They are read where ``build_app`` runs (a Ray node), so set them on every node of the cluster.
 
 Routes (OpenAPI at /docs and /openapi.json):
     POST /v1/generate   JSON {"prompt", "image" (base64), "steps", "guidance", "seed", "width", "height",
@@ -22,6 +30,8 @@ requests and runs those with the same size/steps/guidance/adapter as one sampler
 import asyncio
 import base64
 import logging
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +67,15 @@ GENERATOR_AUTOSCALING = {
 GENERATOR_MAX_ONGOING = 16  # >= max_batch_size * max_concurrent_batches (Serve warns otherwise)
 MAX_BATCH_SIZE = 8  # requests per @serve.batch call (images per sampler call: AppArgs.max_batch_images)
 BATCH_WAIT_S = 0.02  # how long the first request of a batch waits for company
+# CPU share of a FluxGenerator replica. Set here, not in serve_config.yaml: a config's ray_actor_options
+# replaces the code's wholesale (Serve 2.60), which would drop the num_gpus that build_app adds.
+GENERATOR_ACTOR_OPTIONS = {"num_cpus": 0.5}
+# AppArgs field -> environment variable that overrides it when set and non-empty.
+ENV_OVERRIDES = {
+    "model": "SFO_SERVE_MODEL",
+    "adapters": "SFO_SERVE_ADAPTERS",
+    "gpus_per_replica": "SFO_SERVE_GPUS_PER_REPLICA",
+}
 
 
 class AppArgs(BaseModel):
@@ -68,6 +87,8 @@ class AppArgs(BaseModel):
     adapters: str = Field(description="folder with ref/ and sfo/ (sfo.adapters.save_adapter's layout)")
     device: str | None = Field(None, description="torch device; default CUDA when available")
     dtype: str | None = Field(None, description="bf16/fp32...; default bf16 on GPU, fp32 on CPU")
+    gpus_per_replica: float = Field(0.0, ge=0, allow_inf_nan=False,
+                                    description="num_gpus of each FluxGenerator replica; 0 = CPU only")
     request_timeout_s: float = Field(60.0, gt=0, description="per request, in the ingress; 504 past it")
     max_batch_images: int = Field(8, ge=1, description="most images in one sampler call")
     max_side: int = 1024
@@ -87,7 +108,7 @@ class AppArgs(BaseModel):
 
 
 @serve.deployment(
-    ray_actor_options={"num_cpus": 0.5},
+    ray_actor_options=GENERATOR_ACTOR_OPTIONS,
     autoscaling_config=GENERATOR_AUTOSCALING,
     max_ongoing_requests=GENERATOR_MAX_ONGOING,
     health_check_period_s=10,
@@ -226,19 +247,42 @@ class Ingress:
             raise RequestError("request", f"timed out after {self.timeout_s} s", 504) from None
 
 
+def resolve_args(args: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AppArgs:
+    """``args`` with the ``ENV_OVERRIDES`` variables set (non-empty) in ``environ`` on top, validated.
+
+    Args:
+        args: the ``args:`` block of serve_config.yaml (or ``serve run ... key=value``).
+        environ: default ``os.environ``.
+    Returns:
+        the validated ``AppArgs``.
+    Raises:
+        ValueError: naming the bad field, or the environment variable when the bad value came from one.
+    """
+    environ = os.environ if environ is None else environ
+    from_env = {field: environ[var] for field, var in ENV_OVERRIDES.items() if environ.get(var, "").strip()}
+    try:
+        return AppArgs.model_validate({**dict(args), **from_env})
+    except ValidationError as exc:
+        names = sorted({f"{ENV_OVERRIDES[str(err['loc'][0])]} (environment)"
+                        if err["loc"] and str(err["loc"][0]) in from_env else ".".join(map(str, err["loc"]))
+                        for err in exc.errors()})
+        raise ValueError(f"serving args: invalid {', '.join(names)}: {exc}") from None
+
+
 def build_app(args: dict) -> serve.Application:
-    """Typed builder (STYLE §9): ``args`` -> ``AppArgs`` -> Ingress bound to FluxGenerator.
+    """Typed builder (STYLE §9): ``args`` (+ ``SFO_SERVE_*`` env) -> ``AppArgs`` -> Ingress bound to FluxGenerator.
 
     A relative ``adapters`` path that exists here is made absolute, so replicas (whose working
-    directory may differ) find it.
+    directory may differ) find it. ``gpus_per_replica`` > 0 gives each FluxGenerator replica that many GPUs.
     """
-    try:
-        parsed = AppArgs.model_validate(dict(args))
-    except ValidationError as exc:
-        raise ValueError(f"serving args: {exc}") from None
+    parsed = resolve_args(args)
     limits = parsed.limits()  # validates the limits here, before any replica starts
     adapters = Path(parsed.adapters)
     if not adapters.is_absolute() and adapters.exists():
         adapters = adapters.resolve()
-    generator = FluxGenerator.bind(parsed.model, str(adapters), parsed.device, parsed.dtype, parsed.max_batch_images)
+    deployment = FluxGenerator
+    if parsed.gpus_per_replica > 0:
+        deployment = FluxGenerator.options(
+            ray_actor_options={**GENERATOR_ACTOR_OPTIONS, "num_gpus": parsed.gpus_per_replica})
+    generator = deployment.bind(parsed.model, str(adapters), parsed.device, parsed.dtype, parsed.max_batch_images)
     return Ingress.bind(generator, limits, parsed.request_timeout_s)

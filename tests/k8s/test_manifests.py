@@ -237,6 +237,7 @@ class _Captured(Exception):
 def _resolved_config(job: dict, monkeypatch):
     """The job's own config, as ``python -m <module> --config ... overrides`` would build it: the
     module's main() names its config class to parse_job_args, captured here, then loaded."""
+    import pipelines.config
     from pipelines.config import job_argparser, load_config
 
     module = importlib.import_module(_entry_module(job))
@@ -244,7 +245,10 @@ def _resolved_config(job: dict, monkeypatch):
     def capture(cls, *args, **kwargs):
         raise _Captured(cls)
 
-    monkeypatch.setattr(module, "parse_job_args", capture)
+    # a job calls parse_job_args itself or through pipelines.config.job_main: capture both paths
+    for owner in (module, pipelines.config):
+        if hasattr(owner, "parse_job_args"):
+            monkeypatch.setattr(owner, "parse_job_args", capture)
     with pytest.raises(_Captured) as caught:
         module.main([])
     args = job_argparser("entrypoint", "").parse_args(_entry_args(job))
@@ -339,3 +343,29 @@ def test_render_check_passes_and_has_help():
     assert helped.returncode == 0 and "--check" in helped.stdout
     checked = subprocess.run([*run, "--check"], capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stderr
+
+
+SERVE_ENV = {"SFO_SERVE_MODEL": "/models/FLUX.1-dev", "SFO_SERVE_ADAPTERS": "/runs/train/sfo/adapters",
+             "SFO_SERVE_GPUS_PER_REPLICA": "1"}
+
+
+def test_rayservice_pods_override_the_laptop_serve_args():
+    """serveConfigV2 is serving/serve_config.yaml byte for byte (laptop args); every RayService container
+    carries the SFO_SERVE_* variables that serving.app.build_app puts over those args, and they name
+    what the jobs write: FLUX.1-dev on /models, the sfo job's export (<runs>/train/sfo/adapters)."""
+    from serving.app import ENV_OVERRIDES
+
+    assert set(SERVE_ENV) == set(ENV_OVERRIDES.values())
+    sfo_job = dict(BASE)["base/RayJob/sfo-sfo"]
+    assert "model.source=/models/FLUX.1-dev" in _entry_args(sfo_job)
+    assert "output.storage_path=/runs/train" in _entry_args(sfo_job)  # + name sfo + adapters/
+    text = (ROOT / "serving" / "serve_config.yaml").read_text()
+    services = [(n, d) for n, d in ALL if d["kind"] == "RayService"]
+    assert {n for n, _ in services} == {"base/RayService/sfo-serve", "dev/RayService/sfo-serve"}
+    for name, doc in services:
+        assert doc["spec"]["serveConfigV2"] == text, f"{name}: serveConfigV2 is not serving/serve_config.yaml verbatim"
+        containers = _containers(doc["spec"]["rayClusterConfig"])
+        assert any(g is None for _, g in containers) and any(g for _, g in containers)
+        for container, group in containers:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, f"{name}: {group and group['groupName'] or 'head'}"
