@@ -15,6 +15,11 @@ Sources:
 Each pair gives one triplet: one panel is the reference, the other the target, described by its
 own description. Which panel is which is decided per pair by a hash of its id (or both ways with
 ``both_directions``), so reruns give the same file.
+
+With ``cache.enabled`` the rows also carry the frozen encoders' outputs (``sfo.records.CACHE_FIELDS``:
+VAE latents of target and reference, T5 and pooled CLIP embeddings of the target text, and the
+model and size they were made with), which the sft/sfo jobs use instead of encoding the PNGs
+when their ``model.source`` and ``data.size`` match.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from PIL import Image
 
 from pipelines.config import job_main
 from pipelines.synthetic import synthetic_triplets
-from sfo.records import TRIPLET_SCHEMA, encode_png, split_subjects200k_pair
+from sfo.records import CACHE_FIELDS, TRIPLET_SCHEMA, decode_png, encode_png, float32_bytes, split_subjects200k_pair
 
 SOURCES = ("synthetic", "subjects200k")
 QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
@@ -66,8 +71,35 @@ class DataConfig:
 
 
 @dataclass
+class CacheConfig:
+    """Optional encoder outputs per row (``sfo.records.CACHE_FIELDS``), for training without the encoders."""
+
+    enabled: bool = False
+    model: str = "tiny"  # the FLUX the training job will load ("tiny" or a local FLUX.1-dev folder)
+    size: int | None = None  # pixel side to encode at; default data.size (must equal the training data.size)
+    dtype: str | None = None  # bf16 | fp32; default bf16 on GPU, fp32 on CPU (stored as float32 either way)
+    batch_size: int = 8  # rows per encoder call
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (self.size < 16 or self.size % 16):
+            raise ValueError(f"cache.size: must be a positive multiple of 16, got {self.size}")
+        if self.batch_size < 1:
+            raise ValueError(f"cache.batch_size: must be at least 1, got {self.batch_size}")
+        if not self.model:
+            raise ValueError("cache.model: must not be empty; 'tiny' or a local FLUX.1-dev folder")
+        if self.dtype is not None:
+            from sfo.models import parse_dtype  # torch + diffusers: only when asked
+
+            try:
+                parse_dtype(self.dtype)
+            except ValueError as exc:
+                raise ValueError(f"cache.{exc}") from None
+
+
+@dataclass
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass(frozen=True)
@@ -150,6 +182,42 @@ def synthetic_rows(config: DataConfig) -> Iterator[dict]:
                "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
 
 
+class CacheEncoder:
+    """Adds ``CACHE_FIELDS`` to rows: the frozen VAE and text encoders' outputs (no math of its own)."""
+
+    def __init__(self, config: CacheConfig, data_size: int) -> None:
+        from sfo.models import load_flux, model_identity
+
+        self.config = config
+        self.size = config.size or data_size
+        self.identity = model_identity(config.model)
+        self.model = load_flux(config.model, dtype=config.dtype)
+
+    def _images(self, column: list[bytes]) -> list[Image.Image]:
+        images = [decode_png(b) for b in column]  # resized as the training job resizes PNGs
+        return [im if im.size == (self.size, self.size) else im.resize((self.size, self.size)) for im in images]
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        from sfo.latents import encode_images
+        from sfo.text import encode_prompts
+
+        out = []
+        for start in range(0, len(rows), self.config.batch_size):
+            chunk = rows[start:start + self.config.batch_size]
+            target = encode_images(self.model, self._images([r["target_png"] for r in chunk])).float().cpu()  # (B, L, 64)
+            reference = encode_images(self.model, self._images([r["reference_png"] for r in chunk])).float().cpu()
+            text = encode_prompts(self.model, [r["target_text"] for r in chunk])
+            embeds, pooled = text.prompt_embeds.float().cpu(), text.pooled.float().cpu()  # (B, Lt, D), (B, P)
+            for i, row in enumerate(chunk):
+                out.append(row | {
+                    "cache_target_latents": float32_bytes(target[i]), "cache_reference_latents": float32_bytes(reference[i]),
+                    "cache_prompt_embeds": float32_bytes(embeds[i]), "cache_pooled": float32_bytes(pooled[i]),
+                    "cache_latent_tokens": target.shape[1], "cache_text_tokens": embeds.shape[1],
+                    "cache_model": self.identity, "cache_size": self.size,
+                })
+        return out
+
+
 def run(config: PrepareConfig) -> Path:
     """Writes the triplet Parquet files; returns the output folder."""
     data = config.data
@@ -159,12 +227,15 @@ def run(config: PrepareConfig) -> Path:
     output.mkdir(parents=True, exist_ok=True)
     stats = {"pairs": 0, "filtered": 0, "unscored": 0}
     rows = synthetic_rows(data) if data.source == "synthetic" else subjects200k_rows(data, stats)
+    encoder = CacheEncoder(config.cache, data.size) if config.cache.enabled else None
+    schema = pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS) if encoder else TRIPLET_SCHEMA
     started, written, buffer, part = time.time(), 0, [], 0
 
     def flush():
         nonlocal buffer, part
         if buffer:
-            pq.write_table(pa.Table.from_pylist(buffer, schema=TRIPLET_SCHEMA), output / f"part-{part:05d}.parquet")
+            rows = encoder(buffer) if encoder else buffer
+            pq.write_table(pa.Table.from_pylist(rows, schema=schema), output / f"part-{part:05d}.parquet")
             part += 1
             buffer = []
 
@@ -183,7 +254,8 @@ def run(config: PrepareConfig) -> Path:
     detail = "" if data.source == "synthetic" else (
         f" from {stats['pairs']} pairs ({stats['filtered']} dropped below quality {data.min_quality}, "
         f"{stats['unscored']} without scores kept)")
-    print(f"prepare: wrote {written} triplets{detail} to {output} in {time.time() - started:.1f} s", flush=True)
+    cached = f" with cached latents/embeddings ({encoder.identity}, {encoder.size} px)" if encoder else ""
+    print(f"prepare: wrote {written} triplets{detail}{cached} to {output} in {time.time() - started:.1f} s", flush=True)
     return output
 
 

@@ -14,6 +14,12 @@ Randomness: each sample's timestep and noise come from a ``torch.Generator`` see
 workers and micro-batches (that is what makes the invariance test hold), and positive/negative
 share them (``sfo_objective``). Resuming restarts the data stream at an epoch start; the step
 count, weights, optimiser state and the noise stream continue.
+
+Data with cached encoder outputs (``sfo.records.CACHE_FIELDS``, from ``prepare`` with
+``cache.enabled``) skips the VAE and text encoders for targets, references and prompts when the
+cache was made with this job's model and ``data.size`` (``use_cache``). Negatives are always
+encoded from PNG; cdns writes ``QUADRUPLET_SCHEMA`` without the cache columns, so the sfo job on
+its output encodes everything.
 """
 
 from __future__ import annotations
@@ -27,14 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.dataset as pads
 import ray
 import ray.train
 import torch
 
 from pipelines.train_config import SfoConfig, TrainConfig
 from sfo import adapters as A
-from sfo.objectives import encode_batch, sfo_objective, sft_objective
-from sfo.records import decode_png
+from sfo.latents import encode_images
+from sfo.models import model_identity
+from sfo.objectives import batch_from_cache, encode_batch, sfo_objective, sft_objective
+from sfo.records import CACHE_COLUMNS, decode_cache, decode_png
 from sfo.timesteps import sample_timesteps
 
 FROZEN_REF = "ref_frozen"  # variant "direct": a frozen copy of "ref" plays p_ref in Eq. 3
@@ -45,9 +54,29 @@ FINGERPRINT_MAX_PARAMS = 50_000_000  # hash frozen weights only for small models
 SEED_BYTES = 8
 
 
-def _columns(cfg: TrainConfig) -> list[str]:
-    cols = ["sample_id", "target_text", "reference_png", "target_png"]
+def _columns(cfg: TrainConfig, cached: bool = False) -> list[str]:
+    cols = ["sample_id", "target_text"] + (CACHE_COLUMNS if cached else ["reference_png", "target_png"])
     return cols + (["negative_png"] if cfg.needs_negatives else [])
+
+
+def use_cache(cfg: TrainConfig) -> bool:
+    """Whether ``data.path`` carries cached encoder outputs made for this job's model and ``data.size``.
+
+    Decided once, in the driver: a cache made with another model or size is reported here (one
+    line) and the job encodes the PNGs instead.
+    """
+    dataset = pads.dataset(cfg.data.path, format="parquet")
+    if not set(CACHE_COLUMNS) <= set(dataset.schema.names):
+        return False
+    table = dataset.to_table(columns=["cache_model", "cache_size"])
+    made = set(zip(table["cache_model"].to_pylist(), table["cache_size"].to_pylist()))
+    wanted = (model_identity(cfg.model.source), cfg.data.size)
+    if made != {wanted}:
+        print(f"[{cfg.stage}] data.path: cached latents/embeddings were made with (model, size) {sorted(made)}, "
+              f"not {wanted} (model.source, data.size); ignoring them and encoding the PNGs", flush=True)
+        return False
+    print(f"[{cfg.stage}] data.path: using cached latents/embeddings ({wanted[0]}, {wanted[1]} px)", flush=True)
+    return True
 
 
 def run(cfg: TrainConfig):
@@ -57,13 +86,14 @@ def run(cfg: TrainConfig):
     cfg.check_inputs()
     if not ray.is_initialized():
         ray.init()
-    data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg))
+    cached = use_cache(cfg)
+    data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg, cached))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg},
+        train_loop_config={"config": cfg, "use_cache": cached},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.output.name, storage_path=str(cfg.output.run_dir.parent),
@@ -138,19 +168,29 @@ def _images(column, size: int) -> list:
     return [im if im.size == (size, size) else im.resize((size, size)) for im in images]
 
 
-def micro_batches(cfg: TrainConfig, model):
+def build_batch(cfg: TrainConfig, model, rows: dict, cached: bool):
+    """One ``TrainBatch`` from a numpy batch of rows: from the cache columns, or by encoding the PNGs."""
+    size = cfg.data.size
+    with torch.no_grad():
+        if not cached:
+            return encode_batch(model, _images(rows["reference_png"], size), [str(x) for x in rows["target_text"]],
+                                _images(rows["target_png"], size),
+                                _images(rows["negative_png"], size) if cfg.needs_negatives else None)
+        tensors = {k: torch.from_numpy(v) for k, v in decode_cache(rows).items()}
+        side = size // model.pixel_multiple
+        negative = encode_images(model, _images(rows["negative_png"], size)) if cfg.needs_negatives else None
+        return batch_from_cache(tensors["target"], tensors["reference"], tensors["prompt_embeds"], tensors["pooled"],
+                                grid=(side, side), device=model.device, dtype=model.dtype, negative=negative)
+
+
+def micro_batches(cfg: TrainConfig, model, cached: bool = False):
     """Endless stream of encoded micro-batches (with sample ids) from this worker's Ray Data shard."""
     shard = ray.train.get_dataset_shard("train")
-    size = cfg.data.size
     while True:
         seen = False
         for rows in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
             seen = True
-            with torch.no_grad():
-                batch = encode_batch(model, _images(rows["reference_png"], size), [str(x) for x in rows["target_text"]],
-                                     _images(rows["target_png"], size),
-                                     _images(rows["negative_png"], size) if cfg.needs_negatives else None)
-            yield list(rows["sample_id"]), batch
+            yield list(rows["sample_id"]), build_batch(cfg, model, rows, cached)
         if not seen:
             raise ValueError(f"data.path: a worker got no full batch; need at least train.batch_size x "
                              f"scaling.num_workers = {cfg.train.batch_size * cfg.scaling.num_workers} rows")
@@ -220,7 +260,7 @@ def train_loop(loop_config: dict) -> None:
             engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
             start = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
 
-    stream = micro_batches(cfg, model)
+    stream = micro_batches(cfg, model, loop_config.get("use_cache", False))
     for step in range(start + 1, cfg.train.steps + 1):
         began = time.perf_counter()
         sums: dict[str, float] = {"loss": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "samples": 0.0}

@@ -141,6 +141,17 @@ def load_flux(
     return FluxModel(pipe=pipe, source=str(source), text_max_length=max_length, dtype=dtype, device=device)
 
 
+def model_identity(source: str | os.PathLike) -> str:
+    """What a cache of encoder outputs records about the model that made it.
+
+    ``tiny:<fingerprint of the default tiny sizes>`` for the tiny preset (what ``load_flux("tiny")``
+    builds), else the resolved folder path.
+    """
+    if str(source) == TINY:
+        return f"{TINY}:{TinyFluxConfig().fingerprint()}"
+    return str(Path(source).expanduser().resolve())
+
+
 _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,

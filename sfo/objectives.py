@@ -66,6 +66,42 @@ def encode_batch(
     )
 
 
+def batch_from_cache(
+    target: torch.Tensor,
+    reference: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    *,
+    grid: tuple[int, int],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    negative: torch.Tensor | None = None,
+) -> TrainBatch:
+    """A ``TrainBatch`` from cached encoder outputs (``sfo.records.CACHE_FIELDS``), equal to ``encode_batch``'s.
+
+    Args:
+        target, reference: (N, L, 64) packed latents of target and reference, both on one token grid.
+        prompt_embeds: (N, Lt, D) T5 embeddings; pooled: (N, P) CLIP pooled embeddings.
+        grid: (height, width) of the token grid in tokens (pixels / ``model.pixel_multiple``).
+        device, dtype: where and in which precision the batch goes (the model's).
+        negative: (N, L, 64) latents of the negative targets, already encoded, for SFO.
+    """
+    h, w = grid
+    if target.shape[1] != h * w or reference.shape[1] != h * w:
+        raise ValueError(f"cache: {target.shape[1]} target / {reference.shape[1]} reference tokens do not fill a "
+                         f"{h}x{w} grid")
+    to = dict(device=device, dtype=dtype)
+    # FLUX's text ids are all zero (FluxPipeline.encode_prompt), so they are not cached.
+    text = TextEmbeddings(prompt_embeds.to(**to), pooled.to(**to), torch.zeros(prompt_embeds.shape[1], 3, **to))
+    return TrainBatch(
+        target=target.to(**to),
+        text=text,
+        condition=Condition(reference.to(**to), condition_ids(h, w).to(device)),
+        img_ids=grid_ids(h, w).to(device),
+        negative=negative.to(**to) if negative is not None else None,
+    )
+
+
 def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """x_t = (1 - t) x_0 + t * epsilon (paper Eq. 1), t (N,) broadcast over tokens."""
     t = t.to(x0.dtype).view(-1, 1, 1)

@@ -5,12 +5,16 @@ bodies all carry the same thing.
 
 - Triplet (paper Sec. 3.1): reference image, target text, target image (+ item name, sample id).
 - Quadruplet (Sec. 3.2): a triplet plus a negative target and how it was made (provenance).
+- Optional cache columns (``CACHE_FIELDS``): a triplet's VAE latents and prompt embeddings,
+  written by ``prepare`` with ``cache.enabled`` so training skips the frozen encoders.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -40,6 +44,58 @@ NEGATIVE_FIELDS = [
 ]
 
 QUADRUPLET_SCHEMA = pa.schema(list(TRIPLET_SCHEMA) + NEGATIVE_FIELDS)
+
+CACHE_FIELDS = [
+    # Tensors are little-endian float32 bytes, C order, one sample each (no batch axis). L tokens =
+    # (size / 16)^2, 64 features (16 VAE channels x 2x2 packing); Lt = T5 tokens (the model's
+    # max length), D = T5 d_model (joint_attention_dim), P = CLIP pooled dim.
+    pa.field("cache_target_latents", pa.binary(), nullable=False),  # (L, 64) sfo.latents.encode_images(target)
+    pa.field("cache_reference_latents", pa.binary(), nullable=False),  # (L, 64) same, of the reference
+    pa.field("cache_prompt_embeds", pa.binary(), nullable=False),  # (Lt, D) sfo.text.encode_prompts(target_text)
+    pa.field("cache_pooled", pa.binary(), nullable=False),  # (P,) the CLIP pooled embedding
+    pa.field("cache_latent_tokens", pa.int32(), nullable=False),  # L, for both latents
+    pa.field("cache_text_tokens", pa.int32(), nullable=False),  # Lt
+    pa.field("cache_model", pa.string(), nullable=False),  # sfo.models.model_identity of the encoder
+    pa.field("cache_size", pa.int32(), nullable=False),  # the square pixel side the images were encoded at
+]
+"""Optional triplet columns: the frozen encoders' outputs, so training need not re-run them.
+
+Valid only for the model (``cache_model``) and pixel size (``cache_size``) they were made
+with; a training job with another ``model.source`` or ``data.size`` encodes from PNG instead.
+Decode a batch of rows with ``decode_cache``.
+"""
+CACHE_COLUMNS = [f.name for f in CACHE_FIELDS]
+CACHE_DTYPE = np.dtype("<f4")
+
+
+def float32_bytes(array) -> bytes:
+    """An array (any shape) as little-endian float32 bytes, C order (a ``CACHE_FIELDS`` cell)."""
+    return np.ascontiguousarray(np.asarray(array), dtype=CACHE_DTYPE).tobytes()
+
+
+def _stack(blobs: Sequence[bytes], *shape: int) -> np.ndarray:
+    return np.stack([np.frombuffer(bytes(b), dtype=CACHE_DTYPE).reshape(shape) for b in blobs])
+
+
+def decode_cache(columns: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
+    """``CACHE_FIELDS`` columns of N rows -> float32 arrays.
+
+    Args:
+        columns: column name -> N values (a Ray Data numpy batch, ``Table.to_pydict()``...).
+    Returns:
+        {"target": (N, L, 64), "reference": (N, L, 64), "prompt_embeds": (N, Lt, D), "pooled": (N, P)}.
+    """
+    tokens = {int(x) for x in columns["cache_latent_tokens"]}
+    text_tokens = {int(x) for x in columns["cache_text_tokens"]}
+    if len(tokens) != 1 or len(text_tokens) != 1:
+        raise ValueError(f"cache: rows of one batch differ in token counts (latents {tokens}, text {text_tokens})")
+    (latent_tokens,), (lt,) = tokens, text_tokens
+    return {
+        "target": _stack(columns["cache_target_latents"], latent_tokens, -1),
+        "reference": _stack(columns["cache_reference_latents"], latent_tokens, -1),
+        "prompt_embeds": _stack(columns["cache_prompt_embeds"], lt, -1),
+        "pooled": _stack(columns["cache_pooled"], -1),
+    }
 
 
 def check_schema(table: pa.Table | pa.Schema, schema: pa.Schema, what: str) -> None:

@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipelines.config import ConfigError, load_config
 from pipelines.prepare import PrepareConfig, main, run
-from sfo.records import TRIPLET_SCHEMA, check_schema, decode_png
+from sfo.records import CACHE_FIELDS, TRIPLET_SCHEMA, check_schema, decode_cache, decode_png
 from tests.conftest import shared_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,45 @@ def test_synthetic_source_writes_the_triplet_schema(tmp_path):
     assert decode_png(table.column("target_png")[0].as_py()).size == (32, 32)
     again = run(_config(tmp_path / "again", "data.limit=5", "data.size=32"))
     assert pq.read_table(again).column("target_png").to_pylist() == table.column("target_png").to_pylist()
+
+
+def test_cache_columns_decode_to_the_encoders_outputs(tmp_path, tiny_flux):
+    """3 rows at 32 px, encoded 2 at a time: (32/16)^2 = 4 tokens of 64 features per image."""
+    import torch
+
+    from sfo.latents import encode_images
+    from sfo.models import model_identity
+    from sfo.text import encode_prompts
+
+    out = run(_config(tmp_path, "data.limit=3", "data.size=32", "cache.enabled=true", "cache.batch_size=2"))
+    table = pq.read_table(out)
+    check_schema(table, pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS), "cached triplets")
+    assert set(table.column("cache_model").to_pylist()) == {model_identity("tiny")}
+    assert table.column("cache_size").to_pylist() == [32] * 3
+    assert table.column("cache_latent_tokens").to_pylist() == [4] * 3
+    cached = {k: torch.from_numpy(v) for k, v in decode_cache(table.to_pydict()).items()}
+    text = encode_prompts(tiny_flux, table.column("target_text").to_pylist())
+    assert cached["target"].shape == (3, 4, 64) and cached["reference"].shape == (3, 4, 64)
+    assert cached["prompt_embeds"].shape == text.prompt_embeds.shape == (3, tiny_flux.text_max_length, 32)
+    assert cached["pooled"].shape == text.pooled.shape == (3, 32)
+    for key, column in (("target", "target_png"), ("reference", "reference_png")):
+        images = [decode_png(b) for b in table.column(column).to_pylist()]
+        # one batch of 3 here vs 2 + 1 in prepare: conv reductions differ in the last float32 bits
+        torch.testing.assert_close(cached[key], encode_images(tiny_flux, images), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached["prompt_embeds"], text.prompt_embeds)
+    torch.testing.assert_close(cached["pooled"], text.pooled)
+
+
+def test_cache_at_another_size_resizes_first(tmp_path, tiny_flux):
+    import torch
+
+    from sfo.latents import encode_images
+
+    table = pq.read_table(run(_config(tmp_path, "data.limit=1", "data.size=32", "cache.enabled=true", "cache.size=48")))
+    assert table.column("cache_size").to_pylist() == [48] and table.column("cache_latent_tokens").to_pylist() == [9]
+    image = decode_png(table.column("target_png")[0].as_py()).resize((48, 48))
+    torch.testing.assert_close(torch.from_numpy(decode_cache(table.to_pydict())["target"]),
+                               encode_images(tiny_flux, [image]))
 
 
 def _pair_folder(tmp_path, scores):
@@ -91,6 +130,8 @@ def test_shared_samples(tmp_path):
     (["data.source=subjects200k"], "data.input"),
     (["data.size=40"], "data.size"),
     (["data.limit=0"], "data.limit"),
+    (["cache.size=20"], "cache.size"),
+    (["cache.dtype=int8"], "cache.dtype"),
 ])
 def test_bad_configs_name_the_field(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=field):

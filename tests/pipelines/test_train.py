@@ -155,6 +155,71 @@ def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
+def _cached_triplets(folder: Path, *overrides: str) -> str:
+    """Triplets from ``prepare`` with the encoder cache on (the tiny model)."""
+    from pipelines.prepare import PrepareConfig
+    from pipelines.prepare import run as prepare
+
+    return str(prepare(load_config(PrepareConfig, None, [f"data.output={folder}", "data.limit=2", f"data.size={SIZE}",
+                                                         "cache.enabled=true", *overrides])))
+
+
+def _numpy_rows(path: str) -> dict:
+    """The rows as Ray Data's numpy batches give them (object arrays of bytes / str)."""
+    import numpy as np
+
+    return {k: np.array(v, dtype=object) for k, v in pq.read_table(path).to_pydict().items()}
+
+
+def test_batch_from_cache_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
+    from pipelines.train import build_batch, use_cache
+
+    path = _cached_triplets(tmp_path / "cached")
+    cfg = _sft(tmp_path, "x", path)
+    assert use_cache(cfg) and "using cached" in capsys.readouterr().out
+    rows = _numpy_rows(path)  # all columns: the PNGs for encode_batch, the cache for batch_from_cache
+    cached, encoded = build_batch(cfg, tiny_flux, rows, True), build_batch(cfg, tiny_flux, rows, False)
+    for a, b in [(cached.target, encoded.target), (cached.condition.tokens, encoded.condition.tokens),
+                 (cached.condition.ids, encoded.condition.ids), (cached.img_ids, encoded.img_ids),
+                 (cached.text.prompt_embeds, encoded.text.prompt_embeds), (cached.text.pooled, encoded.text.pooled),
+                 (cached.text.txt_ids, encoded.text.txt_ids)]:
+        torch.testing.assert_close(a, b)
+    assert cached.negative is None and len(cached) == 2
+
+
+def test_cache_of_another_size_or_model_is_ignored_with_a_message(tmp_path, capsys):
+    from pipelines.train import use_cache
+
+    path = _cached_triplets(tmp_path / "cached48", "cache.size=48")
+    capsys.readouterr()
+    assert not use_cache(_sft(tmp_path, "x", path))
+    out = capsys.readouterr().out
+    assert out.count("ignoring them") == 1 and "48" in out and "data.size" in out
+    other = _cached_triplets(tmp_path / "cached32")
+    assert not use_cache(_sft(tmp_path, "y", other, f"model.source={tmp_path / 'some-flux'}"))
+    assert "ignoring them" in capsys.readouterr().out
+    assert not use_cache(_sft(tmp_path, "z", _write_parquet(tmp_path / "plain", 2, False)))  # no cache: silent
+    assert capsys.readouterr().out == ""
+
+
+def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path):
+    """One adamw step on the same 2 rows: the cached run must export the PNG run's weights."""
+    from pipelines.train import run
+
+    cached = _cached_triplets(tmp_path / "cached")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(pq.read_table(cached, columns=TRIPLET_SCHEMA.names), plain / "part-0.parquet")
+    common = ("train.optimizer=adamw", "train.lr=1e-3", "train.batch_size=2", "train.steps=1")
+    runs = [_sft(tmp_path, name, data, *common) for name, data in (("from-cache", cached), ("from-png", str(plain)))]
+    for cfg in runs:
+        run(cfg)
+    a, b = (load_file(c.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS) for c in runs)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+
+
 @pytest.mark.parametrize("override, field", [
     ("scaling.num_workers=0", "scaling.num_workers"),
     ("sfo.variant=bogus", "sfo.variant"),
