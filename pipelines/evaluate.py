@@ -32,6 +32,7 @@ PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 RUNNERS = ("ray", "local")
 ADAPTER_NAMES = ("ref", "sfo")  # sfo.adapters.REF / SFO
 SYNTHETIC_SUBJECTS = 4  # embedded subjects when no DreamBench folder is given (one prompt each)
+SYNTHETIC_EVAL_SEED = 1000  # held out: prepare's embedded source uses seed 0 (pipelines/configs/prepare.yaml)
 METRICS = ("dino", "clip_i", "clip_t")
 IMAGE_SCHEMA = pa.schema([
     pa.field("method", pa.string()), pa.field("subject", pa.string()), pa.field("prompt_index", pa.int32()),
@@ -119,7 +120,7 @@ def load_benchmark(section: EvalSection) -> Benchmark:
         from pipelines.synthetic import synthetic_triplets
 
         count = section.subjects if isinstance(section.subjects, int) else SYNTHETIC_SUBJECTS
-        triplets = {t.sample_id: t for t in synthetic_triplets(count, section.size)}
+        triplets = {t.sample_id: t for t in synthetic_triplets(count, section.size, seed=SYNTHETIC_EVAL_SEED)}
         if isinstance(section.subjects, list):
             triplets = {k: v for k, v in triplets.items() if k in section.subjects}
         return Benchmark({k: [(0, t.target_text)] for k, t in triplets.items()},

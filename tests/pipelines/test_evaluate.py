@@ -182,3 +182,11 @@ def test_dpo_dino_mode_in_cdns(tmp_path):
         ref = decode_png(row["reference_png"]).resize((32, 32))
         pos, neg = decode_png(row["target_png"]), decode_png(row["negative_png"])
         assert float(scorer.dino([pos], [ref])[0]) >= float(scorer.dino([neg], [ref])[0]) - 1e-6
+
+
+def test_synthetic_evaluation_subjects_are_held_out_from_training():
+    from pipelines.evaluate import EvalSection, load_benchmark
+
+    bench = load_benchmark(EvalSection(size=32, subjects=4))
+    trained = {t.sample_id for t in synthetic_triplets(16, 32, seed=0)}  # prepare.yaml's embedded source
+    assert len(bench.prompts) == 4 and not set(bench.prompts) & trained
