@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sfo.models import parse_dtype
+
+def check_dtype(dtype: str | None, section: str) -> None:
+    """Raises ``ValueError("<section>.dtype: ...")`` for a dtype name ``sfo.models`` does not know."""
+    if dtype is None:
+        return
+    from sfo.models import parse_dtype  # torch + diffusers: only when a dtype is given
+
+    try:
+        parse_dtype(dtype)
+    except ValueError as exc:
+        raise ValueError(f"{section}.{exc}") from None
 
 
 @dataclass
@@ -16,11 +26,7 @@ class ModelConfig:
     ref_adapter: str | None = None  # folder holding the "ref" LoRA (the sft job's output)
 
     def __post_init__(self) -> None:
-        if self.dtype is not None:
-            try:
-                parse_dtype(self.dtype)
-            except ValueError as exc:
-                raise ValueError(f"model.{exc}") from None
+        check_dtype(self.dtype, "model")
 
 
 @dataclass

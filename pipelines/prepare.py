@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipelines.common import check_dtype
 from pipelines.config import job_main
 from pipelines.synthetic import synthetic_triplets
 from sfo.records import CACHE_FIELDS, TRIPLET_SCHEMA, decode_png, encode_png, float32_bytes, split_subjects200k_pair
@@ -87,13 +88,7 @@ class CacheConfig:
             raise ValueError(f"cache.batch_size: must be at least 1, got {self.batch_size}")
         if not self.model:
             raise ValueError("cache.model: must not be empty; 'tiny' or a local FLUX.1-dev folder")
-        if self.dtype is not None:
-            from sfo.models import parse_dtype  # torch + diffusers: only when asked
-
-            try:
-                parse_dtype(self.dtype)
-            except ValueError as exc:
-                raise ValueError(f"cache.{exc}") from None
+        check_dtype(self.dtype, "cache")
 
 
 @dataclass
