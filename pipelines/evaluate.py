@@ -152,24 +152,29 @@ def work_rows(config: EvaluateConfig, bench: Benchmark, method: str) -> list[dic
             for s, cases in bench.prompts.items() for i, p in cases[: config.eval.prompts] for seed in seeds]
 
 
+def load_method(config, method: str, device: str | None = None):
+    """The model with one method's adapters loaded, and a context manager that activates them."""
+    from sfo import adapters
+    from sfo.models import load_flux
+
+    spec = next(m for m in config.methods if m.name == method)
+    model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
+    for name in ADAPTER_NAMES:
+        folder = getattr(spec, f"{name}_adapter")
+        if folder is not None:
+            adapters.load_adapter(model.transformer, folder, name)
+    return model, lambda: adapters.use_adapters(model.transformer, list(spec.active))
+
+
 class Evaluator:
     """Work rows in, scored image rows out; model, one method's adapters and encoders loaded once per instance."""
 
     def __init__(self, config: EvaluateConfig, method: str, device: str | None = None) -> None:
-        from sfo import adapters
         from sfo.metrics import Scorer
-        from sfo.models import load_flux
         from sfo.sampler import SamplerConfig
 
-        spec = next(m for m in config.methods if m.name == method)
         self.bench = load_benchmark(config.eval)
-        self.model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
-        transformer = self.model.transformer
-        for name in ADAPTER_NAMES:
-            folder = getattr(spec, f"{name}_adapter")
-            if folder is not None:
-                adapters.load_adapter(transformer, folder, name)
-        self._adapters = lambda: adapters.use_adapters(transformer, list(spec.active))
+        self.model, self._adapters = load_method(config, method, device)
         self.scorer = Scorer.load(config.eval.dino_encoder, config.eval.clip_encoder, device=self.model.device)
         e = config.eval
         self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size, width=e.size)
@@ -200,8 +205,8 @@ class Evaluator:
         }, schema=IMAGE_SCHEMA)
 
 
-def check_config(config: EvaluateConfig) -> Benchmark:
-    """Fails before any work on a missing adapter folder, DreamBench folder or encoder folder."""
+def check_methods(config) -> None:
+    """Fails before any work on a method whose adapter folder holds no LoRA weights."""
     from sfo.adapters import LORA_WEIGHTS
 
     for index, method in enumerate(config.methods):
@@ -209,6 +214,11 @@ def check_config(config: EvaluateConfig) -> Benchmark:
             folder = getattr(method, f"{name}_adapter")
             if folder is not None and not (Path(folder) / LORA_WEIGHTS).is_file():
                 raise ConfigError(f"methods[{index}].{name}_adapter: no {LORA_WEIGHTS} in {folder!r} (method {method.name!r})")
+
+
+def check_config(config: EvaluateConfig) -> Benchmark:
+    """Fails before any work on a missing adapter folder, DreamBench folder or encoder folder."""
+    check_methods(config)
     for name in ("dino_encoder", "clip_encoder"):
         folder = getattr(config.eval, name)
         if folder != "tiny" and not (Path(folder) / "config.json").is_file():
@@ -222,15 +232,17 @@ def check_config(config: EvaluateConfig) -> Benchmark:
         raise ConfigError(str(exc) if str(exc).startswith("eval.") else f"eval.dreambench: {exc}") from None
 
 
-def run_local(config: EvaluateConfig, method: str, rows: list[dict], folder: Path) -> None:
-    evaluator = Evaluator(config, method)
+def run_local(config, method: str, rows: list[dict], folder: Path, evaluator_class=None) -> None:
+    """Generates and scores ``rows`` in this process, one Parquet file per batch."""
+    evaluator = (evaluator_class or Evaluator)(config, method)
     size = config.eval.batch_size
     for index, start in enumerate(range(0, len(rows), size)):
         pq.write_table(evaluator(pa.Table.from_pylist(rows[start:start + size])), folder / f"part-{index:06d}.parquet")
         print(f"[evaluate] {method}: {min(start + size, len(rows))}/{len(rows)} images", flush=True)
 
 
-def run_ray(config: EvaluateConfig, method: str, rows: list[dict], folder: Path) -> None:
+def run_ray(config, method: str, rows: list[dict], folder: Path, evaluator_class=None) -> None:
+    """Generates and scores ``rows`` on a Ray Data actor pool of ``evaluator_class`` (default ``Evaluator``)."""
     import ray
 
     if not ray.is_initialized():
@@ -238,7 +250,7 @@ def run_ray(config: EvaluateConfig, method: str, rows: list[dict], folder: Path)
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ds = ray.data.from_items(rows).map_batches(
-        Evaluator, fn_constructor_kwargs={"config": config, "method": method},
+        evaluator_class or Evaluator, fn_constructor_kwargs={"config": config, "method": method},
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=config.eval.batch_size,
         batch_format="numpy", num_cpus=scaling.cpus_per_worker, **gpus)
     ds.write_parquet(str(folder))

@@ -3,7 +3,8 @@
     python -m pipelines.prepare --config pipelines/configs/prepare.yaml [key=value ...]
 
 Sources:
-- ``synthetic``: the embedded procedural subjects (no downloads), the default.
+- ``shapes``: the shapes world (``sfo.shapes.world``; 48 px, exact oracles), the main job's default.
+- ``synthetic``: simple procedural subjects at any size (no downloads).
 - ``subjects200k``: Subjects200K pairs (paper Sec. 3.1 / App. D.2), either a folder of
   ``NAME.png`` (the pair image) + ``NAME.txt`` ("Instance: ...", "Description1: ...",
   "Description2: ...") and optional ``NAME.json`` quality scores, as in the dataset card's
@@ -40,9 +41,10 @@ from PIL import Image
 from pipelines.common import check_dtype
 from pipelines.config import job_main
 from pipelines.synthetic import synthetic_triplets
+from sfo.shapes.world import SIZE as WORLD_SIZE, world_triplets
 from sfo.records import CACHE_FIELDS, TRIPLET_SCHEMA, decode_png, encode_png, float32_bytes, split_subjects200k_pair
 
-SOURCES = ("synthetic", "subjects200k")
+SOURCES = ("shapes", "synthetic", "subjects200k")
 QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
 ROWS_PER_FILE = 1000
 DEFAULT_SYNTHETIC_ROWS = 16
@@ -69,6 +71,8 @@ class DataConfig:
             raise ValueError(f"data.limit: must be at least 1, got {self.limit}")
         if self.size < 16 or self.size % 16:
             raise ValueError(f"data.size: must be a positive multiple of 16, got {self.size}")
+        if self.source == "shapes" and self.size != WORLD_SIZE:
+            raise ValueError(f"data.size: the shapes world is drawn at {WORLD_SIZE} px; set data.size={WORLD_SIZE}")
 
 
 @dataclass
@@ -177,6 +181,12 @@ def synthetic_rows(config: DataConfig) -> Iterator[dict]:
                "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
 
 
+def shapes_rows(config: DataConfig) -> Iterator[dict]:
+    for t in world_triplets(config.limit or DEFAULT_SYNTHETIC_ROWS, config.seed):
+        yield {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
+               "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "shapes"}
+
+
 class CacheEncoder:
     """Adds ``CACHE_FIELDS`` to rows: the frozen VAE and text encoders' outputs (no math of its own)."""
 
@@ -221,7 +231,8 @@ def run(config: PrepareConfig) -> Path:
         raise FileExistsError(f"data.output: {str(output)!r} already holds Parquet files; pick a new folder or delete it")
     output.mkdir(parents=True, exist_ok=True)
     stats = {"pairs": 0, "filtered": 0, "unscored": 0}
-    rows = synthetic_rows(data) if data.source == "synthetic" else subjects200k_rows(data, stats)
+    sources = {"shapes": shapes_rows, "synthetic": synthetic_rows}
+    rows = sources[data.source](data) if data.source in sources else subjects200k_rows(data, stats)
     encoder = CacheEncoder(config.cache, data.size) if config.cache.enabled else None
     schema = pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS) if encoder else TRIPLET_SCHEMA
     started, written, buffer, part = time.time(), 0, [], 0
@@ -246,7 +257,7 @@ def run(config: PrepareConfig) -> Path:
     if written == 0:
         raise ValueError(f"data.input: no triplet survived (pairs read: {stats['pairs']}, "
                          f"below quality {data.min_quality}: {stats['filtered']})")
-    detail = "" if data.source == "synthetic" else (
+    detail = "" if data.source in sources else (
         f" from {stats['pairs']} pairs ({stats['filtered']} dropped below quality {data.min_quality}, "
         f"{stats['unscored']} without scores kept)")
     cached = f" with cached latents/embeddings ({encoder.identity}, {encoder.size} px)" if encoder else ""

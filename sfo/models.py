@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 TINY = "tiny"
+SHAPES = "shapes"  # the shapes-world model (sfo.shapes.model), pretrained by ``pipelines.pretrain``
 PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 # FLUX.1-dev's scheduler (its scheduler_config.json): resolution-dependent shift of the sigmas.
@@ -113,7 +114,8 @@ def load_flux(
     """Loads the ``tiny`` preset or a local FLUX.1-dev folder (diffusers layout).
 
     Args:
-        source: ``"tiny"`` or the path of a folder holding ``model_index.json`` and the seven
+        source: ``"tiny"``, ``"shapes"`` (the shapes-world model, once ``pipelines.pretrain`` has
+            made it) or the path of a folder holding ``model_index.json`` and the seven
             component folders (transformer, vae, text_encoder[_2], tokenizer[_2], scheduler).
         device: where the modules live; defaults to CUDA when available.
         dtype: ``torch.bfloat16``/``"bf16"``, ``torch.float32``/``"fp32"``...; defaults to
@@ -131,6 +133,11 @@ def load_flux(
         config = tiny_config or TinyFluxConfig()
         folder = _cached_tiny_folder(config)
         max_length = text_max_length or config.text_max_length
+    elif str(source) == SHAPES:
+        from sfo.shapes.model import ShapesFluxConfig, require_pretrained
+
+        folder = require_pretrained()
+        max_length = text_max_length or ShapesFluxConfig().text_max_length
     else:
         folder = check_flux_folder(source)
         max_length = text_max_length or 512
@@ -149,6 +156,10 @@ def model_identity(source: str | os.PathLike) -> str:
     """
     if str(source) == TINY:
         return f"{TINY}:{TinyFluxConfig().fingerprint()}"
+    if str(source) == SHAPES:
+        from sfo.shapes.model import ShapesFluxConfig
+
+        return f"{SHAPES}:{ShapesFluxConfig().fingerprint()}"
     return str(Path(source).expanduser().resolve())
 
 

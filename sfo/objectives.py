@@ -31,14 +31,14 @@ class TrainBatch:
     Attributes:
         target: (N, L, 64) clean packed latents of the (positive) target x_tgt.
         text: prompt embeddings of the target text c_text.
-        condition: reference-image tokens c_img.
+        condition: reference-image tokens c_img; None for plain text-to-image (pretraining, App. A).
         img_ids: (L, 3) target position ids.
         negative: (N, L, 64) clean packed latents of the negative target x_tgt^-, for SFO.
     """
 
     target: torch.Tensor
     text: TextEmbeddings
-    condition: Condition
+    condition: Condition | None
     img_ids: torch.Tensor
     negative: torch.Tensor | None = None
 
@@ -162,7 +162,9 @@ def sfo_objective(
 
     def errors() -> torch.Tensor:
         # The condition path is shared by the pair: computed once for N, repeated for 2N.
-        cache = encode_condition(transformer, batch.condition, batch.text.pooled, guidance).repeat(2)
+        cache = None  # no condition: plain text-to-image (paper App. A)
+        if batch.condition is not None:
+            cache = encode_condition(transformer, batch.condition, batch.text.pooled, guidance).repeat(2)
         pred = flux_forward(transformer, x_t, batch.img_ids, text2, t2, guidance2, cache)
         return flow_matching_error(pred, target_v)  # (2N,)
 

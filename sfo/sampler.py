@@ -17,7 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from PIL import Image
 
-from sfo.latents import LATENT_CHANNELS, condition_ids, decode_tokens, encode_images, grid_ids, pack
+from sfo.latents import condition_ids, decode_tokens, encode_images, grid_ids, pack
 from sfo.models import FluxModel
 from sfo.text import encode_prompts
 from sfo.transformer import Condition, encode_condition, flux_forward
@@ -103,7 +103,7 @@ def sample_latents(
     if transformer.config.guidance_embeds:
         guidance = torch.full((n,), float(config.guidance), device=model.device)
     latent_side = model.vae_scale_factor
-    x = initial_noise(seeds, LATENT_CHANNELS, config.height // latent_side, config.width // latent_side)
+    x = initial_noise(seeds, model.vae.config.latent_channels, config.height // latent_side, config.width // latent_side)
     x = x.to(model.device, model.dtype)  # (B, L, 64)
     img_ids = grid_ids(h_tok, w_tok).to(model.device)
 

@@ -27,6 +27,8 @@ from itertools import product
 import numpy as np
 from PIL import Image
 
+from sfo.degrade import generic_text
+
 SIZE = 48
 CELL = 3  # pattern cell side in pixels (period 6)
 
@@ -87,6 +89,12 @@ def target_text(subject: Subject, context: Context) -> str:
 def shape_text(shape: str) -> str:
     """The colour-free prompt of paper App. A (``"a photo of a circle"``)."""
     return f"a photo of a {shape}"
+
+
+def captions(subject: Subject, context: Context) -> tuple[str, str, str]:
+    """The three texts pretraining pairs with a target image, most to least specific: its target
+    text, the CDNS generic text of its subject (``"a photo of red circle"``) and the App. A prompt."""
+    return target_text(subject, context), generic_text(subject.item), shape_text(subject.shape)
 
 
 def box(context: Context) -> tuple[int, int, int]:
@@ -163,11 +171,12 @@ class WorldTriplet:
 
 
 def world_triplets(n: int, seed: int = 0) -> list[WorldTriplet]:
-    """``n`` triplets, subject and context drawn uniformly and independently from ``rng(seed)``."""
+    """``n`` triplets, subject and context drawn uniformly and independently from ``rng(seed)``; the
+    first k are the same for every n >= k."""
     if n < 0:
         raise ValueError(f"n: must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
-    subjects = rng.integers(len(ALL_SUBJECTS), size=n)
-    contexts = rng.integers(len(ALL_CONTEXTS), size=n)
-    return [WorldTriplet(f"shapes-{seed}-{i:06d}", ALL_SUBJECTS[s], ALL_CONTEXTS[c])
-            for i, (s, c) in enumerate(zip(subjects, contexts))]
+    # One (subject, context) draw per row, in row order: the first k triplets are the same for any n >= k,
+    # so a sample id always names the same triplet (cdns resumes by sample id).
+    draws = rng.integers([len(ALL_SUBJECTS), len(ALL_CONTEXTS)], size=(n, 2))
+    return [WorldTriplet(f"shapes-{seed}-{i:06d}", ALL_SUBJECTS[s], ALL_CONTEXTS[c]) for i, (s, c) in enumerate(draws)]

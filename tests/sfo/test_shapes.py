@@ -165,3 +165,9 @@ def test_bad_input_names_the_field_and_the_fix():
         score([image, image], [SUBJECT], [CONTEXT, CONTEXT])
     with pytest.raises(ValueError, match="empty batch"):
         score([], [], [])
+
+
+def test_a_sample_id_names_the_same_triplet_whatever_n():
+    """cdns resumes by sample id: growing n must not change the triplets already drawn."""
+    small, large = world_triplets(5, seed=3), world_triplets(40, seed=3)
+    assert large[:5] == small
