@@ -11,7 +11,8 @@ prompt). The saved weights are an exponential moving average of the trained ones
 
 One process, no Ray: the model is small enough for one CPU. The result goes to
 ``$SFO_CACHE_DIR/shapes-flux/<sizes fingerprint>/`` (a FLUX folder in the diffusers layout, with
-``pretrain.json`` recording the run); an existing one is kept unless ``force=true``.
+``pretrain.json`` recording the run); one pretrained for at least ``steps`` is kept unless
+``force=true``.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ CAPTION_WEIGHTS = (0.5, 0.25, 0.25)  # target text, generic text, App. A prompt
 @dataclass
 class PretrainConfig:
     steps: int = 1500
-    batch_size: int = 64
+    batch_size: int = 48
     lr: float = 1e-3
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10% of lr
-    ema: float = 0.999  # decay of the saved weights' moving average
+    ema: float = 0.995  # decay of the saved weights' moving average
     seed: int = 0
     log_every: int = 50
     force: bool = False  # retrain even when the cache holds a pretrained model
@@ -91,6 +92,14 @@ class WorldData:
         return TrainBatch(target=self.tokens[pair], text=text, condition=None, img_ids=self.img_ids)
 
 
+def pretrained_steps(folder: Path) -> int:
+    """Steps the model cached in ``folder`` was pretrained for (0: none there)."""
+    record = folder / "pretrain.json"
+    if not (folder / "model_index.json").is_file() or not record.is_file():
+        return 0
+    return int(json.loads(record.read_text())["config"]["steps"])
+
+
 def learning_rate(cfg: PretrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -105,9 +114,12 @@ def _log(message: str) -> None:
 def pretrain(cfg: PretrainConfig, log=_log) -> Path:
     """Trains and saves the shapes-world pipeline; returns its folder."""
     folder = cfg.folder
-    if (folder / "model_index.json").is_file() and not cfg.force:
-        log(f"pretrain: {folder} already holds a pretrained shapes model (force=true retrains)")
+    done = pretrained_steps(folder)
+    if done >= cfg.steps and not cfg.force:
+        log(f"pretrain: {folder} already holds the shapes model pretrained for {done} steps (force=true retrains)")
         return folder
+    if done:
+        log(f"pretrain: the cached shapes model had {done} steps, fewer than {cfg.steps}: retraining")
     torch.manual_seed(cfg.seed)
     pipe = build_shapes_pipeline(ShapesFluxConfig())
     model = FluxModel(pipe=pipe, source="shapes", text_max_length=ShapesFluxConfig().text_max_length,

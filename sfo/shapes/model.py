@@ -3,8 +3,9 @@
 Same classes and code path as FLUX.1 (``FluxTransformer2DModel``, CLIP + T5 text encoders, the
 FLUX.1-dev scheduler), with two changes that fit the world:
 
-- the VAE is ``sfo.codec.PixelCodec`` (4x4 space-to-depth, exact), so a 48-pixel image is a
-  6x6 grid of tokens and decoding never blurs a fine detail;
+- the VAE is ``sfo.codec.PixelCodec`` (2x2 space-to-depth, exact), so a 32-pixel image is an
+  8x8 grid of 4x4-pixel tokens (48 numbers each, fewer than the 128-wide hidden state, as FLUX's
+  64 are far fewer than its 3072) and decoding never blurs a fine detail;
 - the T5 tokenizer knows the world's words (one token per word, characters as a fallback), so
   prompts fit in ``text_max_length`` = 16 tokens;
 - no guidance embedding (like FLUX.1-schnell): a model trained from scratch has no distilled
@@ -46,7 +47,7 @@ class ShapesFluxConfig:
     attention_head_dim: int = 32
     axes_dims_rope: tuple[int, int, int] = (8, 12, 12)
     text_dim: int = 64
-    codec_factor: int = 4  # pixels per latent cell; a token is (2 * factor)^2 pixels
+    codec_factor: int = 2  # pixels per latent cell; a token is (2 * factor)^2 pixels, 48 numbers < hidden 128
     text_max_length: int = 16
     seed: int = 0
 

@@ -29,8 +29,8 @@ from PIL import Image
 
 from sfo.degrade import generic_text
 
-SIZE = 48
-CELL = 3  # pattern cell side in pixels (period 6)
+SIZE = 32
+CELL = 2  # pattern cell side in pixels (period 4)
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 50, 50), "green": (40, 170, 70), "blue": (50, 90, 220), "yellow": (230, 200, 40)}
@@ -39,8 +39,8 @@ PATTERNS = ("hstripes", "vstripes", "checks", "dots")
 BACKGROUNDS = {"sand": (215, 195, 140), "sky": (140, 190, 235), "mint": (160, 220, 170), "night": (50, 50, 90)}
 REFERENCE_BACKGROUND = (128, 128, 128)
 POSITIONS = ("left", "center", "right")
-CENTRES_X = {"left": 14, "center": 24, "right": 34}
-SIDES = {"small": 16, "large": 24}
+CENTRES_X = {"left": 11, "center": 16, "right": 21}
+SIDES = {"small": 12, "large": 18}
 
 PHRASES = {"left": "on the left", "center": "in the middle", "right": "on the right"}
 
