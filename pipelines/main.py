@@ -1,12 +1,16 @@
 """The main job: every stage end to end on a local Ray it starts itself.
 
-    prepare (triplets) -> sft (Ray Train + DeepSpeed) -> cdns (Ray Data) -> pair analysis
-    -> sfo (Ray Train + DeepSpeed) -> evaluate SFT vs SFO (Ray Data) -> one request through
-    the Ray Serve app -> report.html
+    [pretrain, shapes world only] -> prepare (triplets) -> sft (Ray Train + DeepSpeed) -> cdns
+    (Ray Data) -> pair analysis -> sfo (Ray Train + DeepSpeed) -> evaluate SFT vs SFO (Ray Data)
+    -> one request through the Ray Serve app -> report.html
 
 Each stage is the same job ``python -m pipelines.<stage>`` runs (same config classes, the YAML files
 in pipelines/configs/ plus the chain's paths from ``cluster.chain``), called in this one driver.
-The default is the embedded tiny FLUX on embedded synthetic triplets: no downloads.
+The default is the shapes world (``sfo.shapes``): a small FLUX-architecture model pretrained on
+procedural subjects by ``pipelines.pretrain`` (once, then cached), triplets from the world, and
+exact oracles instead of DINO / CLIP, so the scores mean something without downloads.
+``--model tiny`` runs the random-weight tiny FLUX on simple synthetic triplets (plumbing only);
+``--model /path/to/FLUX.1-dev`` the real one.
 
     python -m pipelines.main --help
 """
@@ -28,23 +32,35 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.main", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="'tiny' (embedded, default) or a local FLUX.1-dev folder")
+    parser.add_argument("--model", default="shapes",
+                        help="'shapes' (the shapes world, default), 'tiny' (random weights) or a local FLUX.1-dev folder")
     parser.add_argument("--out", type=Path, default=None,
                         help="run folder (default: runs/main-<date>-<time>); must not exist yet")
-    parser.add_argument("--samples", type=int, default=8, help="synthetic triplets (default: 8)")
-    parser.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 16 (default: 64)")
-    parser.add_argument("--sft-steps", type=int, default=8, help="SFT optimiser steps of the 'ref' LoRA (default: 8)")
-    parser.add_argument("--sfo-steps", type=int, default=8, help="SFO optimiser steps of the 'sfo' LoRA (default: 8)")
+    parser.add_argument("--samples", type=int, default=None, help="training triplets (default: 128 shapes, 8 otherwise)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side in pixels, a multiple of 16 (default: 32 = the shapes world, else 64)")
+    parser.add_argument("--pretrain-steps", type=int, default=1500,
+                        help="shapes world: pretraining steps of the model, run once and cached (default: 1500)")
+    parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the 'ref' LoRA (default: 200 shapes, 8)")
+    parser.add_argument("--sfo-steps", type=int, default=None, help="SFO steps of the 'sfo' LoRA (default: 50 shapes, 8)")
     parser.add_argument("--sample-steps", type=int, default=28, help="sampling steps (default: 28, as the paper)")
     parser.add_argument("--dreambench", type=Path, default=None,
                         help="DreamBench 'dataset' folder to evaluate on (default: embedded synthetic subjects)")
-    parser.add_argument("--eval-subjects", type=int, default=4, help="subjects evaluated (default: 4)")
+    parser.add_argument("--eval-subjects", type=int, default=None, help="subjects evaluated (default: 32 shapes, 4)")
     parser.add_argument("--eval-prompts", type=int, default=2, help="prompts per DreamBench subject (default: 2)")
     parser.add_argument("--eval-seeds", type=int, default=2, help="images per (subject, prompt) (default 2; paper 4)")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
     args = parser.parse_args(argv)
-    for name in ("samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "eval_prompts",
+    shapes = args.model == "shapes"
+    defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (50, 8),
+                "eval_subjects": (32, 4)}
+    for name, (world, other) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, world if shapes else other)
+    if shapes and args.size != 32:
+        parser.error("--size: the shapes world is drawn at 32 px; leave --size out")
+    for name in ("pretrain_steps", "samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "eval_prompts",
                  "eval_seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -52,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--size must be a positive multiple of 16")
     if args.out is not None and args.out.exists():
         parser.error(f"--out {args.out} exists already; pick a new folder")
-    if args.model != "tiny":
+    if args.model not in ("tiny", "shapes"):
         from sfo.models import check_flux_folder
 
         try:
@@ -68,24 +84,31 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     """The four jobs' configs: their YAML, the chain's paths, then this run's sizes."""
     from pipelines.cdns import CdnsConfig
     from pipelines.evaluate import EvaluateConfig
+    from pipelines.evaluate_shapes import ShapesEvaluateConfig
     from pipelines.pair_analysis import PairAnalysisConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
 
     model = [f"model.source={args.model}"]
+    shapes = args.model == "shapes"
+    evaluation = (["eval.subjects=" + str(args.eval_subjects), f"eval.seeds={args.eval_seeds}", f"eval.steps={args.sample_steps}"]
+                  if shapes else
+                  [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
+                   f"eval.subjects={args.eval_subjects}", f"eval.prompts={args.eval_prompts}"]
+                  + ([f"eval.dreambench={args.dreambench.resolve()}"] if args.dreambench else []))
     extra = {
-        "prepare": [f"data.limit={args.samples}", f"data.size={args.size}"],
+        "prepare": [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={'shapes' if shapes else 'synthetic'}"],
         "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"],
         "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"],
         "pair_analysis": [],
         "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"],
-        "evaluate": model + [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
-                             f"eval.subjects={args.eval_subjects}", f"eval.prompts={args.eval_prompts}"]
-        + ([f"eval.dreambench={args.dreambench.resolve()}"] if args.dreambench else []),
+        "evaluate": model + evaluation,
     }
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
-               "sfo": SfoConfig, "evaluate": EvaluateConfig}
-    return {stage: load_config(cls, CONFIGS / f"{stage}.yaml", stage_overrides(stage, runs) + extra[stage])
+               "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}
+    files = {stage: CONFIGS / f"{stage}.yaml" for stage in classes} | ({"evaluate": CONFIGS / "evaluate_shapes.yaml"}
+                                                                      if shapes else {})
+    return {stage: load_config(cls, files[stage], stage_overrides(stage, runs) + extra[stage])
             for stage, cls in classes.items()}
 
 
@@ -120,18 +143,30 @@ def serve_request(args: argparse.Namespace, runs: Path) -> Path:
 
 
 def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, pairs: dict) -> Path:
+    import pyarrow as pa
+
+    from pipelines import evaluate, evaluate_shapes
     from pipelines.config import to_dict
-    from pipelines.evaluate import load_benchmark, read_images
     from pipelines.report import write_report
 
-    evaluate = configs["evaluate"]
-    methods = [m.name for m in evaluate.methods]
+    config = configs["evaluate"]
+    methods = [m.name for m in config.methods]
     served = runs / "served.png"
+    if args.model == "shapes":
+        triplets = evaluate_shapes.eval_triplets(config.eval)
+        images = evaluate_shapes.read_images(config.output, methods).rename_columns(
+            ["method", "subject", "prompt", "seed", "image_png", *evaluate_shapes.JUDGEMENTS])
+        images = images.append_column("prompt_index", pa.array([0] * len(images), pa.int32()))
+        look = dict(summary={"methods": summary}, references={k: t.reference for k, t in triplets.items()},
+                    metrics=[(k, k if k != "subject" else "subject fidelity") for k in evaluate_shapes.HEADLINE],
+                    metrics_title="Shapes-world oracles (exact): share of images right")
+    else:
+        look = dict(summary=summary, references=evaluate.load_benchmark(config.eval).condition)
+        images = evaluate.read_images(config.output, methods)
     return write_report(
-        runs / "report.html", title=f"SFO run {runs.name} (model {args.model})", summary=summary,
-        images=read_images(evaluate.output, methods), references=load_benchmark(evaluate.eval).condition,
-        pairs=pairs, served=served.read_bytes() if served.is_file() else None,
-        parameters={"command line": vars(args), **{stage: to_dict(c) for stage, c in configs.items()}},
+        runs / "report.html", title=f"SFO run {runs.name} (model {args.model})", images=images, pairs=pairs,
+        served=served.read_bytes() if served.is_file() else None,
+        parameters={"command line": vars(args), **{stage: to_dict(c) for stage, c in configs.items()}}, **look,
     )
 
 
@@ -148,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines import cdns, evaluate, pair_analysis, prepare, train
+    from pipelines import cdns, evaluate, evaluate_shapes, pair_analysis, prepare, pretrain, train
 
     # address="local": a Ray of its own, even when another cluster runs on this machine.
     started_ray = not ray.is_initialized()
@@ -156,13 +191,16 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     p = paths(runs)
     results: dict = {}
-    steps = [
+    evaluation = evaluate_shapes if args.model == "shapes" else evaluate
+    steps = [("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=args.pretrain_steps)),
+              "the shapes-world model in the cache")] if args.model == "shapes" else []
+    steps += [
         ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
         ("sft", lambda: train.run(configs["sft"]), f"'ref' LoRA in {p['ref_adapter']}"),
         ("cdns", lambda: cdns.run(configs["cdns"]), f"quadruplets in {p['quadruplets']}"),
         ("pair_analysis", lambda: pair_analysis.run(configs["pair_analysis"]), f"pair gaps in {p['pairs']}"),
         ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),
-        ("evaluate", lambda: evaluate.run(configs["evaluate"]), f"scores in {p['evaluate']}"),
+        ("evaluate", lambda: evaluation.run(configs["evaluate"]), f"scores in {p['evaluate']}"),
         ("serve", lambda: serve_request(args, runs), f"one generated image in {runs / 'served.png'}"),
         ("report", lambda: report(args, runs, configs, results["evaluate"], results["pair_analysis"]),
          f"report in {runs / 'report.html'}"),
@@ -187,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDone in {time.time() - started:.0f} s, model {args.model!r}. Everything is under {runs}:")
     print(f"  adapters (diffusers LoRA safetensors): {p['adapters']}")
     print(f"  report: {runs / 'report.html'}")
+    if args.model == "shapes":
+        print("  Scores are the shapes world's exact oracles (sfo.shapes.oracle); the paper's findings in")
+        print("  miniature: python -m pipelines.reproduce")
     if args.model == "tiny":
         print("  The tiny model has random weights and the encoders are random: this proves the code path,")
         print("  not image quality, and its scores are not comparable to published numbers.")

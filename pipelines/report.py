@@ -31,27 +31,27 @@ def _img(image: Image.Image | bytes, side: int = THUMB) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" width="{side}">'
 
 
-def metric_table(summary: dict) -> str:
-    head = "<tr><th>method</th><th>subject</th><th>images</th>" + "".join(f"<th>{n}</th>" for _, n in METRICS) + "</tr>"
+def metric_table(summary: dict, metrics=METRICS) -> str:
+    head = "<tr><th>method</th><th>subject</th><th>images</th>" + "".join(f"<th>{n}</th>" for _, n in metrics) + "</tr>"
     rows = []
     for method, m in summary["methods"].items():
         rows.append(f"<tr><td><b>{html.escape(method)}</b></td><td>all</td><td>{m['images']}</td>"
-                    + "".join(f"<td>{m[k]:.3f}</td>" for k, _ in METRICS) + "</tr>")
-        for subject, s in summary["subjects"][method].items():
+                    + "".join(f"<td>{m[k]:.3f}</td>" for k, _ in metrics) + "</tr>")
+        for subject, s in summary.get("subjects", {}).get(method, {}).items():
             rows.append(f"<tr><td>{html.escape(method)}</td><td>{html.escape(subject)}</td><td>{s['images']}</td>"
-                        + "".join(f"<td>{s[k]:.3f}</td>" for k, _ in METRICS) + "</tr>")
+                        + "".join(f"<td>{s[k]:.3f}</td>" for k, _ in metrics) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
-def bar_chart(summary: dict) -> str:
-    """Grouped bars: one group per metric, one bar per method; cosines drawn on [-1, 1]."""
+def bar_chart(summary: dict, metrics=METRICS) -> str:
+    """Grouped bars: one group per metric, one bar per method; values drawn on [-1, 1]."""
     methods = list(summary["methods"])
-    group_w = CHART_W / len(METRICS)
+    group_w = CHART_W / len(metrics)
     bar_w = group_w * 0.8 / max(1, len(methods))
     zero = CHART_H / 2
     parts = [f'<svg width="{CHART_W}" height="{CHART_H + 30}" xmlns="http://www.w3.org/2000/svg">',
              f'<line x1="0" y1="{zero}" x2="{CHART_W}" y2="{zero}" stroke="#444"/>']
-    for g, (key, name) in enumerate(METRICS):
+    for g, (key, name) in enumerate(metrics):
         x0 = g * group_w + group_w * 0.1
         for i, method in enumerate(methods):
             value = float(summary["methods"][method][key])
@@ -100,14 +100,20 @@ def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: li
 
 
 def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
-                 pairs: dict | None, parameters: dict, served: bytes | None = None) -> Path:
-    """Writes the HTML report to ``path`` and returns it."""
+                 pairs: dict | None, parameters: dict, served: bytes | None = None, metrics=METRICS,
+                 metrics_title: str = "DreamBench-style metrics") -> Path:
+    """Writes the HTML report to ``path`` and returns it.
+
+    ``summary["methods"][method]`` holds ``images`` and each ``metrics`` key (and optionally
+    ``summary["subjects"][method][subject]`` the same per subject); ``images`` has the columns
+    method, subject, prompt_index, prompt, seed, image_png.
+    """
     methods = list(summary["methods"])
     note = (f'<p class="warn">{html.escape(summary["note"])}</p>' if summary.get("random_encoders") else "")
     sections = [
         f"<h1>{html.escape(title)}</h1>", note,
-        "<h2>DreamBench-style metrics</h2>", metric_table(summary),
-        "<h2>Methods compared</h2>", bar_chart(summary),
+        f"<h2>{html.escape(metrics_title)}</h2>", metric_table(summary, metrics),
+        "<h2>Methods compared</h2>", bar_chart(summary, metrics),
         "<h2>Samples</h2>", image_grid(images, references, methods),
     ]
     if pairs is not None:

@@ -52,7 +52,7 @@ class Budget:
 
 BUDGETS = {
     "full": Budget(pretrain_steps=1200, triplets=512, sft_steps=300, sfo_steps=150, batch_size=8, sample_steps=28,
-                   eval_subjects=48, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), colour_steps=60, colour_every=20,
+                   eval_subjects=128, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), colour_steps=60, colour_every=20,
                    colour_samples=100),
     # Checks the machinery (tests): every stage and arm runs, nothing is learned.
     "tiny": Budget(pretrain_steps=2, triplets=4, sft_steps=1, sfo_steps=1, batch_size=2, sample_steps=2,

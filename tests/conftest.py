@@ -40,3 +40,11 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (shared data exists only beside the development checkout)")
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes_pretrained(_hermetic_cache):
+    """The shapes-world model after a 2-step pretraining, in the session cache (machinery, not quality)."""
+    from pipelines.pretrain import PretrainConfig, pretrain
+
+    return pretrain(PretrainConfig(steps=2, batch_size=4, log_every=1))

@@ -1,5 +1,6 @@
 """The main job: every stage end to end on a local Ray (tiny model, minimal sizes)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ from pipelines import main as main_job
 from sfo.models import load_flux
 
 ROOT = Path(__file__).resolve().parents[2]
-MINIMAL = ["--samples", "2", "--size", "32", "--sft-steps", "1", "--sfo-steps", "1", "--sample-steps", "2",
+MINIMAL = ["--model", "tiny", "--samples", "2", "--size", "32", "--sft-steps", "1", "--sfo-steps", "1", "--sample-steps", "2",
            "--eval-subjects", "1", "--eval-seeds", "1"]
 
 
@@ -33,6 +34,24 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
     assert set(pipe.transformer.peft_config) == {"ref", "sfo"}
 
 
+@pytest.mark.slow
+def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main_job.main(["--out", str(out), "--samples", "2", "--pretrain-steps", "2", "--sft-steps", "1",
+                          "--sfo-steps", "1", "--sample-steps", "2", "--eval-subjects", "1", "--eval-seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    stages = ["pretrain", "prepare", "sft", "cdns", "pair_analysis", "sfo", "evaluate", "serve", "report"]
+    for index, stage in enumerate(stages, 1):
+        assert f"[{index}/{len(stages)}] {stage} done" in printed
+    assert "already holds the shapes model" in printed  # cached by the fixture: not pretrained again
+    assert Image.open(out / "served.png").size == (32, 32)
+    report = (out / "report.html").read_text()
+    assert "Shapes-world oracles" in report and "random encoders" not in report
+    assert report.count("<img") == 1 * (1 + 2) + 1  # one triplet x (reference, sft, sfo), the served image
+    summary = json.loads((out / "evaluate" / "summary.json").read_text())
+    assert set(summary) == {"sft", "sfo"} and summary["sft"]["images"] == 1
+
+
 def test_a_failed_stage_stops_the_run_with_its_error(ray_local, tmp_path, capsys, monkeypatch):
     from pipelines import prepare, train
 
@@ -52,6 +71,6 @@ def test_a_failed_stage_stops_the_run_with_its_error(ray_local, tmp_path, capsys
 def test_help_and_bad_flags(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pipelines.main", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0 and "--sfo-steps" in result.stdout
-    for bad in (["--size", "40"], ["--samples", "0"], ["--model", str(tmp_path / "nope")], ["--out", str(tmp_path)]):
+    for bad in (["--size", "64"], ["--model", "tiny", "--size", "40"], ["--samples", "0"], ["--model", str(tmp_path / "nope")], ["--out", str(tmp_path)]):
         with pytest.raises(SystemExit):
             main_job.parse_args(bad)

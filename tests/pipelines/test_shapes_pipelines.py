@@ -1,0 +1,113 @@
+"""The shapes world through the project's jobs: pretrain, prepare, evaluate_shapes, App. A, reproduce."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import colour_shift, evaluate_shapes, prepare, pretrain, reproduce
+from pipelines.config import load_config
+from sfo.codec import PixelCodec
+from sfo.records import decode_png
+from sfo.shapes.oracle import judge, read_image
+from sfo.shapes.world import SIZE, world_triplets
+
+
+def test_pretrain_caches_the_model_and_skips_a_second_run(shapes_pretrained, capsys):
+    from sfo.models import load_flux
+
+    assert pretrain.pretrained_steps(shapes_pretrained) == 2
+    stamp = (shapes_pretrained / "pretrain.json").stat().st_mtime_ns
+    assert pretrain.pretrain(pretrain.PretrainConfig(steps=2, batch_size=4)) == shapes_pretrained
+    assert "already holds" in capsys.readouterr().out
+    assert (shapes_pretrained / "pretrain.json").stat().st_mtime_ns == stamp
+    model = load_flux("shapes", device="cpu")
+    assert isinstance(model.vae, PixelCodec) and model.text_max_length == 16
+
+
+def test_load_flux_shapes_names_the_pretrain_command_when_nothing_is_cached(tmp_path, monkeypatch):
+    from sfo.models import load_flux
+
+    monkeypatch.setenv("SFO_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="python -m pipelines.pretrain"):
+        load_flux("shapes", device="cpu")
+
+
+def test_pretrain_config_names_bad_fields():
+    with pytest.raises(ValueError, match="ema"):
+        pretrain.PretrainConfig(ema=1.0)
+    with pytest.raises(ValueError, match="steps"):
+        pretrain.PretrainConfig(steps=0)
+
+
+def test_prepare_writes_the_world_triplets(tmp_path):
+    config = load_config(prepare.PrepareConfig, None, ["data.source=shapes", f"data.size={SIZE}", "data.limit=5",
+                                                        f"data.output={tmp_path / 'triplets'}"])
+    prepare.run(config)
+    rows = pq.read_table(tmp_path / "triplets").to_pylist()
+    for row, triplet in zip(rows, world_triplets(5, seed=0), strict=True):
+        assert row["sample_id"] == triplet.sample_id and row["target_text"] == triplet.target_text
+        assert judge(read_image(decode_png(row["target_png"])), triplet.subject, triplet.context)["subject"]
+        assert judge(read_image(decode_png(row["reference_png"]), reference=True), triplet.subject, None)["subject"]
+    with pytest.raises(Exception, match=f"data.size={SIZE}"):
+        load_config(prepare.PrepareConfig, None, ["data.source=shapes", "data.size=64"])
+
+
+def test_evaluate_shapes_judges_every_image_it_writes(shapes_pretrained, tmp_path):
+    config = load_config(evaluate_shapes.ShapesEvaluateConfig, None, [
+        "eval.subjects=2", "eval.seeds=2", "eval.steps=2", "runner=local", f"output={tmp_path}"])
+    summary = evaluate_shapes.run(config)
+    table = evaluate_shapes.read_images(tmp_path, ["base"]).to_pylist()
+    assert summary["base"]["images"] == len(table) == 4
+    triplets = evaluate_shapes.eval_triplets(config.eval)
+    for row in table:
+        t = triplets[row["sample_id"]]
+        verdict = judge(read_image(decode_png(row["image_png"])), t.subject, t.context)
+        assert {k: row[k] for k in evaluate_shapes.JUDGEMENTS} == {k: verdict[k] for k in evaluate_shapes.JUDGEMENTS}
+    assert summary["base"]["text"] == np.mean([r["text"] for r in table])
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
+def test_colour_shift_machinery(shapes_pretrained):
+    config = colour_shift.ColourShiftConfig(steps=1, eval_every=1, samples=3, sample_steps=2, batch_size=2)
+    result = colour_shift.run(config, log=lambda _: None)
+    for arm in colour_shift.ARMS:
+        assert [point["step"] for point in result[arm]] == [0, 1]
+        assert all(abs(sum(point["share"].values()) - 1) < 1e-9 for point in result[arm])
+    assert result["sft"][0]["share"] == result["sfo"][0]["share"]  # both start from the same base and seeds
+    assert "App. A" in colour_shift.format_curves(result)
+    with pytest.raises(ValueError, match="colour_shift.colour"):
+        colour_shift.ColourShiftConfig(colour="pink")
+
+
+def test_plan_runs_only_what_the_experiments_need():
+    budget = reproduce.BUDGETS["full"]
+    assert reproduce.plan(["appA"], budget).arms == {}
+    table4 = reproduce.plan(["table4"], budget)
+    assert set(table4.arms) == {"sft-additional", "sfo-self-play", "sfo-cdns"}
+    assert table4.arm_negatives["sft-additional"] is None and set(table4.negatives) == {"self-play", "cdns-r2"}
+    sweep = reproduce.plan(["tableB"], budget)
+    assert set(sweep.arms) == {"sfo-cdns", "sfo-cdns-r0.5", "sfo-cdns-r1", "sfo-cdns-r4"}
+    assert sweep.negatives["cdns-r0.5"] == {"cdns.mode": "cdns", "cdns.blur_radius": 0.5}
+    assert reproduce.plan(["tableC"], budget).arms["sfo-cdns-uniform"] == ["sfo.scheme=uniform"]
+
+
+def test_reproduce_refuses_unknown_experiments():
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--only", "table9"])
+
+
+def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
+    out = tmp_path / "run"
+    assert reproduce.main(["--budget", "tiny", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
+                                       "sfo-cdns-uniform", "sfo-cdns-r1"}
+    assert all(m["images"] == 2 for m in results["methods"].values())
+    assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
+            "evaluate", "appA"} <= set(results["seconds"])
+    assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
+    report = (out / "report.md").read_text()
+    for title in ("Table 4", "Table C", "Table B", "App. A", "Wall time"):
+        assert title in report
