@@ -96,12 +96,13 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
                   [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
                    f"eval.subjects={args.eval_subjects}", f"eval.prompts={args.eval_prompts}"]
                   + ([f"eval.dreambench={args.dreambench.resolve()}"] if args.dreambench else []))
+    world_batch = ["train.batch_size=8"] if shapes else []  # the world model is small: batches of 8 fit a CPU step
     extra = {
         "prepare": [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={'shapes' if shapes else 'synthetic'}"],
-        "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"],
-        "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"],
+        "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"] + world_batch,
+        "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"] + (["cdns.batch_size=16"] if shapes else []),
         "pair_analysis": [],
-        "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"],
+        "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch,
         "evaluate": model + evaluation,
     }
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,

@@ -291,7 +291,7 @@ def train_loop(loop_config: dict) -> None:
         every = cfg.train.checkpoint_every
         if step == cfg.train.steps or (every and step % every == 0):
             _report_with_checkpoint(engine, metrics, step, rank)
-        else:
+        elif step % cfg.train.report_every == 0:
             ray.train.report(metrics)
     _export(cfg, engine, transformer, trained, rank, fingerprint_before)
 

@@ -54,6 +54,8 @@ class TrainLoopConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     checkpoint_every: int = 0  # 0: one checkpoint at the end only
+    report_every: int = 10  # ray.train.report every N steps (a round trip to the controller, ~1 s on a
+    #                         laptop); metrics.jsonl gets every step, the last step is always reported
     gradient_checkpointing: bool = False
     seed: int = 0
     optimizer: str = "prodigy"  # paper Sec. 4.1
@@ -61,7 +63,7 @@ class TrainLoopConfig:
     weight_decay: float = 0.01
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:

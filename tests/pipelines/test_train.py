@@ -224,6 +224,7 @@ def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path):
     ("scaling.num_workers=0", "scaling.num_workers"),
     ("sfo.variant=bogus", "sfo.variant"),
     ("deepspeed.zero_stage=1", "deepspeed.zero_stage"),
+    ("train.report_every=0", "train.report_every"),
     ("data.path=", "data.path"),
     ("scaling.num_workers=2", "train.optimizer"),  # prodigy + ZeRO sharding on CPU is refused
 ])
