@@ -5,6 +5,7 @@
 1. Table 4: SFT base vs SFT-additional vs SFO with Self-Play negatives vs SFO with CDNS negatives.
 2. Table C: SFO (CDNS) with logit-normal vs uniform timesteps.
 3. Table B: SFO with CDNS negatives at several blur radii.
+   beta: SFO with CDNS negatives at other betas (not a paper table: the why-not of the results).
 4. App. A (Fig. A): share of a target colour under SFT (positives only) vs SFO (with negatives).
 
 Stages: pretrain (cached) -> prepare (shapes triplets) -> sft -> cdns per negative set ->
@@ -29,7 +30,7 @@ from pathlib import Path
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-EXPERIMENTS = ("table4", "tableC", "tableB", "appA")
+EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "appA")
 CDNS_RADIUS = 2.0  # world pixels; see the module docstring
 
 
@@ -44,6 +45,7 @@ class Budget:
     eval_subjects: int
     eval_seeds: int
     blur_radii: tuple[float, ...]
+    betas: tuple[float, ...]  # the "beta" experiment: SFO (CDNS) at other betas than Sec. 4.1's
     colour_steps: int
     colour_every: int
     colour_samples: int
@@ -51,12 +53,12 @@ class Budget:
 
 
 BUDGETS = {
-    "full": Budget(pretrain_steps=1200, triplets=512, sft_steps=300, sfo_steps=150, batch_size=8, sample_steps=28,
-                   eval_subjects=128, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), colour_steps=60, colour_every=20,
+    "full": Budget(pretrain_steps=1500, triplets=512, sft_steps=300, sfo_steps=150, batch_size=8, sample_steps=28,
+                   eval_subjects=128, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), betas=(100.0, 10000.0), colour_steps=60, colour_every=20,
                    colour_samples=100),
     # Checks the machinery (tests): every stage and arm runs, nothing is learned.
     "tiny": Budget(pretrain_steps=2, triplets=4, sft_steps=1, sfo_steps=1, batch_size=2, sample_steps=2,
-                   eval_subjects=2, eval_seeds=1, blur_radii=(1.0, 2.0), colour_steps=1, colour_every=1,
+                   eval_subjects=2, eval_seeds=1, blur_radii=(1.0, 2.0), betas=(100.0,), colour_steps=1, colour_every=1,
                    colour_samples=4),
 }
 
@@ -94,6 +96,9 @@ def plan(experiments: list[str], budget: Budget) -> Plan:
             if radius == CDNS_RADIUS and "sfo-cdns" in p.arms:
                 continue
             arm("sfo-cdns" if radius == CDNS_RADIUS else f"sfo-cdns-r{radius:g}", cdns(radius), [])
+    if "beta" in experiments:
+        for beta in budget.betas:
+            arm(f"sfo-cdns-beta{beta:g}", cdns(CDNS_RADIUS), [f"sfo.beta={beta}"])
     return p
 
 
@@ -168,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
             data = runs / "data" / negatives if negatives else triplets
             stages(f"sfo {name}", lambda o=overrides, n=name, d=data: train.run(load_config(SfoConfig, CONFIGS / "sfo.yaml",
                 train_common + [f"data.path={d}", f"model.ref_adapter={ref}", f"output.name={n}",
-                                f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}", *o])))
+                                f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}", *o])))  # o last: wins
         methods = [{"name": "base", "active": []}, {"name": "sft", "ref_adapter": str(ref), "active": ["ref"]}]
         methods += [{"name": n, "ref_adapter": str(ref), "sfo_adapter": str(runs / "train" / n / "adapters" / "sfo"),
                      "active": ["ref", "sfo"]} for n in the_plan.arms]
@@ -214,8 +219,11 @@ def format_results(results: dict) -> str:
 
     table("Table 4: negatives", ["base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns"])
     table("Table C: timesteps (SFO, CDNS)", ["sfo-cdns", "sfo-cdns-uniform"])
-    table("Table B: blur radius of CDNS (world pixels)",
-          [n for n in methods if n.startswith("sfo-cdns-r")] + ["sfo-cdns"])
+    table("Table B: blur radius of CDNS (world pixels; sfo-cdns is radius 2)",
+          sorted((n for n in methods if n.startswith("sfo-cdns-r")), key=lambda n: float(n[len("sfo-cdns-r"):]))
+          + ["sfo-cdns"])
+    table(f"beta (SFO, CDNS; sfo-cdns is beta {results['budget']['beta']:g})",
+          [n for n in methods if n.startswith("sfo-cdns-beta")] + ["sfo-cdns"])
     if "appA" in results:
         lines.extend(["## App. A: colour shift", "", "```", format_curves(results["appA"]), "```", ""])
     lines.extend(["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"])

@@ -91,6 +91,8 @@ def test_plan_runs_only_what_the_experiments_need():
     assert set(sweep.arms) == {"sfo-cdns", "sfo-cdns-r0.5", "sfo-cdns-r1", "sfo-cdns-r4"}
     assert sweep.negatives["cdns-r0.5"] == {"cdns.mode": "cdns", "cdns.blur_radius": 0.5}
     assert reproduce.plan(["tableC"], budget).arms["sfo-cdns-uniform"] == ["sfo.scheme=uniform"]
+    assert reproduce.plan(["beta"], budget).arms == {"sfo-cdns-beta100": ["sfo.beta=100.0"],
+                                                     "sfo-cdns-beta10000": ["sfo.beta=10000.0"]}
 
 
 def test_reproduce_refuses_unknown_experiments():
@@ -103,11 +105,11 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     assert reproduce.main(["--budget", "tiny", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
-                                       "sfo-cdns-uniform", "sfo-cdns-r1"}
+                                       "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100"}
     assert all(m["images"] == 2 for m in results["methods"].values())
     assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
             "evaluate", "appA"} <= set(results["seconds"])
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
     report = (out / "report.md").read_text()
-    for title in ("Table 4", "Table C", "Table B", "App. A", "Wall time"):
+    for title in ("Table 4", "Table C", "Table B", "beta (SFO", "App. A", "Wall time"):
         assert title in report
