@@ -96,7 +96,8 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
                   [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
                    f"eval.subjects={args.eval_subjects}", f"eval.prompts={args.eval_prompts}"]
                   + ([f"eval.dreambench={args.dreambench.resolve()}"] if args.dreambench else []))
-    world_batch = ["train.batch_size=8"] if shapes else []  # the world model is small: batches of 8 fit a CPU step
+    # The world model is small: batches of 8 fit a CPU step (fewer when there are fewer triplets).
+    world_batch = [f"train.batch_size={min(8, args.samples)}"] if shapes else []
     extra = {
         "prepare": [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={'shapes' if shapes else 'synthetic'}"],
         "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"] + world_batch,
@@ -155,8 +156,9 @@ def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, p
     served = runs / "served.png"
     if args.model == "shapes":
         triplets = evaluate_shapes.eval_triplets(config.eval)
-        images = evaluate_shapes.read_images(config.output, methods).rename_columns(
-            ["method", "subject", "prompt", "seed", "image_png", *evaluate_shapes.JUDGEMENTS])
+        images = evaluate_shapes.read_images(config.output, methods).select(
+            ["method", "sample_id", "prompt", "seed", "image_png"]).rename_columns(
+            ["method", "subject", "prompt", "seed", "image_png"])  # the grid's columns: one triplet = one "subject"
         images = images.append_column("prompt_index", pa.array([0] * len(images), pa.int32()))
         look = dict(summary={"methods": summary}, references={k: t.reference for k, t in triplets.items()},
                     metrics=[(k, k if k != "subject" else "subject fidelity") for k in evaluate_shapes.HEADLINE],
