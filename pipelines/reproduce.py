@@ -106,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
-                        help="full: the README's numbers (about 45 min on 2 cores); tiny: machinery check (minutes)")
+                        help="full: the README's numbers (about 45 min on 2 cores with the model pretrained); tiny: machinery check (minutes)")
     parser.add_argument("--only", default=",".join(EXPERIMENTS),
                         help=f"comma-separated experiments (default: all of {','.join(EXPERIMENTS)})")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/reproduce-<date>-<time>)")
