@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
+from PIL import Image
 
 from serving.generator import Generator, group_jobs
 from serving.schema import Job
@@ -34,11 +38,17 @@ def test_info_fingerprints(generator):
     assert info["adapters"]["sfo"]["sha256"] != info["adapters"]["ref"]["sha256"]
 
 
+def _pixels(pngs: list[bytes]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(io.BytesIO(b)), dtype=np.int16) for b in pngs])
+
+
 def test_batched_equals_alone_and_adapters_differ(generator):
     a, b = job((11,)), job((12, 13), prompt="a blue cube")
     together = generator.run([a, job((11,), adapter="ref"), b])
-    assert together[0] == generator.run([a])[0]  # PNG bytes: the same image batched or alone
-    assert together[2] == generator.run([b])[0]
+    # The same image batched or alone: each sample draws its own noise. CPU matmuls block
+    # differently for batches of 3 and 2, so a pixel may round a level or two apart (seen once, in a full run).
+    assert np.abs(_pixels(together[0]) - _pixels(generator.run([a])[0])).max() <= 2
+    assert np.abs(_pixels(together[2]) - _pixels(generator.run([b])[0])).max() <= 2
     assert together[0] != together[1]  # "sfo" vs "ref" on the same seed
     assert len(set(together[2])) == 2
 
