@@ -45,7 +45,7 @@ class ColourShiftConfig:
     samples: int = 100  # paper App. A: 100 samples per checkpoint
     sample_steps: int = 28
     beta: float = 1000.0
-    optimizer: str = "prodigy"  # as the jobs; "adamw" uses lr
+    optimizer: str = "prodigy"  # plain Prodigy (the jobs add bias correction and safeguard warm-up); "adamw" uses lr
     lr: float = 1.0
     seed: int = 0
 

@@ -88,6 +88,15 @@ class EvalSection:
             raise ValueError(f"eval.batch_size: must be at least 1, got {self.batch_size}")
 
 
+def check_runner_and_methods(runner: str, methods: list[MethodConfig]) -> None:
+    """The checks every evaluation job's config makes: a known runner, one or more uniquely named methods."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner: unknown {runner!r}; use one of {list(RUNNERS)}")
+    names = [m.name for m in methods]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"methods: need at least one method and unique names, got {names}")
+
+
 @dataclass
 class EvaluateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # model.ref_adapter is unused: methods name adapters
@@ -98,11 +107,7 @@ class EvaluateConfig:
     runner: str = "ray"
 
     def __post_init__(self) -> None:
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
-        names = [m.name for m in self.methods]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"methods: need at least one method and unique names, got {names}")
+        check_runner_and_methods(self.runner, self.methods)
 
 
 @dataclass(frozen=True)
@@ -256,10 +261,10 @@ def run_ray(config, method: str, rows: list[dict], folder: Path, evaluator_class
     ds.write_parquet(str(folder))
 
 
-def read_images(output: Path, methods: list[str]) -> pa.Table:
-    """The scored images of ``methods`` under ``output/images``."""
+def read_images(output: Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
+    """The scored images of ``methods`` under ``output/images``, read as ``schema``."""
     files = sorted(f for m in methods for f in (output / "images" / m).rglob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f, schema=IMAGE_SCHEMA) for f in files]) if files else IMAGE_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
 
 
 def summarize(table: pa.Table) -> dict:

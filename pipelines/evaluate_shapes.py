@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.common import ModelConfig, ScalingConfig
 from pipelines.config import job_main
-from pipelines.evaluate import RUNNERS, MethodConfig, check_methods, load_method, run_local, run_ray
+from pipelines import evaluate
+from pipelines.evaluate import MethodConfig, check_methods, check_runner_and_methods, load_method, run_local, run_ray
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",
               "size")
@@ -70,11 +70,7 @@ class ShapesEvaluateConfig:
     runner: str = "ray"
 
     def __post_init__(self) -> None:
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
-        names = [m.name for m in self.methods]
-        if not names or len(set(names)) != len(names):
-            raise ValueError(f"methods: need at least one method and unique names, got {names}")
+        check_runner_and_methods(self.runner, self.methods)
 
 
 def eval_triplets(section: WorldEvalSection) -> dict:
@@ -121,8 +117,7 @@ class ShapesEvaluator:
 
 
 def read_images(output: Path, methods: list[str]) -> pa.Table:
-    files = sorted(f for m in methods for f in (output / "images" / m).rglob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f, schema=IMAGE_SCHEMA) for f in files]) if files else IMAGE_SCHEMA.empty_table()
+    return evaluate.read_images(output, methods, IMAGE_SCHEMA)
 
 
 def summarize(table: pa.Table) -> dict:

@@ -25,16 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from sfo.codec import PixelCodec
 from sfo.degrade import generic_text
-from sfo.models import FLUX_DEV_SCHEDULER, cache_root
+from sfo.models import FLUX_DEV_SCHEDULER, build_text_encoders, build_transformer, cache_root
 from sfo.shapes import world as W
 
 SHAPES = "shapes"
-_CHARS = [chr(c) for c in range(33, 127)]
 
 
 @dataclass(frozen=True)
@@ -68,43 +66,10 @@ def build_shapes_pipeline(config: ShapesFluxConfig = ShapesFluxConfig()) -> Flux
     """The untrained shapes-world pipeline (random transformer and text encoders, seeded)."""
     torch.manual_seed(config.seed)
     codec = PixelCodec(factor=config.codec_factor)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=codec.config.latent_channels * 4,  # 2x2 packing, as in FLUX
-        num_layers=config.num_layers,
-        num_single_layers=config.num_single_layers,
-        attention_head_dim=config.attention_head_dim,
-        num_attention_heads=config.num_attention_heads,
-        joint_attention_dim=config.text_dim,
-        pooled_projection_dim=config.text_dim,
-        guidance_embeds=False,
-        axes_dims_rope=list(config.axes_dims_rope),
-    )
-    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in _CHARS:
-        clip_vocab[ch] = len(clip_vocab)
-        clip_vocab[ch + "</w>"] = len(clip_vocab)
-    tokenizer = CLIPTokenizer(vocab=clip_vocab, merges=[], unk_token="<|endoftext|>", pad_token="<|endoftext|>",
-                              model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(clip_vocab), hidden_size=config.text_dim, intermediate_size=config.text_dim * 2,
-        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77, projection_dim=config.text_dim,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    # Unigram pieces: whole world words score best, so each is one token; characters cover the rest.
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [("▁" + word, -1.0) for word in world_words()]
-    pieces += [("▁" + ch, -3.0) for ch in _CHARS] + [(ch, -4.0) for ch in _CHARS]
-    tokenizer_2 = T5Tokenizer(vocab=pieces, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
-                              model_max_length=512)
-    text_encoder_2 = T5EncoderModel(T5Config(
-        vocab_size=len(pieces), d_model=config.text_dim, d_kv=config.text_dim // 4, d_ff=config.text_dim * 2,
-        num_layers=2, num_heads=4, dropout_rate=0.0, feed_forward_proj="gated-gelu", decoder_start_token_id=0,
-    ))
-    return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=codec, text_encoder=text_encoder,
-        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
-    )
+    transformer = build_transformer(config, in_channels=codec.config.latent_channels * 4, guidance_embeds=False)
+    text = build_text_encoders(config.text_dim, tuple(world_words()))  # one T5 token per world word
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=codec,
+                        transformer=transformer, **text)
 
 
 def pretrained_folder(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
