@@ -6,6 +6,12 @@ adds a rank-16 LoRA ("sfo") on top and trains only that. Both target OminiContro
 Adapters are switched by setting each peft layer's active adapters inside a context manager
 (``use_adapters``). diffusers' ``set_adapters`` is avoided on purpose: it turns ``requires_grad``
 back on for every active adapter (peft issue 1374), which would silently unfreeze "ref".
+
+Each adapter has a *scope* (``SCOPES``): ``all`` acts on every token that passes its modules;
+``condition`` acts on the reference (condition) tokens only, as OminiControl's subject config
+(``latent_lora: false``) does. ``sfo.transformer.flux_forward`` drops condition-scoped adapters
+while it runs the text and target tokens (``target_scope``). The scope is saved beside the weights
+(``SCOPE_FILE``) and restored by ``load_adapter``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ SFO = "sfo"
 REF_RANK = 4  # paper App. D.1
 SFO_RANK = 16  # paper Sec. 4.1
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
+SCOPE_FILE = "sfo_adapter.json"  # {"scope": ...} beside the weights; absent = "all"
+SCOPES = ("all", "condition")
+_SCOPES_ATTR = "_sfo_adapter_scopes"
 
 # OminiControl's LoRA targets on FLUX: the image-stream projections of every block and the patch
 # embedding (its train config, `target_modules`). Text-stream projections are left alone.
@@ -124,6 +133,39 @@ def use_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[Non
             layer._active_adapter = active
 
 
+def set_scope(transformer: torch.nn.Module, name: str, scope: str) -> None:
+    """Sets which tokens adapter ``name`` acts on: ``all`` or ``condition`` (reference tokens only)."""
+    if scope not in SCOPES:
+        raise ValueError(f"lora.scope: unknown {scope!r}; use one of {list(SCOPES)}")
+    if name not in adapter_names(transformer):
+        raise ValueError(f"adapter: {name!r} is not on the transformer (it has {adapter_names(transformer)})")
+    scopes = dict(getattr(transformer, _SCOPES_ATTR, {}))
+    scopes[name] = scope
+    setattr(transformer, _SCOPES_ATTR, scopes)
+
+
+def adapter_scope(transformer: torch.nn.Module, name: str) -> str:
+    """The scope of adapter ``name`` (``all`` unless ``set_scope`` said otherwise)."""
+    return getattr(transformer, _SCOPES_ATTR, {}).get(name, "all")
+
+
+def active_adapters(transformer: torch.nn.Module) -> list[str]:
+    """The adapters applied right now (by the first LoRA layer; ``use_adapters`` sets all alike)."""
+    layers = _tuner_layers(transformer)
+    if not layers:
+        return []
+    active = layers[0].active_adapters
+    return [active] if isinstance(active, str) else list(active)
+
+
+def target_scope(transformer: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Within the block, condition-scoped adapters are off: what the text and target tokens see."""
+    scopes = getattr(transformer, _SCOPES_ATTR, {})
+    if not any(scope == "condition" for scope in scopes.values()):
+        return contextlib.nullcontext()
+    return use_adapters(transformer, [n for n in active_adapters(transformer) if scopes.get(n, "all") == "all"])
+
+
 def ref_only(transformer: torch.nn.Module) -> contextlib.AbstractContextManager:
     """The SFT base (p_ref in Eq. 3): base + "ref"."""
     return use_adapters(transformer, [REF])
@@ -162,6 +204,7 @@ def save_adapter(transformer: torch.nn.Module, name: str, folder: str | Path,
         weight_name=LORA_WEIGHTS,
         safe_serialization=True,
     )
+    (folder / SCOPE_FILE).write_text(json.dumps({"scope": adapter_scope(transformer, name)}))
     return folder / LORA_WEIGHTS
 
 
@@ -181,6 +224,12 @@ def load_adapter(transformer: FluxTransformer2DModel, folder: str | Path, name: 
     )
     if name not in adapter_names(transformer):
         raise RuntimeError(f"adapter: {str(path)!r} loaded no weights for the transformer")
+    scope_file = path / SCOPE_FILE
+    scope = json.loads(scope_file.read_text()).get("scope", "all") if scope_file.is_file() else "all"
+    try:
+        set_scope(transformer, name, scope)
+    except ValueError as exc:
+        raise ValueError(f"adapter: {scope_file}: {exc}") from None
     _activate(transformer, adapter_names(transformer))
     trainable = [n for n in adapter_names(transformer)
                  if n != name and any(p.requires_grad for k, p in transformer.named_parameters() if f".{n}." in k)]
@@ -188,9 +237,11 @@ def load_adapter(transformer: FluxTransformer2DModel, folder: str | Path, name: 
 
 
 def adapter_fingerprint(transformer: torch.nn.Module, names: list[str]) -> str:
-    """sha256 over the named adapters' weights (provenance of generated data)."""
+    """sha256 over the named adapters' weights and scopes (provenance of generated data)."""
     digest = hashlib.sha256()
     for name in names:
+        if adapter_scope(transformer, name) != "all":  # "all" adds nothing: fingerprints stay as before
+            digest.update(f"{name}/scope={adapter_scope(transformer, name)}".encode())
         for key, value in sorted(adapter_state_dict(transformer, name).items()):
             digest.update(f"{name}/{key}".encode())
             digest.update(value.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
@@ -207,6 +258,9 @@ def save_merged(transformer: FluxTransformer2DModel, names: list[str], folder: s
     unknown = set(names) - set(adapter_names(transformer))
     if unknown:
         raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    scoped = [n for n in names if adapter_scope(transformer, n) != "all"]
+    if scoped:
+        raise ValueError(f"adapters: {scoped} act on condition tokens only and cannot be merged into shared weights")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     layers = _tuner_layers(transformer)

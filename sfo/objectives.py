@@ -17,7 +17,7 @@ from PIL import Image
 from sfo.adapters import REF, SFO, use_adapters
 from sfo.latents import condition_ids, encode_images, grid_ids
 from sfo.models import FluxModel
-from sfo.loss import flow_matching_error, sfo_loss
+from sfo.loss import check_anchor, flow_matching_error, sdpo_loser_scale, sfo_loss
 from sfo.text import TextEmbeddings, encode_prompts
 from sfo.transformer import Condition, encode_condition, flux_forward
 
@@ -140,18 +140,22 @@ def sfo_objective(
     beta: float,
     policy: list[str] = (REF, SFO),
     reference: list[str] = (REF,),
+    anchor: str = "none",
+    anchor_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SFO loss per sample (paper Eq. 3; Fig. C).
+    """SFO loss per sample (paper Eq. 3; Fig. C), optionally with a positive anchor (``sfo.loss``).
 
     Positive and negative share the noise epsilon and the timestep t (Fig. C lines 8-16), and go
     through the model as one batch of 2N. The reference pass (``reference`` adapters) runs without
-    gradient; the policy pass (``policy`` adapters) carries it.
+    gradient; the policy pass (``policy`` adapters) carries it. ``anchor="sdpo"`` scales the
+    negative's gradient from the policy's residuals (``sdpo_loser_scale``, ``anchor_weight`` = mu).
 
     Returns:
         loss (N,) and stats (N,) tensors: implicit_accuracy, reward_margin, policy/ref errors.
     """
     if batch.negative is None:
         raise ValueError("batch.negative: SFO needs a negative target per sample (run the cdns stage first)")
+    check_anchor(anchor, anchor_weight)
     n = len(batch)
     guidance = _guidance(transformer, n, batch.target.device)
     x0 = torch.cat([batch.target, batch.negative])  # (2N, L, 64)
@@ -160,18 +164,25 @@ def sfo_objective(
     text2, t2 = batch.text.repeat(2), t.repeat(2)
     guidance2 = guidance.repeat(2) if guidance is not None else None
 
-    def errors() -> torch.Tensor:
+    def predict() -> torch.Tensor:
         # The condition path is shared by the pair: computed once for N, repeated for 2N.
         cache = None  # no condition: plain text-to-image (paper App. A)
         if batch.condition is not None:
             cache = encode_condition(transformer, batch.condition, batch.text.pooled, guidance).repeat(2)
-        pred = flux_forward(transformer, x_t, batch.img_ids, text2, t2, guidance2, cache)
-        return flow_matching_error(pred, target_v)  # (2N,)
+        return flux_forward(transformer, x_t, batch.img_ids, text2, t2, guidance2, cache)  # (2N, L, 64)
 
     with torch.no_grad(), use_adapters(transformer, list(reference)):
-        ref_pos, ref_neg = errors().chunk(2)
+        ref_pos, ref_neg = flow_matching_error(predict(), target_v).chunk(2)
     with use_adapters(transformer, list(policy)):
-        pol_pos, pol_neg = errors().chunk(2)
-    loss, stats = sfo_loss(pol_pos, pol_neg, ref_pos, ref_neg, beta=beta)
+        pred = predict()
+    pol_pos, pol_neg = flow_matching_error(pred, target_v).chunk(2)
+    scale = None
+    if anchor == "sdpo":
+        residual_pos, residual_neg = (pred - target_v).chunk(2)
+        scale = sdpo_loser_scale(residual_pos, residual_neg, mu=anchor_weight or 1.0)
+    loss, stats = sfo_loss(pol_pos, pol_neg, ref_pos, ref_neg, beta=beta, anchor=anchor, anchor_weight=anchor_weight,
+                           loser_scale=scale)
+    if scale is not None:
+        stats["loser_scale"] = scale
     stats.update(policy_err_pos=pol_pos.detach(), policy_err_neg=pol_neg.detach(), ref_err_pos=ref_pos, ref_err_neg=ref_neg)
     return loss, stats

@@ -29,6 +29,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from torch.utils.checkpoint import checkpoint
 
+from sfo.adapters import adapter_names, adapter_scope, target_scope
 from sfo.text import TextEmbeddings
 
 # Diffusers' time embeddings take t (and guidance) in [0, 1000]; samplers and losses use t in [0, 1].
@@ -134,22 +135,33 @@ def flux_forward(
     Returns:
         (B, L, 64) predicted velocity (epsilon - x_0).
     """
+    cache = condition if isinstance(condition, ConditionCache) else None
+    if isinstance(condition, Condition) and not joint:
+        cache = encode_condition(transformer, condition, text.pooled, guidance)  # every active adapter
+    with target_scope(transformer):  # condition-scoped adapters off for text and target tokens
+        return _forward_target(transformer, latents, img_ids, text, timestep, guidance,
+                               condition if joint else None, cache)
+
+
+def _forward_target(transformer, latents, img_ids, text, timestep, guidance, joint_condition, cache):
+    """``flux_forward``'s block loop over [text, target] (+ ``joint_condition`` in the sequence, or ``cache``)."""
     hidden = transformer.x_embedder(latents)  # (B, L, D)
     temb = modulation_embedding(transformer, timestep, guidance, text.pooled)  # (B, D)
     txt = transformer.context_embedder(text.prompt_embeds)  # (B, Lt, D)
     segments: list[Segment] = [(hidden, temb)]
     ids = [text.txt_ids, img_ids]
     mask = None
-    cache = condition if isinstance(condition, ConditionCache) else None
-    if isinstance(condition, Condition):
-        if joint:
-            cond_hidden = transformer.x_embedder(condition.tokens)  # (B, Lc, D)
-            zeros = torch.zeros(cond_hidden.shape[0], device=cond_hidden.device)
-            segments.append((cond_hidden, modulation_embedding(transformer, zeros, guidance, text.pooled)))
-            ids.append(condition.ids)
-            mask = _condition_mask(txt.shape[1] + hidden.shape[1], cond_hidden.shape[1], hidden.device)
-        else:
-            cache = encode_condition(transformer, condition, text.pooled, guidance)
+    condition = joint_condition
+    if condition is not None:
+        scoped = [n for n in adapter_names(transformer) if adapter_scope(transformer, n) != "all"]
+        if scoped:
+            raise ValueError(f"joint: adapters {scoped} act on condition tokens only, which the joint sequence "
+                             "cannot separate; use joint=False (the condition cache)")
+        cond_hidden = transformer.x_embedder(condition.tokens)  # (B, Lc, D)
+        zeros = torch.zeros(cond_hidden.shape[0], device=cond_hidden.device)
+        segments.append((cond_hidden, modulation_embedding(transformer, zeros, guidance, text.pooled)))
+        ids.append(condition.ids)
+        mask = _condition_mask(txt.shape[1] + hidden.shape[1], cond_hidden.shape[1], hidden.device)
     if cache is not None and cache.kv[0][0].shape[0] != hidden.shape[0]:
         raise ValueError(
             f"condition: batch {cache.kv[0][0].shape[0]} != latents batch {hidden.shape[0]}; "

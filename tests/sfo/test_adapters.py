@@ -140,3 +140,48 @@ def test_unknown_adapter_and_missing_folder(two_adapters, tmp_path):
             pass
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
         A.load_adapter(two_adapters.transformer, tmp_path, "x")
+
+
+def _predict_with_reference(model, joint=False):
+    from sfo.latents import condition_ids
+    from sfo.transformer import Condition
+
+    text = encode_prompts(model, ["a dog"])
+    g = torch.Generator().manual_seed(0)
+    latents, reference = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)
+    with torch.no_grad():
+        return flux_forward(model.transformer, latents, grid_ids(4, 4), text, torch.tensor([0.5]), torch.tensor([3.5]),
+                            Condition(reference, condition_ids(4, 4)), joint=joint)
+
+
+def test_condition_scope_acts_only_on_the_reference_tokens(fresh_flux):
+    """lora.scope=condition (OminiControl's latent_lora: false): with no reference in the sequence the
+    output is the base model's; with a reference it is not (the adapter changed the reference's keys/values)."""
+    tr = fresh_flux.transformer
+    base_plain, base_ref = _predict(fresh_flux), _predict_with_reference(fresh_flux)
+    A.add_lora(tr, A.REF, A.REF_RANK)
+    _randomise(tr, A.REF, seed=1)
+    A.set_scope(tr, A.REF, "condition")
+    assert_close(_predict(fresh_flux), base_plain)
+    assert (_predict_with_reference(fresh_flux) - base_ref).abs().max() > 1e-4
+    A.set_scope(tr, A.REF, "all")  # the same weights on every token change the plain output too
+    assert (_predict(fresh_flux) - base_plain).abs().max() > 1e-4
+
+
+def test_condition_scope_is_saved_restored_and_refused_where_it_cannot_hold(fresh_flux, tmp_path):
+    tr = fresh_flux.transformer
+    A.add_lora(tr, A.REF, A.REF_RANK)
+    _randomise(tr, A.REF, seed=1)
+    A.set_scope(tr, A.REF, "condition")
+    expected = _predict_with_reference(fresh_flux)
+    A.save_adapter(tr, A.REF, tmp_path / "ref")
+    other = load_flux("tiny", device="cpu")
+    A.load_adapter(other.transformer, tmp_path / "ref", A.REF)
+    assert A.adapter_scope(other.transformer, A.REF) == "condition"
+    assert_close(_predict_with_reference(other), expected)
+    with pytest.raises(ValueError, match="joint"):
+        _predict_with_reference(fresh_flux, joint=True)
+    with pytest.raises(ValueError, match="merged"):
+        A.save_merged(tr, [A.REF], tmp_path / "merged")
+    with pytest.raises(ValueError, match="lora.scope"):
+        A.set_scope(tr, A.REF, "target")

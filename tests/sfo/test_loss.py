@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from sfo.loss import flow_matching_error, sfo_loss
+from sfo.loss import flow_matching_error, sdpo_loser_scale, sfo_loss
 
 
 def test_flow_matching_error_is_per_sample_mean_square():
@@ -73,3 +73,84 @@ def test_sfo_loss_rejects_non_positive_beta(beta):
 def test_sfo_loss_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="errors"):
         sfo_loss(torch.rand(2), torch.rand(3), torch.rand(2), torch.rand(2), beta=1.0)
+
+
+# Positive anchors. Shared numbers: policy (pos, neg) = (0.30, 0.40), ref = (0.20, 0.25), beta = 10:
+# Delta_theta = -0.10, Delta_ref = -0.05, Eq. 3 logit = -10 * (-0.05) = 0.5; the positive rose by 0.10.
+ANCHOR_ERRORS = tuple(torch.tensor([v]) for v in (0.30, 0.40, 0.20, 0.25))
+
+
+def test_dpop_hand_worked():
+    """dpop, lambda 2: logit = 0.5 - 10 * 2 * relu(0.30 - 0.20) = -1.5, loss = log(1 + e^1.5)."""
+    loss, stats = sfo_loss(*ANCHOR_ERRORS, beta=10.0, anchor="dpop", anchor_weight=2.0)
+    assert_close(loss, torch.tensor([math.log(1 + math.exp(1.5))]))
+    assert_close(stats["reward_margin"], torch.tensor([-1.5]))
+    assert_close(stats["positive_rise"], torch.tensor([0.10]))
+
+
+def test_dpop_is_eq3_when_the_positive_did_not_rise():
+    """policy pos 0.15 < ref pos 0.20: the hinge is 0, so dpop's loss is Eq. 3's."""
+    errors = (torch.tensor([0.15]), torch.tensor([0.40]), torch.tensor([0.20]), torch.tensor([0.25]))
+    plain, _ = sfo_loss(*errors, beta=10.0)
+    anchored, _ = sfo_loss(*errors, beta=10.0, anchor="dpop", anchor_weight=5.0)
+    assert_close(anchored, plain)
+
+
+def test_rpo_hand_worked():
+    """rpo, lambda 2: loss = -log sigmoid(0.5) + 2 * 0.30 = log(1 + e^-0.5) + 0.6."""
+    loss, _ = sfo_loss(*ANCHOR_ERRORS, beta=10.0, anchor="rpo", anchor_weight=2.0)
+    assert_close(loss, torch.tensor([math.log(1 + math.exp(-0.5)) + 0.6]))
+
+
+def test_sdpo_loser_scale_hand_worked():
+    """r+ = (1, 0): r- = (2, 0) -> <r+, r-> = 2, |r+|^2 = 1, scale 1/2; r- = (-1, 0) (opposed) -> 1;
+    r- = (0.5, 0) -> 1 / 0.5 = 2, clamped to 1; mu 0.5 with r- = (2, 0) -> 1/4."""
+    pos = torch.tensor([[1.0, 0.0]] * 3)
+    neg = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.5, 0.0]])
+    assert_close(sdpo_loser_scale(pos, neg), torch.tensor([0.5, 1.0, 1.0]))
+    assert_close(sdpo_loser_scale(pos[:1], neg[:1], mu=0.5), torch.tensor([0.25]))
+
+
+def test_sdpo_keeps_eq3_value_and_scales_only_the_negative_gradient():
+    pos, neg = torch.tensor([0.30], requires_grad=True), torch.tensor([0.40], requires_grad=True)
+    plain_pos, plain_neg = torch.tensor([0.30], requires_grad=True), torch.tensor([0.40], requires_grad=True)
+    loss, stats = sfo_loss(pos, neg, *ANCHOR_ERRORS[2:], beta=10.0, anchor="sdpo", loser_scale=torch.tensor([0.25]))
+    plain, _ = sfo_loss(plain_pos, plain_neg, *ANCHOR_ERRORS[2:], beta=10.0)
+    assert_close(loss, plain)
+    loss.sum().backward()
+    plain.sum().backward()
+    assert_close(pos.grad, plain_pos.grad)
+    assert_close(neg.grad, 0.25 * plain_neg.grad)
+
+
+def test_sdpo_step_does_not_raise_the_positive_error_to_first_order():
+    """A linear 'model' f(x) = W x with aligned residuals: Eq. 3's step raises the positive's error,
+    the safeguarded step does not."""
+    x_pos, x_neg, v_pos, v_neg = torch.tensor([1.0, 0.0]), torch.tensor([1.0, 0.2]), torch.tensor([0.0, 0.0]), torch.tensor([-3.0, 0.0])
+
+    def step(anchor: str) -> float:
+        w = torch.eye(2, requires_grad=True)
+        pred_pos, pred_neg = w @ x_pos, w @ x_neg
+        err = lambda p, v: (p - v).pow(2).mean().view(1)
+        pol_pos, pol_neg = err(pred_pos, v_pos), err(pred_neg, v_neg)
+        ref = (pol_pos.detach(), pol_neg.detach())
+        scale = sdpo_loser_scale((pred_pos - v_pos)[None], (pred_neg - v_neg)[None]) if anchor == "sdpo" else None
+        loss, _ = sfo_loss(pol_pos, pol_neg, *ref, beta=1.0, anchor=anchor, loser_scale=scale)
+        loss.sum().backward()
+        with torch.no_grad():
+            w2 = w - 1e-3 * w.grad
+            return (err(w2 @ x_pos, v_pos) - pol_pos).item()
+
+    assert step("none") > 0  # the plain step makes the positive worse here
+    assert step("sdpo") <= 1e-9
+
+
+@pytest.mark.parametrize("anchor, weight, message", [("hinge", 0.0, "sfo.anchor"), ("dpop", -1.0, "sfo.anchor_weight")])
+def test_anchor_validation_names_the_field(anchor, weight, message):
+    with pytest.raises(ValueError, match=message):
+        sfo_loss(*ANCHOR_ERRORS, beta=1.0, anchor=anchor, anchor_weight=weight)
+
+
+def test_sdpo_needs_its_scale():
+    with pytest.raises(ValueError, match="loser_scale"):
+        sfo_loss(*ANCHOR_ERRORS, beta=1.0, anchor="sdpo")
