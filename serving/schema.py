@@ -10,20 +10,28 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.message
 import email.parser
 import email.policy
 import io
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 PIXEL_MULTIPLE = 16  # FLUX: VAE 8x compression times 2x2 token packing (sfo.models.FluxModel.pixel_multiple)
 MAX_SEED = 2**32 - 1  # JSON-safe in every client; torch.Generator takes any of them
+# A request is one flat object; nesting is checked without recursion before the (recursive) parsers run,
+# so no body can make them overflow the interpreter's stack (that would be a 500).
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a complete JSON string literal (unrolled loop)
+_HEADER_END = re.compile(rb"\r?\n\r?\n")
 Adapter = Literal["sfo", "ref"]  # "sfo" = base + ref + sfo (the SFO policy), "ref" = base + ref (the SFT base)
 
 
@@ -126,10 +134,44 @@ class _NonFinite:
     """Stands in for NaN/Infinity while parsing, so the error can name the field that held it."""
 
 
+class _Unrepresentable(ValueError):
+    """A JSON number outside float's range (``1e999``), which Python's json would read as inf."""
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Unrepresentable(f"the number {text[:40]!r} is outside the range of a float")
+    return value
+
+
+def json_depth(body: bytes) -> int:
+    """How deeply ``[``/``{`` nest in a JSON text, brackets inside string literals ignored.
+
+    Linear and non-recursive: strings are blanked with one regular expression, then the running
+    count of opening minus closing brackets is a cumulative sum. ``b'{"a": [[1], "]["]}'`` -> 3.
+    """
+    codes = np.frombuffer(_JSON_STRING.sub(b'""', body), dtype=np.uint8)
+    if codes.size == 0:
+        return 0
+    opens = (codes == ord("[")) | (codes == ord("{"))
+    closes = (codes == ord("]")) | (codes == ord("}"))
+    return int(max(0, np.cumsum(opens.astype(np.int64) - closes.astype(np.int64)).max()))
+
+
 def parse_json_body(body: bytes) -> dict[str, Any]:
-    """Bytes -> JSON object; NaN/Infinity (which Python's json accepts) and non-objects refused."""
+    """Bytes -> JSON object; NaN/Infinity (which Python's json accepts), numbers beyond a float,
+    nesting deeper than ``MAX_JSON_DEPTH`` and non-objects refused."""
+    depth = json_depth(body)
+    if depth > MAX_JSON_DEPTH:
+        raise RequestError("body", f"JSON nested {depth} levels deep; the limit is {MAX_JSON_DEPTH} "
+                                   "(a request is one flat object)", 400)
     try:
-        data = json.loads(body, parse_constant=lambda name: _NonFinite())
+        data = json.loads(body, parse_constant=lambda name: _NonFinite(), parse_float=_finite_float)
+    except _Unrepresentable as exc:
+        raise RequestError("body", f"{exc}; send a finite number", 400) from None
+    except RecursionError:  # unreachable below MAX_JSON_DEPTH; kept so no parser limit can become a 500
+        raise RequestError("body", f"JSON nested too deeply; the limit is {MAX_JSON_DEPTH}", 400) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError("body", f"not valid JSON ({exc})", 400) from None
     if not isinstance(data, dict):
@@ -143,9 +185,20 @@ def parse_json_body(body: bytes) -> dict[str, Any]:
 def parse_multipart(body: bytes, content_type: str) -> tuple[dict[str, str], dict[str, bytes]]:
     """multipart/form-data -> (text fields, file parts), with the standard library's MIME parser.
 
-    Duplicate field names are refused (a client bug, not something to resolve silently).
+    Duplicate field names are refused (a client bug, not something to resolve silently), and so are
+    parts that are multiparts themselves (checked on the parts' headers before the recursive parser
+    runs: nested deeply enough, they would overflow its stack).
     """
     head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode()
+    boundary = email.message.Message()
+    boundary["Content-Type"] = content_type
+    delimiter = boundary.get_param("boundary")
+    if isinstance(delimiter, str) and delimiter:
+        for part in body.split(b"--" + delimiter.encode("latin-1", "replace"))[1:]:
+            headers = _HEADER_END.split(part, maxsplit=1)[0]
+            if b"multipart/" in headers.lower():
+                raise RequestError("body", "a form part is itself multipart; form-data nests one level only "
+                                           "(fields and files)", 400)
     message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
     if not message.is_multipart():
         raise RequestError("body", "not a valid multipart/form-data body (missing or wrong boundary)", 400)

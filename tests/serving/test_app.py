@@ -105,6 +105,15 @@ def test_multipart(client):
 
 
 _HUGE = b64(png(600, 600))
+
+
+def _nested_multipart(depth: int) -> bytes:
+    inner = b'--B0\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--B0--\r\n'
+    for i in range(1, depth):
+        inner = (b'--B%d\r\nContent-Type: multipart/mixed; boundary=B%d\r\nContent-Disposition: form-data; '
+                 b'name="x%d"\r\n\r\n' % (i, i - 1, i) + inner + b"\r\n--B%d--\r\n" % i)
+    return inner
+
 BAD = [  # (json body or raw bytes, content type, field, status)
     (body(image="###"), None, "image", 422),
     (body(image=b64(b"not an image")), None, "image", 422),
@@ -121,6 +130,10 @@ BAD = [  # (json body or raw bytes, content type, field, status)
     (json.dumps(body()).replace('"seed": 3', '"guidance": NaN').encode(), "application/json", "guidance", 422),
     (json.dumps(body()).replace('"seed": 3', '"steps": Infinity').encode(), "application/json", "steps", 422),
     (b"this is not json", "application/json", "body", 400),
+    (b"[" * 100_000 + b"]" * 100_000, "application/json", "body", 400),  # issue 15: was a 500
+    (b'{"a":' * 2_000 + b"1" + b"}" * 2_000, "application/json", "body", 400),
+    (b'{"prompt": "x", "guidance": 1e999}', "application/json", "body", 400),
+    (_nested_multipart(3_000), "multipart/form-data; boundary=B2999", "body", 400),
     (b"prompt=x", "text/plain", "content-type", 415),
 ]
 

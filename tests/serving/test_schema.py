@@ -10,11 +10,13 @@ import pytest
 from PIL import Image
 
 from serving.schema import (
+    MAX_JSON_DEPTH,
     Job,
     Limits,
     RequestError,
     job_from_form,
     job_from_json,
+    json_depth,
     parse_json_body,
     parse_multipart,
 )
@@ -169,3 +171,52 @@ def test_fastapi_validation_handler_survives_nan():
     response = asyncio.run(_validation_error(None, exc))
     assert response.status_code == 422
     assert json.loads(response.body) == {"error": "guidance: bad", "field": "guidance"}
+
+
+@pytest.mark.parametrize("text, depth", [(b"", 0), (b"1", 0), (b"[]", 1), (b'{"a": [[1], "]["]}', 3),
+                                         (b'"[[["', 0), (b'{"a": "\\"[["}', 1), (b"[[]][]", 2)])
+def test_json_depth_ignores_brackets_in_strings(text, depth):
+    assert json_depth(text) == depth
+
+
+def _nested(kind: str, depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth if kind == "array" else b'{"a":' * depth + b"1" + b"}" * depth
+
+
+@pytest.mark.parametrize("kind", ["array", "object"])
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 2_000, 100_000])
+def test_json_nested_over_the_limit_is_400_naming_it(kind, depth):
+    with pytest.raises(RequestError) as info:
+        parse_json_body(_nested(kind, depth))
+    assert (info.value.field, info.value.status) == ("body", 400)
+    assert f"limit is {MAX_JSON_DEPTH}" in info.value.message
+
+
+def test_json_nested_under_the_limit_is_handled_as_any_body():
+    """At the limit a nested array is refused as any non-object is; a nested object parses, and its
+    field then fails validation naming the field."""
+    with pytest.raises(RequestError, match="must be a JSON object") as info:
+        parse_json_body(_nested("array", MAX_JSON_DEPTH))
+    assert info.value.status == 400
+    data = parse_json_body(_nested("object", MAX_JSON_DEPTH))
+    assert json_depth(json.dumps(data).encode()) == MAX_JSON_DEPTH
+    with pytest.raises(RequestError) as info:
+        job_from_json({**valid(), "prompt": json.loads(_nested("array", MAX_JSON_DEPTH - 1))}, LIMITS)
+    assert (info.value.field, info.value.status) == ("prompt", 422)
+
+
+def test_json_number_beyond_a_float_is_400():
+    with pytest.raises(RequestError, match="outside the range") as info:
+        parse_json_body(b'{"guidance": 1e999}')
+    assert (info.value.field, info.value.status) == ("body", 400)
+
+
+@pytest.mark.parametrize("depth", [2, 3_000])
+def test_multipart_nested_parts_are_400(depth):
+    inner = b'--B0\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nhi\r\n--B0--\r\n'
+    for i in range(1, depth):
+        inner = (b'--B%d\r\nContent-Type: multipart/mixed; boundary=B%d\r\nContent-Disposition: form-data; '
+                 b'name="x%d"\r\n\r\n' % (i, i - 1, i) + inner + b"\r\n--B%d--\r\n" % i)
+    with pytest.raises(RequestError, match="nests one level only") as info:
+        parse_multipart(inner, f"multipart/form-data; boundary=B{depth - 1}")
+    assert (info.value.field, info.value.status) == ("body", 400)
