@@ -242,7 +242,7 @@ def run_seed(seed: int, arm_names: list[str], setup: Setup, out: Path, log=print
             continue
         started = time.time()
         log(f"[screen] seed {seed}: evaluating {method.name} ({len(cells)} images)")
-        evaluator = ShapesEvaluator(config, method.name, device="cpu")
+        evaluator = ShapesEvaluator(replace(config, methods=[method]), device="cpu")
         tables = [evaluator(pa.Table.from_pylist([{**c, "method": method.name} for c in cells[i:i + 64]]))
                   for i in range(0, len(cells), 64)]
         table = pa.concat_tables(tables)

@@ -157,29 +157,51 @@ def work_rows(config: EvaluateConfig, bench: Benchmark, method: str) -> list[dic
             for s, cases in bench.prompts.items() for i, p in cases[: config.eval.prompts] for seed in seeds]
 
 
-def load_method(config, method: str, device: str | None = None):
-    """The model with one method's adapters loaded, and a context manager that activates them."""
+def load_methods(config, device: str | None = None):
+    """The model with every method's adapters loaded once, and ``activate(method)``, a context manager
+    applying that method's adapters.
+
+    One model serves all methods (one actor pool, one start-up): each distinct adapter folder is
+    loaded once under a name of its own (methods sharing the SFT "ref" share it).
+    """
     from sfo import adapters
     from sfo.models import load_flux
 
-    spec = next(m for m in config.methods if m.name == method)
     model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
-    for name in ADAPTER_NAMES:
-        folder = getattr(spec, f"{name}_adapter")
-        if folder is not None:
-            adapters.load_adapter(model.transformer, folder, name)
-    return model, lambda: adapters.use_adapters(model.transformer, list(spec.active))
+    loaded: dict[str, str] = {}  # resolved folder -> adapter name on the transformer
+    active: dict[str, list[str]] = {}
+    for spec in config.methods:
+        active[spec.name] = []
+        for role in ADAPTER_NAMES:
+            folder = getattr(spec, f"{role}_adapter")
+            if folder is None:
+                continue
+            key = str(Path(folder).resolve())
+            if key not in loaded:
+                loaded[key] = f"{role}{len(loaded)}"
+                adapters.load_adapter(model.transformer, folder, loaded[key])
+            if role in spec.active:
+                active[spec.name].append(loaded[key])
+    return model, lambda method: adapters.use_adapters(model.transformer, active[method])
+
+
+def method_groups(methods: list[str]) -> list[tuple[str, list[int]]]:
+    """Row indices of each method in a batch, methods in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for index, method in enumerate(methods):
+        groups.setdefault(method, []).append(index)
+    return list(groups.items())
 
 
 class Evaluator:
-    """Work rows in, scored image rows out; model, one method's adapters and encoders loaded once per instance."""
+    """Work rows in, scored image rows out; model, every method's adapters and encoders loaded once per instance."""
 
-    def __init__(self, config: EvaluateConfig, method: str, device: str | None = None) -> None:
+    def __init__(self, config: EvaluateConfig, device: str | None = None) -> None:
         from sfo.metrics import Scorer
         from sfo.sampler import SamplerConfig
 
         self.bench = load_benchmark(config.eval)
-        self.model, self._adapters = load_method(config, method, device)
+        self.model, self._activate = load_methods(config, device)
         self.scorer = Scorer.load(config.eval.dino_encoder, config.eval.clip_encoder, device=self.model.device)
         e = config.eval
         self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size, width=e.size)
@@ -192,9 +214,14 @@ class Evaluator:
         columns = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
         subjects = [str(s) for s in columns["subject"]]
         prompts = [str(p) for p in columns["prompt"]]
-        with self._adapters():
-            images = generate(self.model, prompts, [int(s) for s in columns["seed"]], self.sampler,
-                              [self.bench.condition[s] for s in subjects])
+        seeds = [int(s) for s in columns["seed"]]
+        images = [None] * len(prompts)
+        for method, rows in method_groups([str(m) for m in columns["method"]]):
+            with self._activate(method):
+                made = generate(self.model, [prompts[i] for i in rows], [seeds[i] for i in rows], self.sampler,
+                                [self.bench.condition[subjects[i]] for i in rows])
+            for i, image in zip(rows, made):
+                images[i] = image
         dino, clip_i = [], []
         for image, subject in zip(images, subjects):  # references differ per subject
             refs = self.bench.references[subject]
@@ -237,17 +264,17 @@ def check_config(config: EvaluateConfig) -> Benchmark:
         raise ConfigError(str(exc) if str(exc).startswith("eval.") else f"eval.dreambench: {exc}") from None
 
 
-def run_local(config, method: str, rows: list[dict], folder: Path, evaluator_class=None) -> None:
-    """Generates and scores ``rows`` in this process, one Parquet file per batch."""
-    evaluator = (evaluator_class or Evaluator)(config, method)
+def run_local(config, rows: list[dict], folder: Path, evaluator_class=None) -> None:
+    """Generates and scores ``rows`` (any methods) in this process, one Parquet file per batch."""
+    evaluator = (evaluator_class or Evaluator)(config)
     size = config.eval.batch_size
     for index, start in enumerate(range(0, len(rows), size)):
         pq.write_table(evaluator(pa.Table.from_pylist(rows[start:start + size])), folder / f"part-{index:06d}.parquet")
-        print(f"[evaluate] {method}: {min(start + size, len(rows))}/{len(rows)} images", flush=True)
+        print(f"[evaluate] {min(start + size, len(rows))}/{len(rows)} images", flush=True)
 
 
-def run_ray(config, method: str, rows: list[dict], folder: Path, evaluator_class=None) -> None:
-    """Generates and scores ``rows`` on a Ray Data actor pool of ``evaluator_class`` (default ``Evaluator``)."""
+def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None) -> None:
+    """Generates and scores ``rows`` (every method's) on one Ray Data actor pool of ``evaluator_class``."""
     import ray
 
     if not ray.is_initialized():
@@ -255,16 +282,21 @@ def run_ray(config, method: str, rows: list[dict], folder: Path, evaluator_class
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ds = ray.data.from_items(rows).map_batches(
-        evaluator_class or Evaluator, fn_constructor_kwargs={"config": config, "method": method},
+        evaluator_class or Evaluator, fn_constructor_kwargs={"config": config},
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=config.eval.batch_size,
         batch_format="numpy", num_cpus=scaling.cpus_per_worker, **gpus)
     ds.write_parquet(str(folder))
 
 
 def read_images(output: Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
-    """The scored images of ``methods`` under ``output/images``, read as ``schema``."""
-    files = sorted(f for m in methods for f in (output / "images" / m).rglob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f, schema=schema) for f in files]) if files else schema.empty_table()
+    """The scored images of ``methods`` under ``output/images``, read as ``schema``, in method order."""
+    import pyarrow.compute as pc
+
+    files = sorted((output / "images").rglob("*.parquet")) if (output / "images").is_dir() else []
+    if not files:
+        return schema.empty_table()
+    table = pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
+    return pa.concat_tables([table.filter(pc.equal(table["method"], m)) for m in methods])
 
 
 def summarize(table: pa.Table) -> dict:
@@ -317,13 +349,13 @@ def run(config: EvaluateConfig) -> dict:
     """Checks the config, generates and scores every method's images, writes and returns the summary."""
     bench = check_config(config)
     started = time.time()
-    for method in config.methods:
-        rows = work_rows(config, bench, method.name)
-        folder = config.output / "images" / method.name
-        shutil.rmtree(folder, ignore_errors=True)  # re-running replaces this method's images
-        folder.mkdir(parents=True)
-        print(f"[evaluate] {method.name}: {len(rows)} images ({len(bench.prompts)} subjects, {config.runner})", flush=True)
-        (run_local if config.runner == "local" else run_ray)(config, method.name, rows, folder)
+    rows = [row for method in config.methods for row in work_rows(config, bench, method.name)]
+    folder = config.output / "images"
+    shutil.rmtree(folder, ignore_errors=True)  # re-running replaces the images
+    folder.mkdir(parents=True)
+    print(f"[evaluate] {len(config.methods)} method(s) x {len(rows) // len(config.methods)} images "
+          f"({len(bench.prompts)} subjects, {config.runner}, one model for all methods)", flush=True)
+    (run_local if config.runner == "local" else run_ray)(config, rows, folder)
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     write_summary(summary, config.output)
     print(format_table(summary), flush=True)

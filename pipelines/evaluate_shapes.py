@@ -32,7 +32,8 @@ import pyarrow as pa
 from pipelines.common import ModelConfig, ScalingConfig
 from pipelines.config import job_main
 from pipelines import evaluate
-from pipelines.evaluate import MethodConfig, check_methods, check_runner_and_methods, load_method, run_local, run_ray
+from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, load_methods, method_groups,
+                                run_local, run_ray)
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",
               "size")
@@ -86,14 +87,14 @@ def work_rows(config: ShapesEvaluateConfig, method: str) -> list[dict]:
 
 
 class ShapesEvaluator:
-    """Work rows in, judged image rows out; model and one method's adapters loaded once per instance."""
+    """Work rows in, judged image rows out; the model and every method's adapters loaded once per instance."""
 
-    def __init__(self, config: ShapesEvaluateConfig, method: str, device: str | None = None) -> None:
+    def __init__(self, config: ShapesEvaluateConfig, device: str | None = None) -> None:
         from sfo.sampler import SamplerConfig
         from sfo.shapes.world import SIZE
 
         self.triplets = eval_triplets(config.eval)
-        self.model, self._adapters = load_method(config, method, device)
+        self.model, self._activate = load_methods(config, device)
         e = config.eval
         self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=SIZE, width=SIZE)
 
@@ -104,9 +105,14 @@ class ShapesEvaluator:
 
         columns = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
         triplets = [self.triplets[str(s)] for s in columns["sample_id"]]
-        with self._adapters():
-            images = generate(self.model, [t.target_text for t in triplets], [int(s) for s in columns["seed"]],
-                              self.sampler, [t.reference for t in triplets])
+        seeds = [int(s) for s in columns["seed"]]
+        images = [None] * len(triplets)
+        for method, rows in method_groups([str(m) for m in columns["method"]]):
+            with self._activate(method):
+                made = generate(self.model, [triplets[i].target_text for i in rows], [seeds[i] for i in rows],
+                                self.sampler, [triplets[i].reference for i in rows])
+            for i, image in zip(rows, made):
+                images[i] = image
         verdicts = [judge(read_image(image), t.subject, t.context) for image, t in zip(images, triplets)]
         return pa.Table.from_pydict({
             "method": [str(m) for m in columns["method"]], "sample_id": [t.sample_id for t in triplets],
@@ -146,13 +152,13 @@ def run(config: ShapesEvaluateConfig) -> dict:
     """Generates and judges every method's images; writes and returns the summary."""
     check_methods(config)
     started = time.time()
-    for method in config.methods:
-        rows = work_rows(config, method.name)
-        folder = config.output / "images" / method.name
-        shutil.rmtree(folder, ignore_errors=True)  # re-running replaces this method's images
-        folder.mkdir(parents=True)
-        print(f"[evaluate_shapes] {method.name}: {len(rows)} images ({config.runner})", flush=True)
-        (run_local if config.runner == "local" else run_ray)(config, method.name, rows, folder, ShapesEvaluator)
+    rows = [row for method in config.methods for row in work_rows(config, method.name)]
+    folder = config.output / "images"
+    shutil.rmtree(folder, ignore_errors=True)  # re-running replaces the images
+    folder.mkdir(parents=True)
+    print(f"[evaluate_shapes] {len(config.methods)} method(s) x {len(rows) // len(config.methods)} images "
+          f"({config.runner}, one model for all methods)", flush=True)
+    (run_local if config.runner == "local" else run_ray)(config, rows, folder, ShapesEvaluator)
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     (config.output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(summary), flush=True)

@@ -107,20 +107,23 @@ def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:
     """Puts the job's adapters on the transformer; returns (trained adapter, objective(batch, t, noise))."""
     if not isinstance(cfg, SfoConfig):
         A.add_lora(transformer, cfg.lora.name, cfg.lora.rank, alpha=cfg.lora.alpha, init="gaussian")
+        A.set_scope(transformer, cfg.lora.name, cfg.lora.scope)
         return cfg.lora.name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[cfg.lora.name])
     A.load_adapter(transformer, cfg.model.ref_adapter, A.REF)  # frozen
     beta, variant = cfg.sfo.beta, cfg.sfo.variant
+    anchor = dict(anchor=cfg.sfo.anchor, anchor_weight=cfg.sfo.anchor_weight)
     if variant == "direct":  # paper Table E: SFO on the SFT LoRA itself, against a frozen copy of it
         A.load_adapter(transformer, cfg.model.ref_adapter, FROZEN_REF)
         A.set_trainable(transformer, [A.REF])
         return A.REF, lambda b, t, n: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF],
-                                                    reference=[FROZEN_REF])
+                                                    reference=[FROZEN_REF], **anchor)
     name = cfg.lora.name
     A.add_lora(transformer, name, cfg.lora.rank, alpha=cfg.lora.alpha)  # B = 0: policy starts = reference
+    A.set_scope(transformer, name, cfg.lora.scope)
     if variant == "sft-additional":  # paper Table E: the extra LoRA trained with Eq. 1, no negatives
         return name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[A.REF, name])
     return name, lambda b, t, n: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF, name],
-                                               reference=[A.REF])
+                                               reference=[A.REF], **anchor)
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], sharded: bool) -> torch.optim.Optimizer:

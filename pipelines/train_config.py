@@ -12,7 +12,8 @@ from pathlib import Path
 import pyarrow.dataset as pads
 
 from pipelines.common import ModelConfig, ScalingConfig
-from sfo.adapters import LORA_WEIGHTS, REF, REF_RANK, SFO, SFO_RANK
+from sfo.adapters import LORA_WEIGHTS, REF, REF_RANK, SCOPES, SFO, SFO_RANK
+from sfo.loss import check_anchor
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
 from sfo.timesteps import SCHEMES, TimestepSampling
 
@@ -39,10 +40,13 @@ class LoraConfig:
     name: str = REF  # the adapter this job trains (and exports)
     rank: int = REF_RANK
     alpha: float | None = None  # scale = alpha / rank; default alpha = rank
+    scope: str = "all"  # "all" tokens, or "condition": the reference tokens only (OminiControl's latent_lora: false)
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("lora.name: must not be empty")
+        if self.scope not in SCOPES:
+            raise ValueError(f"lora.scope: unknown {self.scope!r}; use one of {list(SCOPES)}")
         if self.rank < 1:
             raise ValueError(f"lora.rank: must be at least 1, got {self.rank}")
 
@@ -99,11 +103,14 @@ class TimestepConfig:
 class SfoSection(TimestepConfig):
     beta: float = 1000.0  # paper Sec. 4.1
     variant: str = "sfo"
+    anchor: str = "none"  # positive anchor (sfo.loss.ANCHORS): none (paper Eq. 3) | dpop | rpo | sdpo
+    anchor_weight: float = 0.0  # lambda of dpop / rpo; mu of sdpo (0 = 1)
 
     section = "sfo"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_anchor(self.anchor, self.anchor_weight)
         if self.variant not in VARIANTS:
             raise ValueError(f"sfo.variant: unknown {self.variant!r}; use one of {list(VARIANTS)}")
         if not self.beta > 0:

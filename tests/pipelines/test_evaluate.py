@@ -190,3 +190,21 @@ def test_synthetic_evaluation_subjects_are_held_out_from_training():
     bench = load_benchmark(EvalSection(size=32, subjects=4))
     trained = {t.sample_id for t in synthetic_triplets(16, 32, seed=0)}  # prepare.yaml's embedded source
     assert len(bench.prompts) == 4 and not set(bench.prompts) & trained
+
+
+def test_one_model_for_all_methods_equals_each_method_alone(ref_adapter, tmp_path):
+    """A batch mixing methods on one model (adapters switched per method) gives each row the image
+    that an evaluator holding only that method gives it."""
+    from dataclasses import replace
+
+    cfg = config(tmp_path, "runner=local", "eval.seeds=1")
+    cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
+    bench = evaluate.load_benchmark(cfg.eval)
+    rows = [r for m in ("sft", "base") for r in evaluate.work_rows(cfg, bench, m)]
+    rows = rows[::2] + rows[1::2]  # interleave the methods inside one batch
+    mixed = evaluate.Evaluator(cfg)(pa.Table.from_pylist(rows)).to_pylist()
+    assert {r["method"] for r in mixed} == {"base", "sft"}
+    for method in ("base", "sft"):
+        alone = evaluate.Evaluator(replace(cfg, methods=[m for m in cfg.methods if m.name == method]))
+        expected = alone(pa.Table.from_pylist([r for r in rows if r["method"] == method])).to_pylist()
+        assert [r["image_png"] for r in mixed if r["method"] == method] == [r["image_png"] for r in expected]
