@@ -50,13 +50,13 @@ ARMS: dict[str, Arm] = {
     "sfo-image-only": Arm(negatives="image-only"),
     "sfo-oracle": Arm(negatives="oracle"),
     "sfo-cdns-dpop": Arm(anchor="dpop", anchor_weight=5.0),
-    "sfo-cdns-rpo": Arm(anchor="rpo", anchor_weight=1.0),
+    "sfo-cdns-rpo": Arm(anchor="rpo", anchor_weight=1000.0),
     "sfo-cdns-sdpo": Arm(anchor="sdpo", anchor_weight=1.0),
     "sfo-cdns-cond": Arm(scope="condition"),
     "sfo-image-only-dpop": Arm(negatives="image-only", anchor="dpop", anchor_weight=5.0),
-    "sfo-image-only-rpo": Arm(negatives="image-only", anchor="rpo", anchor_weight=1.0),
+    "sfo-image-only-rpo": Arm(negatives="image-only", anchor="rpo", anchor_weight=1000.0),
     "sfo-oracle-dpop": Arm(negatives="oracle", anchor="dpop", anchor_weight=5.0),
-    "sfo-oracle-rpo": Arm(negatives="oracle", anchor="rpo", anchor_weight=1.0),
+    "sfo-oracle-rpo": Arm(negatives="oracle", anchor="rpo", anchor_weight=1000.0),
     "sfo-oracle-cond": Arm(negatives="oracle", scope="condition"),
 }
 
@@ -79,12 +79,7 @@ def oracle_negatives(triplets, seed: int):
     from sfo.shapes import world as W
 
     rng = np.random.default_rng(seed)
-    images = []
-    for t in triplets:
-        others = [(p, a) for p in W.PATTERNS for a in W.ACCENTS if (p, a) != (t.subject.pattern, t.subject.accent)]
-        pattern, accent = others[int(rng.integers(len(others)))]
-        images.append(W.render(W.Subject(t.subject.shape, t.subject.colour, pattern, accent), t.context))
-    return images
+    return [W.render(W.fine_twin(t.subject, rng), t.context) for t in triplets]
 
 
 def train(model, objective, data: dict, steps: int, batch_size: int, seed: int, params, log) -> list[dict]:

@@ -1,17 +1,24 @@
 """The paper's findings in miniature, in the shapes world, with the project's own jobs: one command.
 
-    python -m pipelines.reproduce [--budget full|tiny] [--only table4,tableC,tableB,appA] [--out DIR]
+    python -m pipelines.reproduce [--budget full|tiny] [--only table4,tableC,...] [--seeds 0,1,2] [--out DIR]
 
 1. Table 4: SFT base vs SFT-additional vs SFO with Self-Play negatives vs SFO with CDNS negatives.
 2. Table C: SFO (CDNS) with logit-normal vs uniform timesteps.
 3. Table B: SFO with CDNS negatives at several blur radii.
    beta: SFO with CDNS negatives at other betas (not a paper table: the why-not of the results).
+   negatives: same-context negatives: CDNS image-only (blurred reference, the target text) and, as a
+     diagnostic, exact renders of the subject with another pattern/accent in the same context.
+   anchor: SFO (CDNS) with a positive anchor (``sfo.anchor``: dpop, rpo, sdpo).
+   scope: SFO (CDNS) with the "sfo" LoRA on the reference tokens only (``lora.scope=condition``).
 4. App. A (Fig. A): share of a target colour under SFT (positives only) vs SFO (with negatives).
 
-Stages: pretrain (cached) -> prepare (shapes triplets) -> sft -> cdns per negative set ->
-sfo per arm -> evaluate_shapes (every method at once) -> App. A; each stage is the job
-``python -m pipelines.<stage>`` runs, called in this driver on one local Ray. Prints the tables and
-the wall time of every stage; writes ``results.json`` and ``report.md`` under the run folder.
+Stages: pretrain (cached) -> prepare (shapes triplets) -> per training seed: sft -> cdns per
+negative set -> sfo per arm; then evaluate_shapes (every method of every seed, one model, the same
+held-out cells) -> App. A. Each stage is the job ``python -m pipelines.<stage>`` runs, called in this
+driver on one local Ray. Each method is reported as its mean over seeds and its paired difference
+against the same seed's SFT base on the same cells (``sfo.stats``: a difference is claimed at >= 3
+standard errors). Prints the tables and the wall time of every stage; writes ``results.json`` and
+``report.md`` under the run folder.
 
 Blur radii are in pixels of the 48-pixel world. The paper blurs 512-pixel images with radius 5,
 which removes details of a few pixels; the world's fine details are 3-pixel pattern cells, so the
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -30,7 +38,8 @@ from pathlib import Path
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "appA")
+EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "appA")
+ANCHOR_WEIGHTS = {"dpop": 5.0, "rpo": 1000.0, "sdpo": 1.0}  # rpo: Eq. 3's gradient carries beta * sigmoid ~ 500, so Eq. 1 needs ~beta to count
 CDNS_RADIUS = 2.0  # world pixels; see the module docstring
 
 
@@ -49,17 +58,19 @@ class Budget:
     colour_steps: int
     colour_every: int
     colour_samples: int
+    anchors: tuple[str, ...] = ("dpop", "rpo", "sdpo")
     beta: float = 1000.0  # paper Sec. 4.1
 
 
 BUDGETS = {
+    # 256 held-out triplets x 2 sample seeds = 512 images per method and training seed.
     "full": Budget(pretrain_steps=1500, triplets=512, sft_steps=300, sfo_steps=150, batch_size=8, sample_steps=28,
-                   eval_subjects=128, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), betas=(100.0, 10000.0), colour_steps=60, colour_every=20,
+                   eval_subjects=256, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), betas=(100.0, 10000.0), colour_steps=60, colour_every=20,
                    colour_samples=100),
     # Checks the machinery (tests): every stage and arm runs, nothing is learned.
     "tiny": Budget(pretrain_steps=2, triplets=4, sft_steps=1, sfo_steps=1, batch_size=2, sample_steps=2,
                    eval_subjects=2, eval_seeds=1, blur_radii=(1.0, 2.0), betas=(100.0,), colour_steps=1, colour_every=1,
-                   colour_samples=4),
+                   colour_samples=4, anchors=("sdpo",)),
 }
 
 
@@ -99,7 +110,47 @@ def plan(experiments: list[str], budget: Budget) -> Plan:
     if "beta" in experiments:
         for beta in budget.betas:
             arm(f"sfo-cdns-beta{beta:g}", cdns(CDNS_RADIUS), [f"sfo.beta={beta}"])
+    if "negatives" in experiments:
+        p.negatives[f"image-only-r{CDNS_RADIUS:g}"] = {"cdns.mode": "image-only", "cdns.blur_radius": CDNS_RADIUS}
+        arm("sfo-image-only", f"image-only-r{CDNS_RADIUS:g}", [])
+        p.negatives[ORACLE] = {}  # written by oracle_quadruplets, no model
+        arm("sfo-oracle", ORACLE, [])
+    if "anchor" in experiments:
+        for anchor in budget.anchors:
+            arm(f"sfo-cdns-{anchor}", cdns(CDNS_RADIUS), [f"sfo.anchor={anchor}", f"sfo.anchor_weight={ANCHOR_WEIGHTS[anchor]}"])
+    if "scope" in experiments:
+        arm("sfo-cdns-condition", cdns(CDNS_RADIUS), ["lora.scope=condition"])
     return p
+
+
+ORACLE = "oracle-fine"  # diagnostic negatives: the subject with another pattern/accent, same context
+
+
+def oracle_quadruplets(triplets: Path, output: Path, seed: int) -> int:
+    """Quadruplets whose negative is the exact render of the positive's subject with another (pattern,
+    accent), in the same context: the pair differs in the fine details only. A diagnostic of the world
+    (it needs the world's renderer), not a negative-sampling method. Returns the rows written."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sfo.records import QUADRUPLET_SCHEMA, encode_png
+    from sfo.shapes.world import fine_twin, render, world_triplets
+
+    table = pq.read_table(triplets)
+    ids = table["sample_id"].to_pylist()
+    world = {t.sample_id: t for t in world_triplets(len(ids), seed=int(ids[0].split("-")[1]))} if ids else {}
+    rng = np.random.default_rng(seed)
+    negatives = [encode_png(render(fine_twin(world[i].subject, rng), world[i].context)) for i in ids]
+    n = len(ids)
+    out = table.select([f.name for f in QUADRUPLET_SCHEMA if f.name in table.column_names]).to_pydict()
+    out.update(negative_png=negatives, negative_mode=[ORACLE] * n, negative_image_degradation=["none"] * n,
+               negative_text_degradation=["none"] * n, negative_blur_radius=[None] * n, negative_noise_std=[None] * n,
+               negative_prompt=table["target_text"].to_pylist(), negative_seed=[seed] * n, negative_steps=[0] * n,
+               negative_guidance=[0.0] * n, negative_adapter_sha256=["none"] * n)
+    output.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pydict(out, schema=QUADRUPLET_SCHEMA), output / "part-00000.parquet")
+    return n
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,10 +161,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(EXPERIMENTS),
                         help=f"comma-separated experiments (default: all of {','.join(EXPERIMENTS)})")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/reproduce-<date>-<time>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every job (default 0)")
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds: each runs sft, cdns and sfo with "
+                        "its seed; every method is evaluated on the same held-out cells (default 0)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (default 4)")
     args = parser.parse_args(argv)
     args.experiments = [e for e in args.only.split(",") if e]
+    try:
+        args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if not args.seeds or len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds: need one or more distinct integers, got {args.seeds}")
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown or not args.experiments:
         parser.error(f"--only: unknown experiment(s) {unknown}; use some of {','.join(EXPERIMENTS)}")
@@ -150,44 +208,58 @@ def run(args: argparse.Namespace) -> dict:
     runs.mkdir(parents=True)
     stages, the_plan = Stages(), plan(args.experiments, budget)
     model = ["model.source=shapes"]
-    train_common = model + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={args.seed}",
-                            f"output.storage_path={runs / 'train'}"]
-    triplets, ref = runs / "data" / "triplets", runs / "train" / "sft" / "adapters" / "ref"
-    results: dict = {"budget": asdict(budget), "seed": args.seed, "experiments": args.experiments}
+    triplets = runs / "data" / "triplets"
+    results: dict = {"budget": asdict(budget), "seeds": args.seeds, "experiments": args.experiments}
 
-    stages("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=budget.pretrain_steps, seed=args.seed)))
+    stages("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=budget.pretrain_steps)))
     jobs = [e for e in args.experiments if e != "appA"]
     if jobs:
+        # One dataset (world seed 0) for every training seed: seeds vary the training, not the data.
         stages("prepare", lambda: prepare.run(load_config(PrepareConfig, CONFIGS / "prepare.yaml", [
             "data.source=shapes", f"data.size={SIZE}", f"data.limit={budget.triplets}", f"data.output={triplets}",
-            f"data.seed={args.seed}"])))
-        stages("sft", lambda: train.run(load_config(SftConfig, CONFIGS / "sft.yaml", train_common + [
-            f"data.path={triplets}", "output.name=sft", f"train.steps={budget.sft_steps}"])))
-        for name, overrides in the_plan.negatives.items():
-            stages(f"cdns {name}", lambda o=overrides, n=name: cdns.run(load_config(CdnsConfig, CONFIGS / "cdns.yaml", model + [
-                f"model.ref_adapter={ref}", f"data.input={triplets}", f"data.output={runs / 'data' / n}",
-                f"cdns.size={SIZE}", f"cdns.steps={budget.sample_steps}", f"cdns.seed={args.seed}", "cdns.batch_size=16",
-                *[f"{k}={v}" for k, v in o.items()]])))
-        for name, overrides in the_plan.arms.items():
-            negatives = the_plan.arm_negatives[name]
-            data = runs / "data" / negatives if negatives else triplets
-            stages(f"sfo {name}", lambda o=overrides, n=name, d=data: train.run(load_config(SfoConfig, CONFIGS / "sfo.yaml",
-                train_common + [f"data.path={d}", f"model.ref_adapter={ref}", f"output.name={n}",
-                                f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}", *o])))  # o last: wins
-        methods = [{"name": "base", "active": []}, {"name": "sft", "ref_adapter": str(ref), "active": ["ref"]}]
-        methods += [{"name": n, "ref_adapter": str(ref), "sfo_adapter": str(runs / "train" / n / "adapters" / "sfo"),
-                     "active": ["ref", "sfo"]} for n in the_plan.arms]
+            "data.seed=0"])))
+        methods = [{"name": "base", "active": []}]
+        for seed in args.seeds:
+            root = runs / f"seed{seed}" if len(args.seeds) > 1 else runs
+            tag = f" (seed {seed})" if len(args.seeds) > 1 else ""
+            ref = root / "train" / "sft" / "adapters" / "ref"
+            train_common = model + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={seed}",
+                                    f"output.storage_path={root / 'train'}"]
+            stages(f"sft{tag}", lambda c=train_common: train.run(load_config(SftConfig, CONFIGS / "sft.yaml", c + [
+                f"data.path={triplets}", "output.name=sft", f"train.steps={budget.sft_steps}"])))
+            for name, overrides in the_plan.negatives.items():
+                out = root / "data" / name
+                if name == ORACLE:
+                    stages(f"negatives {name}{tag}", lambda o=out, s=seed: oracle_quadruplets(triplets, o, s))
+                    continue
+                stages(f"cdns {name}{tag}", lambda o=overrides, d=out, r=ref, s=seed: cdns.run(load_config(
+                    CdnsConfig, CONFIGS / "cdns.yaml", model + [
+                        f"model.ref_adapter={r}", f"data.input={triplets}", f"data.output={d}", f"cdns.size={SIZE}",
+                        f"cdns.steps={budget.sample_steps}", f"cdns.seed={s}", "cdns.batch_size=16",
+                        *[f"{k}={v}" for k, v in o.items()]])))
+            for name, overrides in the_plan.arms.items():
+                negatives = the_plan.arm_negatives[name]
+                data = root / "data" / negatives if negatives else triplets
+                stages(f"sfo {name}{tag}", lambda o=overrides, n=name, d=data, c=train_common, r=ref: train.run(load_config(
+                    SfoConfig, CONFIGS / "sfo.yaml", c + [f"data.path={d}", f"model.ref_adapter={r}", f"output.name={n}",
+                                                          f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}",
+                                                          *o])))  # o last: wins
+            methods.append({"name": f"sft@{seed}", "ref_adapter": str(ref), "active": ["ref"]})
+            methods += [{"name": f"{n}@{seed}", "ref_adapter": str(ref), "active": ["ref", "sfo"],
+                         "sfo_adapter": str(root / "train" / n / "adapters" / "sfo")} for n in the_plan.arms]
         evaluation = load_config(ShapesEvaluateConfig, CONFIGS / "evaluate_shapes.yaml", model + [
             f"output={runs / 'evaluate'}", f"eval.subjects={budget.eval_subjects}", f"eval.seeds={budget.eval_seeds}",
             f"eval.steps={budget.sample_steps}"])
         evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]
-        results["methods"] = stages("evaluate", lambda: evaluate_shapes.run(evaluation))
+        stages("evaluate", lambda: evaluate_shapes.run(evaluation))
+        table = evaluate_shapes.read_images(evaluation.output, [m["name"] for m in methods])
+        results["methods"] = aggregate(table, args.seeds, ["base", "sft", *the_plan.arms])
     if "appA" in args.experiments:
         from pipelines import colour_shift
 
         config = colour_shift.ColourShiftConfig(steps=budget.colour_steps, eval_every=budget.colour_every,
                                                 samples=budget.colour_samples, sample_steps=budget.sample_steps,
-                                                beta=budget.beta, seed=args.seed)
+                                                beta=budget.beta, seed=args.seeds[0])
         results["appA"] = stages("appA", lambda: colour_shift.run(config))
     results["seconds"] = stages.seconds
     (runs / "results.json").write_text(json.dumps(results, indent=2))
@@ -198,32 +270,77 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def aggregate(table, seeds: list[int], names: list[str]) -> dict:
+    """Per method: images, each headline rate (mean over seeds) with its binomial standard error, the
+    per-seed rates, and the paired difference against the same seed's SFT base on the same cells.
+
+    Methods are evaluated as ``{name}@{seed}`` (``base`` once: it is not trained).
+    """
+    from pipelines.evaluate_shapes import HEADLINE
+    from sfo.stats import claim, combine_seeds, paired_difference
+
+    cells: dict[str, dict] = {}
+    for row in table.to_pylist():
+        cells.setdefault(row["method"], {})[(row["sample_id"], row["seed"])] = row
+    evaluated = lambda name, seed: cells["base"] if name == "base" else cells[f"{name}@{seed}"]  # noqa: E731
+    out = {}
+    for name in names:
+        per_seed = {seed: evaluated(name, seed) for seed in seeds}
+        keys = sorted(per_seed[seeds[0]])
+        images = len(keys) * (1 if name == "base" else len(seeds))
+        entry: dict = {"images": images, "stderr": {}, "per_seed": {}, "paired_vs_sft": {}}
+        for k in HEADLINE:
+            rate = sum(sum(r[k] for r in c.values()) / len(c) for c in per_seed.values()) / len(seeds)
+            entry[k] = rate
+            entry["stderr"][k] = math.sqrt(rate * (1 - rate) / images)
+            entry["per_seed"][k] = {str(s): sum(r[k] for r in c.values()) / len(c) for s, c in per_seed.items()}
+            if name != "sft":
+                combined = combine_seeds([paired_difference([per_seed[s][c][k] for c in keys],
+                                                            [cells[f"sft@{s}"][c][k] for c in keys]) for s in seeds])
+                entry["paired_vs_sft"][k] = {**combined, "claim": claim(combined)}
+        out[name] = entry
+    return out
+
+
 def format_results(results: dict) -> str:
     """The reproduction tables as Markdown."""
     from pipelines.colour_shift import format_curves
 
-    lines = [f"# SFO in the shapes world (budget {json.dumps(results['budget'])}, seed {results['seed']})", ""]
+    seeds = results.get("seeds", [results.get("seed", 0)])
+    lines = [f"# SFO in the shapes world (budget {json.dumps(results['budget'])}, training seeds {seeds})", "",
+             "Rates are means over training seeds (± binomial standard error over all images); Δ is the paired "
+             "difference against the same seed's SFT base on the same prompts and sample seeds (± the larger of the "
+             "evaluation and the seed-to-seed standard error); a difference is claimed at >= 3 standard errors.", ""]
     methods = results.get("methods", {})
 
+    def delta(m: dict, key: str) -> str:
+        d = m.get("paired_vs_sft", {}).get(key)
+        return "" if d is None else f"{d['diff']:+.3f} ± {d['se']:.3f}" + (" **" + d["claim"] + "**" if d["claim"] != "no difference shown" else "")
+
     def table(title: str, rows: list[str]) -> None:
-        rows = [r for r in rows if r in methods]
+        rows = [r for r in dict.fromkeys(rows) if r in methods]
         if not rows:
             return
-        lines.extend([f"## {title}", "", "| method | images | subject fidelity | fine | coarse | text |",
-                      "|---|---|---|---|---|---|"])
+        lines.extend([f"## {title}", "", "| method | images | subject fidelity | fine | coarse | text | Δ subject vs SFT | Δ text vs SFT |",
+                      "|---|---|---|---|---|---|---|---|"])
         for r in rows:
             m = methods[r]
             lines.append(f"| {r} | {m['images']} | " + " | ".join(
-                f"{m[k]:.3f} ± {m['stderr'][k]:.3f}" for k in ("subject", "fine", "coarse", "text")) + " |")
+                f"{m[k]:.3f} ± {m['stderr'][k]:.3f}" for k in ("subject", "fine", "coarse", "text"))
+                + f" | {delta(m, 'subject')} | {delta(m, 'text')} |")
         lines.append("")
 
     table("Table 4: negatives", ["base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns"])
-    table("Table C: timesteps (SFO, CDNS)", ["sfo-cdns", "sfo-cdns-uniform"])
+    table("Table C: timesteps (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-uniform"])
     table("Table B: blur radius of CDNS (world pixels; sfo-cdns is radius 2)",
-          sorted((n for n in methods if n.startswith("sfo-cdns-r")), key=lambda n: float(n[len("sfo-cdns-r"):]))
+          ["sft"] + sorted((n for n in methods if n.startswith("sfo-cdns-r")), key=lambda n: float(n[len("sfo-cdns-r"):]))
           + ["sfo-cdns"])
     table(f"beta (SFO, CDNS; sfo-cdns is beta {results['budget']['beta']:g})",
-          [n for n in methods if n.startswith("sfo-cdns-beta")] + ["sfo-cdns"])
+          ["sft"] + [n for n in methods if n.startswith("sfo-cdns-beta")] + ["sfo-cdns"])
+    table("Negatives in the positive's context (image-only CDNS; oracle: exact renders with other fine details)",
+          ["sft", "sfo-cdns", "sfo-image-only", "sfo-oracle"])
+    table("Positive anchors (SFO, CDNS)", ["sft", "sfo-cdns"] + [f"sfo-cdns-{a}" for a in ANCHOR_WEIGHTS])
+    table("LoRA scope (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-condition"])
     if "appA" in results:
         lines.extend(["## App. A: colour shift", "", "```", format_curves(results["appA"]), "```", ""])
     lines.extend(["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"])

@@ -12,8 +12,9 @@ log are written by rank 0 straight to the storage path, so it must be a shared f
 Randomness: each sample's timestep and noise come from a ``torch.Generator`` seeded with
 (train.seed, optimiser step, sample_id), so they do not depend on how samples are laid out over
 workers and micro-batches (that is what makes the invariance test hold), and positive/negative
-share them (``sfo_objective``). Resuming restarts the data stream at an epoch start; the step
-count, weights, optimiser state and the noise stream continue.
+share them (``sfo_objective``). The data order is shuffled per epoch with a seeded local buffer
+(``train.shuffle_buffer``, ``epoch_rows``). Resuming restarts the data stream at an epoch start;
+the step count, weights, optimiser state and the noise stream continue.
 
 Data with cached encoder outputs (``sfo.records.CACHE_FIELDS``, from ``prepare`` with
 ``cache.enabled``) skips the VAE and text encoders for targets, references and prompts when the
@@ -186,14 +187,30 @@ def build_batch(cfg: TrainConfig, model, rows: dict, cached: bool):
                                 grid=(side, side), device=model.device, dtype=model.dtype, negative=negative)
 
 
-def micro_batches(cfg: TrainConfig, model, cached: bool = False):
+def epoch_rows(data, cfg: TrainConfig, epoch: int, rank: int = 0):
+    """One epoch of numpy row batches from ``data`` (a worker's shard, or any Ray ``Dataset``).
+
+    With ``train.shuffle_buffer`` > 0 the rows pass Ray Data's local shuffle buffer, seeded from
+    (train.seed, epoch, rank): the same seed gives the same order, each epoch another.
+    """
+    shuffle = {}
+    if cfg.train.shuffle_buffer:
+        digest = hashlib.sha256(f"shuffle/{cfg.train.seed}/{epoch}/{rank}".encode()).digest()
+        shuffle = {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
+                   "local_shuffle_seed": int.from_bytes(digest[:4], "little")}
+    return data.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True, **shuffle)
+
+
+def micro_batches(cfg: TrainConfig, model, cached: bool = False, rank: int = 0):
     """Endless stream of encoded micro-batches (with sample ids) from this worker's Ray Data shard."""
     shard = ray.train.get_dataset_shard("train")
+    epoch = 0
     while True:
         seen = False
-        for rows in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+        for rows in epoch_rows(shard, cfg, epoch, rank):
             seen = True
             yield list(rows["sample_id"]), build_batch(cfg, model, rows, cached)
+        epoch += 1
         if not seen:
             raise ValueError(f"data.path: a worker got no full batch; need at least train.batch_size x "
                              f"scaling.num_workers = {cfg.train.batch_size * cfg.scaling.num_workers} rows")
@@ -263,7 +280,7 @@ def train_loop(loop_config: dict) -> None:
             engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
             start = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
 
-    stream = micro_batches(cfg, model, loop_config.get("use_cache", False))
+    stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank)
     for step in range(start + 1, cfg.train.steps + 1):
         began = time.perf_counter()
         sums: dict[str, float] = {"loss": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "samples": 0.0}

@@ -62,6 +62,8 @@ class TrainLoopConfig:
     #                         laptop); metrics.jsonl gets every step, the last step is always reported
     gradient_checkpointing: bool = False
     seed: int = 0
+    shuffle_buffer: int = 1024  # rows of Ray Data's local shuffle buffer, reseeded every epoch from (seed, epoch,
+    #                             rank); 0 = file order (the data then arrives in the same order every epoch)
     optimizer: str = "prodigy"  # paper Sec. 4.1
     lr: float = 1.0  # Prodigy's lr is a multiplier of its own estimate: 1 as the paper; adamw: e.g. 1e-4
     weight_decay: float = 0.01
@@ -72,6 +74,8 @@ class TrainLoopConfig:
                 raise ValueError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every: must be >= 0, got {self.checkpoint_every}")
+        if self.shuffle_buffer < 0:
+            raise ValueError(f"train.shuffle_buffer: must be >= 0 (0 = file order), got {self.shuffle_buffer}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer: unknown {self.optimizer!r}; use one of {list(OPTIMIZERS)}")
         if not self.lr > 0:

@@ -81,6 +81,13 @@ ALL_SUBJECTS = tuple(Subject(*a) for a in product(SHAPES, COLOURS, PATTERNS, ACC
 ALL_CONTEXTS = tuple(Context(*a) for a in product(BACKGROUNDS, POSITIONS, SIDES))
 
 
+def fine_twin(subject: Subject, rng: np.random.Generator) -> Subject:
+    """The same coarse subject with another (pattern, accent), drawn uniformly from the 7 others."""
+    others = [(p, a) for p in PATTERNS for a in ACCENTS if (p, a) != (subject.pattern, subject.accent)]
+    pattern, accent = others[int(rng.integers(len(others)))]
+    return Subject(subject.shape, subject.colour, pattern, accent)
+
+
 def target_text(subject: Subject, context: Context) -> str:
     """Coarse attributes and the context, never the fine details: ``"a small red circle on the left, sand background"``."""
     return f"a {context.size} {subject.item} {PHRASES[context.position]}, {context.background} background"

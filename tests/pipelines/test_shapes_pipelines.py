@@ -100,16 +100,72 @@ def test_reproduce_refuses_unknown_experiments():
         reproduce.parse_args(["--only", "table9"])
 
 
+def test_plan_new_experiments():
+    budget = reproduce.BUDGETS["full"]
+    negatives = reproduce.plan(["negatives"], budget)
+    assert negatives.arm_negatives == {"sfo-image-only": "image-only-r2", "sfo-oracle": reproduce.ORACLE}
+    assert negatives.negatives["image-only-r2"] == {"cdns.mode": "image-only", "cdns.blur_radius": 2.0}
+    anchors = reproduce.plan(["anchor"], budget).arms
+    assert anchors["sfo-cdns-dpop"] == ["sfo.anchor=dpop", "sfo.anchor_weight=5.0"] and len(anchors) == 3
+    assert reproduce.plan(["scope"], budget).arms == {"sfo-cdns-condition": ["lora.scope=condition"]}
+
+
+def test_seeds_are_parsed_and_checked():
+    assert reproduce.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
+    for bad in ("0,0", "a", ""):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(["--seeds", bad])
+
+
+def test_aggregate_pairs_each_seed_with_its_own_sft():
+    """Two seeds, two cells each. subject: sft@0 = [1, 0], x@0 = [1, 1]; sft@1 = [0, 0], x@1 = [1, 0].
+    Per-seed paired diffs: +0.5 (d = [0, 1]) and +0.5 (d = [1, 0]), each se 0.5 -> mean +0.5,
+    sampling se sqrt(0.25 + 0.25) / 2 = 0.354, seed se 0; rate of x = (1 + 0.5) / 2 = 0.75."""
+    import pyarrow as pa
+
+    def rows(method, subject):
+        return [{"method": method, "sample_id": f"c{i}", "seed": 0, "subject": bool(v), "fine": bool(v),
+                 "coarse": True, "text": True} for i, v in enumerate(subject)]
+
+    table = pa.Table.from_pylist(rows("base", [0, 0]) + rows("sft@0", [1, 0]) + rows("x@0", [1, 1])
+                                 + rows("sft@1", [0, 0]) + rows("x@1", [1, 0]))
+    out = reproduce.aggregate(table, [0, 1], ["base", "sft", "x"])
+    x = out["x"]
+    assert x["images"] == 4 and x["subject"] == 0.75 and x["per_seed"]["subject"] == {"0": 1.0, "1": 0.5}
+    paired = x["paired_vs_sft"]["subject"]
+    assert paired["diffs"] == [0.5, 0.5] and paired["seed_se"] == 0.0
+    assert paired["sampling_se"] == pytest.approx(0.5**0.5 / 2) and paired["claim"] == "no difference shown"
+    assert out["base"]["images"] == 2 and out["base"]["paired_vs_sft"]["subject"]["diffs"] == [-0.5, 0.0]
+    assert "paired_vs_sft" in out["sft"] and out["sft"]["paired_vs_sft"] == {}
+
+
+def test_oracle_quadruplets_differ_from_the_positive_in_fine_details_only(tmp_path):
+    import pyarrow.parquet as pq
+
+    triplets = tmp_path / "triplets"
+    prepare.run(load_config(prepare.PrepareConfig, None, ["data.source=shapes", f"data.size={SIZE}", "data.limit=12",
+                                                           f"data.output={triplets}"]))
+    assert reproduce.oracle_quadruplets(triplets, tmp_path / "q", seed=3) == 12
+    rows = pq.read_table(tmp_path / "q").to_pylist()
+    for row, t in zip(rows, world_triplets(12, seed=0), strict=True):
+        negative = read_image(decode_png(row["negative_png"]))
+        verdict = judge(negative, t.subject, t.context)
+        assert verdict["coarse"] and verdict["text"] and not verdict["fine"]
+
+
 def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
     out = tmp_path / "run"
     assert reproduce.main(["--budget", "tiny", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
-                                       "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100"}
+                                       "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
+                                       "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition"}
     assert all(m["images"] == 2 for m in results["methods"].values())
     assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
-            "evaluate", "appA"} <= set(results["seconds"])
+            "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "appA"} <= set(results["seconds"])
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
+    assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
     report = (out / "report.md").read_text()
-    for title in ("Table 4", "Table C", "Table B", "beta (SFO", "App. A", "Wall time"):
+    for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
+                  "App. A", "Wall time", "Δ subject vs SFT"):
         assert title in report

@@ -252,3 +252,21 @@ def test_help(module):
 @pytest.mark.parametrize("cls, path", [(SftConfig, CONFIGS / "sft.yaml"), (SfoConfig, CONFIGS / "sfo.yaml")])
 def test_yaml_loads(cls, path):
     assert load_config(cls, path).train.steps >= 1
+
+
+def test_shuffle_is_seeded_per_epoch_and_off_at_zero(ray_local, tmp_path):
+    """Same (seed, epoch, rank): the same order; another epoch or seed: another order; buffer 0: file order."""
+    import ray
+
+    from pipelines.train import epoch_rows
+
+    data = ray.data.range(64, override_num_blocks=4)
+    cfg = lambda *o: _sft(tmp_path, "shuffle", str(tmp_path), "train.batch_size=8", *o)  # noqa: E731
+    order = lambda c, epoch: [int(i) for rows in epoch_rows(data, c, epoch) for i in rows["id"]]  # noqa: E731
+    seeded = cfg("train.shuffle_buffer=64", "train.seed=3")
+    first = order(seeded, 0)
+    assert sorted(first) == list(range(64)) and first != list(range(64))
+    assert order(seeded, 0) == first
+    assert order(seeded, 1) != first
+    assert order(cfg("train.shuffle_buffer=64", "train.seed=4"), 0) != first
+    assert order(cfg("train.shuffle_buffer=0"), 0) == list(range(64))
