@@ -35,7 +35,7 @@ from sfo.latents import encode_images, grid_ids
 from sfo.models import FluxModel
 from sfo.objectives import TrainBatch, sft_objective
 from sfo.shapes import world as W
-from sfo.shapes.model import ShapesFluxConfig, build_shapes_pipeline, pretrained_folder
+from sfo.shapes.model import SHIPPED, ShapesFluxConfig, build_shapes_pipeline, pretrained_folder, shipped_manifest
 from sfo.text import TextEmbeddings, encode_prompts
 from sfo.timesteps import TimestepSampling, sample_timesteps
 
@@ -115,6 +115,11 @@ def pretrain(cfg: PretrainConfig, log=_log) -> Path:
     """Trains and saves the shapes-world pipeline; returns its folder."""
     folder = cfg.folder
     done = pretrained_steps(folder)
+    shipped = shipped_manifest()
+    if cfg.output is None and not cfg.force and not done and shipped and shipped["config"]["steps"] >= cfg.steps:
+        log(f"pretrain: using the shipped shapes model ({SHIPPED}, {shipped['config']['steps']} steps; "
+            "force=true rebuilds it into the cache)")
+        return SHIPPED
     if done >= cfg.steps and not cfg.force:
         log(f"pretrain: {folder} already holds the shapes model pretrained for {done} steps (force=true retrains)")
         return folder

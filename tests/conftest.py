@@ -44,7 +44,9 @@ def shared_path(*parts: str) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_pretrained(_hermetic_cache):
-    """The shapes-world model after a 2-step pretraining, in the session cache (machinery, not quality)."""
+    """The shapes-world model after a 2-step pretraining, in the session cache, where it takes precedence over
+    the shipped model (machinery, not quality)."""
     from pipelines.pretrain import PretrainConfig, pretrain
+    from sfo.shapes.model import pretrained_folder
 
-    return pretrain(PretrainConfig(steps=2, batch_size=4, log_every=1))
+    return pretrain(PretrainConfig(steps=2, batch_size=4, log_every=1, output=str(pretrained_folder())))

@@ -72,16 +72,46 @@ def build_shapes_pipeline(config: ShapesFluxConfig = ShapesFluxConfig()) -> Flux
                         transformer=transformer, **text)
 
 
+SHIPPED = Path(__file__).resolve().parent / "pretrained"  # the model this repository ships (MANIFEST.json)
+MANIFEST = "MANIFEST.json"
+
+
 def pretrained_folder(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
-    """Where ``pipelines.pretrain`` saves the pretrained pipeline for these sizes."""
+    """Where ``pipelines.pretrain`` saves a rebuilt pretrained pipeline for these sizes (the cache)."""
     return cache_root() / "shapes-flux" / config.fingerprint()
 
 
+def shipped_manifest(config: ShapesFluxConfig = ShapesFluxConfig()) -> dict | None:
+    """The shipped model's manifest when it was made with ``config``'s sizes, else None."""
+    path = SHIPPED / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    return manifest if manifest.get("sizes") == json.loads(json.dumps(asdict(config))) else None
+
+
+def verify_shipped(config: ShapesFluxConfig = ShapesFluxConfig()) -> list[str]:
+    """Files of the shipped model whose sha256 differs from the manifest (or that are missing or extra)."""
+    manifest = shipped_manifest(config)
+    if manifest is None:
+        return [MANIFEST]
+    present = {str(p.relative_to(SHIPPED)) for p in SHIPPED.rglob("*") if p.is_file() and p.name != MANIFEST
+               and "__pycache__" not in p.parts}
+    bad = sorted(present ^ set(manifest["files"]))
+    bad += [name for name, digest in sorted(manifest["files"].items())
+            if name in present and hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() != digest]
+    return bad
+
+
 def require_pretrained(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
+    """The pretrained model's folder: a rebuilt one in the cache when there is one, else the shipped one."""
     folder = pretrained_folder(config)
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"model: the shapes-world model is not pretrained yet (nothing at {folder}); run "
-            "`python -m pipelines.pretrain` once (about 10 minutes on 2 CPU cores), or use model 'tiny'"
-        )
-    return folder
+    if (folder / "model_index.json").is_file():
+        return folder
+    if shipped_manifest(config) is not None:
+        return SHIPPED
+    raise FileNotFoundError(
+        f"model: no pretrained shapes-world model for these sizes (nothing at {folder}, and the shipped model in "
+        f"{SHIPPED} was made for other sizes); run `python -m pipelines.pretrain` once (about 13 minutes on 2 CPU "
+        "cores), or use model 'tiny'"
+    )

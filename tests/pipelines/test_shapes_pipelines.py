@@ -26,12 +26,31 @@ def test_pretrain_caches_the_model_and_skips_a_second_run(shapes_pretrained, cap
     assert isinstance(model.vae, PixelCodec) and model.text_max_length == 16
 
 
-def test_load_flux_shapes_names_the_pretrain_command_when_nothing_is_cached(tmp_path, monkeypatch):
+def test_load_flux_shapes_names_the_pretrain_command_when_nothing_is_there(tmp_path, monkeypatch):
     from sfo.models import load_flux
+    from sfo.shapes import model as shapes_model
 
     monkeypatch.setenv("SFO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(shapes_model, "SHIPPED", tmp_path / "no-shipped-model")
     with pytest.raises(FileNotFoundError, match="python -m pipelines.pretrain"):
         load_flux("shapes", device="cpu")
+
+
+def test_the_shipped_model_matches_its_manifest_and_loads_without_a_cache(tmp_path, monkeypatch, capsys):
+    """A fresh machine (empty cache) reads the shipped model; pretrain then trains nothing."""
+    from sfo.models import load_flux
+    from sfo.shapes import model as shapes_model
+
+    assert shapes_model.verify_shipped() == []
+    manifest = shapes_model.shipped_manifest()
+    assert manifest["config"]["steps"] == 1500 and "python -m pipelines.pretrain" in manifest["command"]
+    monkeypatch.setenv("SFO_CACHE_DIR", str(tmp_path))
+    assert shapes_model.require_pretrained() == shapes_model.SHIPPED
+    model = load_flux("shapes", device="cpu")
+    assert model.transformer.config.num_single_layers == manifest["sizes"]["num_single_layers"]
+    assert pretrain.pretrain(pretrain.PretrainConfig(steps=1500)) == shapes_model.SHIPPED
+    assert "using the shipped shapes model" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())  # nothing was trained or written
 
 
 def test_pretrain_config_names_bad_fields():
