@@ -88,6 +88,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     from pipelines.pair_analysis import PairAnalysisConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
+    from sfo.shapes.world import CDNS_BLUR_RADIUS
 
     model = [f"model.source={args.model}"]
     shapes = args.model == "shapes"
@@ -101,7 +102,8 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     extra = {
         "prepare": [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={'shapes' if shapes else 'synthetic'}"],
         "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"] + world_batch,
-        "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"] + (["cdns.batch_size=16"] if shapes else []),
+        "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"]
+        + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
         "pair_analysis": [],
         "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch,
         "evaluate": model + evaluation,

@@ -20,9 +20,10 @@ against the same seed's SFT base on the same cells (``sfo.stats``: a difference 
 standard errors). Prints the tables and the wall time of every stage; writes ``results.json`` and
 ``report.md`` under the run folder.
 
-Blur radii are in pixels of the 48-pixel world. The paper blurs 512-pixel images with radius 5,
-which removes details of a few pixels; the world's fine details are 3-pixel pattern cells, so the
-world's CDNS uses radius 2 (the cells vanish, shape and colours stay) and Table B sweeps 0.5-4.
+Blur radii are in pixels of the 32-pixel world. The paper blurs 512-pixel images with radius 5,
+which removes details of a few pixels; the world's fine details are 2-pixel pattern cells, so the
+world's CDNS uses radius 2 (``sfo.shapes.world.CDNS_BLUR_RADIUS``: the cells vanish, shape and
+colours stay) and Table B sweeps 0.5-4.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from pipelines.config import load_config
 CONFIGS = Path(__file__).resolve().parent / "configs"
 EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "appA")
 ANCHOR_WEIGHTS = {"dpop": 5.0, "rpo": 1000.0, "sdpo": 1.0}  # rpo: Eq. 3's gradient carries beta * sigmoid ~ 500, so Eq. 1 needs ~beta to count
-CDNS_RADIUS = 2.0  # world pixels; see the module docstring
+from sfo.shapes.world import CDNS_BLUR_RADIUS as CDNS_RADIUS  # world pixels; see the module docstring
 
 
 @dataclass(frozen=True)

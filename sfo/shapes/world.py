@@ -31,6 +31,9 @@ from sfo.degrade import generic_text
 
 SIZE = 32
 CELL = 2  # pattern cell side in pixels (period 4)
+# CDNS's blur in world pixels: the paper blurs 512-px images with radius 5, removing details of a few
+# pixels; the world's details are 2-pixel cells in 32 px, which radius 2 removes (shape and colour stay).
+CDNS_BLUR_RADIUS = 2.0
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 50, 50), "green": (40, 170, 70), "blue": (50, 90, 220), "yellow": (230, 200, 40)}

@@ -74,3 +74,16 @@ def test_help_and_bad_flags(tmp_path):
     for bad in (["--size", "64"], ["--model", "tiny", "--size", "40"], ["--samples", "0"], ["--model", str(tmp_path / "nope")], ["--out", str(tmp_path)]):
         with pytest.raises(SystemExit):
             main_job.parse_args(bad)
+
+
+def test_the_demo_uses_the_world_settings_the_readme_documents(tmp_path):
+    """The shapes demo's CDNS blurs with the world's radius and samples with the paper's 28 steps, as
+    README's shapes-world section and the reproduction do."""
+    from pipelines import reproduce
+    from sfo.shapes.world import CDNS_BLUR_RADIUS
+
+    args = main_job.parse_args(["--out", str(tmp_path / "run")])
+    configs = main_job.stage_configs(args, tmp_path / "run")
+    assert configs["cdns"].cdns.blur_radius == CDNS_BLUR_RADIUS == reproduce.CDNS_RADIUS == 2.0
+    assert configs["cdns"].cdns.steps == configs["evaluate"].eval.steps == 28
+    assert f"radius {CDNS_BLUR_RADIUS:g}" in (Path(__file__).resolve().parents[2] / "README.md").read_text()
