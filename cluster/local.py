@@ -2,17 +2,24 @@
 
     python -m cluster.local start [--num-cpus 4] [--dashboard-port 8265]
     python -m cluster.local env      # the variables a client (ray job submit) needs
-    python -m cluster.local stop
+    python -m cluster.local stop     # stops the head `start` started, nothing else
 
 Ray 2.60 turns token authentication on by default; this helper keeps it on: it generates a token
 into ``runs/cluster/auth_token`` (mode 0600) and starts the head with ``RAY_AUTH_MODE=token`` and
 ``RAY_AUTH_TOKEN_PATH`` pointing at it. ``--no-auth`` switches authentication off, for a
 throw-away dev cluster only.
+
+Other Ray sessions may run on the same machine: the head gets free ports for every service (GCS,
+dashboard agent, metrics, runtime-env agent; the dashboard's 8265 only when it is free) and runs as
+``ray start --block`` in a process group of its own, recorded in ``runs/cluster/head.json``.
+``stop`` ends that process group only (never ``ray stop --force``, which stops every Ray process on
+the host) and says what it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import secrets
 import socket
@@ -26,6 +33,7 @@ from pathlib import Path
 
 STATE_DIR = Path("runs/cluster")
 TOKEN_FILE = STATE_DIR / "auth_token"
+HEAD_FILE = "head.json"  # in the state folder: the head `start` started (pid, process group, ports)
 DEFAULT_DASHBOARD_PORT = 8265
 
 
@@ -53,17 +61,6 @@ def _ray_env(extra: dict[str, str]) -> dict[str, str]:
     # Jobs run `python -m ...` with the head's PATH: put this interpreter's environment first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
-
-
-def start_head(num_cpus: int = 4, dashboard_port: int = DEFAULT_DASHBOARD_PORT, auth: bool = True) -> str:
-    """Starts a local head with the dashboard (job server) on 127.0.0.1; returns the job address."""
-    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--num-cpus={num_cpus}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-               "--disable-usage-stats"]
-    result = subprocess.run(command, env=_ray_env(auth_env(auth)), capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ray start failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    return f"http://127.0.0.1:{dashboard_port}"
 
 
 def _answers(address: str) -> bool:
@@ -96,7 +93,10 @@ class LocalHead:
     """
 
     def __init__(self, num_cpus: int = 2, dashboard_port: int = DEFAULT_DASHBOARD_PORT, gcs_port: int = 6390,
-                 auth: bool = True, token_file: Path = TOKEN_FILE, ready_timeout_s: float = 180.0) -> None:
+                 auth: bool = True, token_file: Path = TOKEN_FILE, ready_timeout_s: float = 180.0,
+                 log: Path | None = None) -> None:
+        self.gcs_port = gcs_port
+        self.log = log
         self.command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs_port}",
                         f"--num-cpus={num_cpus}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
                         f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
@@ -110,12 +110,17 @@ class LocalHead:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> str:
-        self.process = subprocess.Popen(self.command, env=self.env, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        out = subprocess.DEVNULL
+        if self.log is not None:
+            self.log.parent.mkdir(parents=True, exist_ok=True)
+            out = open(self.log, "wb")  # noqa: SIM115 - the head outlives this call; the child keeps the file
+        self.process = subprocess.Popen(self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
         deadline = time.time() + self.ready_timeout_s
         while time.time() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.process.returncode}")
+                tail = self.log.read_text(errors="replace")[-2000:] if self.log is not None else ""
+                raise RuntimeError(f"ray start exited with {self.process.returncode}\n{tail}")
             if _answers(self.address):
                 return self.address
             time.sleep(1.0)
@@ -131,9 +136,96 @@ class LocalHead:
                 os.killpg(self.process.pid, signal.SIGKILL)
 
 
-def stop_head() -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], env=_ray_env({}),
-                   capture_output=True, text=True, check=False)
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_head(num_cpus: int = 4, dashboard_port: int | None = None, auth: bool = True,
+               state_dir: Path = STATE_DIR) -> dict:
+    """Starts a local head in a process group of its own, on free ports; returns what ``head.json`` records.
+
+    Args:
+        dashboard_port: the job server's port; None = 8265 when free, else a free one.
+    Raises:
+        RuntimeError: a head started by this helper is still running (stop it first), or the head
+            did not come up (its log tail in the message).
+    """
+    state_dir = Path(state_dir)
+    record = read_head(state_dir)
+    if record is not None and _alive(record["pgid"]):
+        raise RuntimeError(f"a head started by cluster.local is already running at {record['address']} "
+                           f"(process group {record['pgid']}); `python -m cluster.local stop` first")
+    if dashboard_port is None:
+        dashboard_port = DEFAULT_DASHBOARD_PORT if port_is_free(DEFAULT_DASHBOARD_PORT) else free_port()
+    head = LocalHead(num_cpus=num_cpus, dashboard_port=dashboard_port, gcs_port=free_port(), auth=auth,
+                     token_file=state_dir / TOKEN_FILE.name, log=state_dir / "head.log")
+    address = head.__enter__()
+    record = {"pid": head.process.pid, "pgid": os.getpgid(head.process.pid), "address": address,
+              "gcs_address": f"127.0.0.1:{head.gcs_port}", "auth": auth}
+    (state_dir / HEAD_FILE).write_text(json.dumps(record, indent=2))
+    return record
+
+
+def read_head(state_dir: Path = STATE_DIR) -> dict | None:
+    path = Path(state_dir) / HEAD_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _alive(pgid: int) -> bool:
+    """Whether any process of the group still runs (zombies, exited but not reaped, do not count)."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        for stat in proc.glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, pgrp, ...
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+        return False
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's group under a recycled id: not ours to signal
+        return False
+    return True
+
+
+def _reap(pid: int) -> None:
+    """Collects the head's exit status when it is this process's child (else its zombie looks alive)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_head(state_dir: Path = STATE_DIR, timeout_s: float = 15.0) -> str:
+    """Stops the head ``start_head`` recorded in ``state_dir`` (its process group only); returns what it did."""
+    record = read_head(state_dir)
+    if record is None:
+        return f"no head started by cluster.local in {state_dir}: nothing stopped (other Ray sessions are left alone)"
+    pgid = record["pgid"]
+    (Path(state_dir) / HEAD_FILE).unlink()
+    if not _alive(pgid):
+        return f"the head at {record['address']} (process group {pgid}) had already exited"
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.time() + timeout_s
+    while _alive(pgid) and time.time() < deadline:
+        _reap(record["pid"])
+        time.sleep(0.5)
+    if _alive(pgid):  # a process that ignored SIGTERM (seen: one of the dashboard's)
+        os.killpg(pgid, signal.SIGKILL)
+        deadline = time.time() + 10.0
+        while _alive(pgid) and time.time() < deadline:
+            _reap(record["pid"])
+            time.sleep(0.2)
+    return f"stopped the head at {record['address']} (process group {pgid}, gcs {record['gcs_address']})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,19 +233,29 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["start", "stop", "env"])
     parser.add_argument("--num-cpus", type=int, default=4, help="CPUs the head advertises (default 4; see README)")
-    parser.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT)
+    parser.add_argument("--dashboard-port", type=int, default=None,
+                        help=f"job server port (default {DEFAULT_DASHBOARD_PORT} when free, else a free one)")
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                        help=f"where the token and head.json live (default {STATE_DIR})")
     parser.add_argument("--no-auth", action="store_true", help="switch token authentication off (throw-away dev only)")
     args = parser.parse_args(argv)
+    token = args.state_dir / TOKEN_FILE.name
     if args.action == "start":
-        address = start_head(args.num_cpus, args.dashboard_port, auth=not args.no_auth)
-        print(f"Ray head started; submit jobs to {address}")
+        try:
+            record = start_head(args.num_cpus, args.dashboard_port, auth=not args.no_auth, state_dir=args.state_dir)
+        except (RuntimeError, TimeoutError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"Ray head started (process group {record['pgid']}); submit jobs to {record['address']}")
         print("Client environment (eval \"$(python -m cluster.local env)\"):")
     if args.action in ("start", "env"):
-        for key, value in auth_env(not args.no_auth).items():
+        for key, value in auth_env(not args.no_auth, token).items():
             print(f"export {key}={value}")
+        record = read_head(args.state_dir)
+        if record is not None:
+            print(f"export RAY_ADDRESS={record['address']}")
     if args.action == "stop":
-        stop_head()
-        print("Ray stopped")
+        print(stop_head(args.state_dir))
     return 0
 
 
