@@ -127,6 +127,10 @@ def test_plan_new_experiments():
     anchors = reproduce.plan(["anchor"], budget).arms
     assert anchors["sfo-cdns-dpop"] == ["sfo.anchor=dpop", "sfo.anchor_weight=5.0"] and len(anchors) == 3
     assert reproduce.plan(["scope"], budget).arms == {"sfo-cdns-condition": ["lora.scope=condition"]}
+    world = reproduce.plan(["table4", "scope"], budget, "world").arms
+    assert world["sfo-cdns"] == ["lora.scope=condition"]
+    assert world["sft-additional"] == ["lora.scope=condition", "sfo.variant=sft-additional"]
+    assert world["sfo-cdns-all"] == ["lora.scope=condition", "lora.scope=all"]  # the arm's own override wins
 
 
 def test_seeds_are_parsed_and_checked():
@@ -174,7 +178,7 @@ def test_oracle_quadruplets_differ_from_the_positive_in_fine_details_only(tmp_pa
 
 def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
     out = tmp_path / "run"
-    assert reproduce.main(["--budget", "tiny", "--out", str(out)]) == 0
+    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
