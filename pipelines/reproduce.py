@@ -264,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
         evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]
         stages("evaluate", lambda: evaluate_shapes.run(evaluation))
         table = evaluate_shapes.read_images(evaluation.output, [m["name"] for m in methods])
-        results["methods"] = aggregate(table, args.seeds, ["base", "sft", *the_plan.arms])
+        results["methods"] = aggregate(table, args.seeds, ["base", "sft", *the_plan.arms], RIVALS)
     if "appA" in args.experiments:
         from pipelines import colour_shift
 
@@ -281,9 +281,10 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def aggregate(table, seeds: list[int], names: list[str]) -> dict:
+def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[str]] | None = None) -> dict:
     """Per method: images, each headline rate (mean over seeds) with its binomial standard error, the
-    per-seed rates, and the paired difference against the same seed's SFT base on the same cells.
+    per-seed rates, and the paired difference against the same seed's SFT base on the same cells
+    (``paired_vs_sft``) and against each of ``rivals[name]`` (``paired_vs``, e.g. SFO-CDNS vs Self-Play).
 
     Methods are evaluated as ``{name}@{seed}`` (``base`` once: it is not trained).
     """
@@ -305,12 +306,18 @@ def aggregate(table, seeds: list[int], names: list[str]) -> dict:
             entry[k] = rate
             entry["stderr"][k] = math.sqrt(rate * (1 - rate) / images)
             entry["per_seed"][k] = {str(s): sum(r[k] for r in c.values()) / len(c) for s, c in per_seed.items()}
-            if name != "sft":
+            for rival in (["sft"] if name != "sft" else []) + (rivals or {}).get(name, []):
+                if rival not in ("sft", "base") and f"{rival}@{seeds[0]}" not in cells:
+                    continue
                 combined = combine_seeds([paired_difference([per_seed[s][c][k] for c in keys],
-                                                            [cells[f"sft@{s}"][c][k] for c in keys]) for s in seeds])
-                entry["paired_vs_sft"][k] = {**combined, "claim": claim(combined)}
+                                                            [evaluated(rival, s)[c][k] for c in keys]) for s in seeds])
+                target = entry["paired_vs_sft"] if rival == "sft" else entry.setdefault("paired_vs", {}).setdefault(rival, {})
+                target[k] = {**combined, "claim": claim(combined)}
         out[name] = entry
     return out
+
+
+RIVALS = {"sfo-cdns": ["sfo-self-play", "sft-additional", "sfo-cdns-all", "sfo-cdns-condition"]}
 
 
 def format_results(results: dict) -> str:
@@ -354,6 +361,14 @@ def format_results(results: dict) -> str:
           ["sft", "sfo-cdns", "sfo-image-only", "sfo-oracle"])
     table("Positive anchors (SFO, CDNS)", ["sft", "sfo-cdns"] + [f"sfo-cdns-{a}" for a in ANCHOR_WEIGHTS])
     table("LoRA scope (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-condition", "sfo-cdns-all"])
+    versus = methods.get("sfo-cdns", {}).get("paired_vs", {})
+    if versus:
+        lines.extend(["## SFO-CDNS against its rivals (paired, same seeds and cells)", "",
+                      "| rival | Δ subject | Δ text |", "|---|---|---|"])
+        for rival, d in versus.items():
+            lines.append(f"| {rival} | " + " | ".join(
+                f"{d[k]['diff']:+.3f} ± {d[k]['se']:.3f} ({d[k]['claim']})" for k in ("subject", "text")) + " |")
+        lines.append("")
     if "appA" in results:
         lines.extend(["## App. A: colour shift", "", "```", format_curves(results["appA"]), "```", ""])
     lines.extend(["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"])

@@ -152,7 +152,7 @@ def test_aggregate_pairs_each_seed_with_its_own_sft():
 
     table = pa.Table.from_pylist(rows("base", [0, 0]) + rows("sft@0", [1, 0]) + rows("x@0", [1, 1])
                                  + rows("sft@1", [0, 0]) + rows("x@1", [1, 0]))
-    out = reproduce.aggregate(table, [0, 1], ["base", "sft", "x"])
+    out = reproduce.aggregate(table, [0, 1], ["base", "sft", "x"], {"x": ["base", "absent"]})
     x = out["x"]
     assert x["images"] == 4 and x["subject"] == 0.75 and x["per_seed"]["subject"] == {"0": 1.0, "1": 0.5}
     paired = x["paired_vs_sft"]["subject"]
@@ -160,6 +160,7 @@ def test_aggregate_pairs_each_seed_with_its_own_sft():
     assert paired["sampling_se"] == pytest.approx(0.5**0.5 / 2) and paired["claim"] == "no difference shown"
     assert out["base"]["images"] == 2 and out["base"]["paired_vs_sft"]["subject"]["diffs"] == [-0.5, 0.0]
     assert "paired_vs_sft" in out["sft"] and out["sft"]["paired_vs_sft"] == {}
+    assert x["paired_vs"]["base"]["subject"]["diffs"] == [1.0, 0.5] and "absent" not in x["paired_vs"]
 
 
 def test_oracle_quadruplets_differ_from_the_positive_in_fine_details_only(tmp_path):
