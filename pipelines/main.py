@@ -49,6 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-subjects", type=int, default=None, help="subjects evaluated (default: 32 shapes, 4)")
     parser.add_argument("--eval-prompts", type=int, default=2, help="prompts per DreamBench subject (default: 2)")
     parser.add_argument("--eval-seeds", type=int, default=2, help="images per (subject, prompt) (default 2; paper 4)")
+    parser.add_argument("--preset", choices=("world", "paper"), default=None,
+                        help="SFO's configuration: 'world' (default for the shapes world: the 'sfo' LoRA on the reference "
+                             "tokens only, the best found there; README) or 'paper' (the paper's recipe as written; "
+                             "default for other models)")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
     args = parser.parse_args(argv)
@@ -58,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (world, other) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, world if shapes else other)
+    if args.preset is None:
+        args.preset = "world" if shapes else "paper"
     if shapes and args.size != 32:
         parser.error("--size: the shapes world is drawn at 32 px; leave --size out")
     for name in ("pretrain_steps", "samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "eval_prompts",
@@ -88,6 +94,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     from pipelines.pair_analysis import PairAnalysisConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
+    from pipelines.reproduce import PRESETS
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
     model = [f"model.source={args.model}"]
@@ -105,7 +112,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
         "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"]
         + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
         "pair_analysis": [],
-        "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch,
+        "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
         "evaluate": model + evaluation,
     }
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,

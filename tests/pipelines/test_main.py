@@ -87,3 +87,11 @@ def test_the_demo_uses_the_world_settings_the_readme_documents(tmp_path):
     assert configs["cdns"].cdns.blur_radius == CDNS_BLUR_RADIUS == reproduce.CDNS_RADIUS == 2.0
     assert configs["cdns"].cdns.steps == configs["evaluate"].eval.steps == 28
     assert f"radius {CDNS_BLUR_RADIUS:g}" in (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def test_the_world_preset_is_the_shapes_default_and_paper_one_flag_away(tmp_path):
+    configs = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "a")]), tmp_path / "a")
+    assert configs["sfo"].lora.scope == "condition" and configs["sft"].lora.scope == "all"
+    paper = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b"), "--preset", "paper"]), tmp_path / "b")
+    assert paper["sfo"].lora.scope == "all"
+    assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "c")]).preset == "paper"
