@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig
+from pipelines.common import ModelConfig, ScalingConfig, ray_data_progress
 from pipelines.config import ConfigError, job_main
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
@@ -261,6 +261,7 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
+    ray_data_progress()
     ds = ray.data.read_parquet([str(p) for p in files])
     ds = ds.map_batches(_keep, fn_kwargs={"todo": todo}, batch_format="pyarrow")
     ds = ds.map_batches(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 
@@ -46,3 +47,18 @@ class ScalingConfig:
             raise ValueError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ValueError(f"scaling.gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+
+def ray_data_progress(stream=None) -> bool:
+    """Ray Data's progress bars on when ``stream`` (default stdout) is a terminal, off otherwise.
+
+    Off a terminal (CI, ``ray job submit`` logs, a file) each bar redraw becomes a log line and floods the
+    log; the jobs print their own one-line progress instead. Returns whether the bars are on.
+    """
+    from ray.data import DataContext
+
+    on = bool(getattr(stream or sys.stdout, "isatty", lambda: False)())
+    context = DataContext.get_current()
+    context.enable_progress_bars = on
+    context.enable_operator_progress_bars = on
+    return on

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig
+from pipelines.common import ModelConfig, ScalingConfig, ray_data_progress
 from pipelines.config import ConfigError, job_main
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -281,6 +281,7 @@ def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None) -> Non
         ray.init()  # joins the cluster under `ray job submit`, else starts a local one
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
+    ray_data_progress()
     ds = ray.data.from_items(rows).map_batches(
         evaluator_class or Evaluator, fn_constructor_kwargs={"config": config},
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=config.eval.batch_size,

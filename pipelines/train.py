@@ -39,6 +39,7 @@ import ray
 import ray.train
 import torch
 
+from pipelines.common import ray_data_progress
 from pipelines.train_config import SfoConfig, TrainConfig
 from sfo import adapters as A
 from sfo.latents import encode_images
@@ -88,6 +89,7 @@ def run(cfg: TrainConfig):
     if not ray.is_initialized():
         ray.init()
     cached = use_cache(cfg)
+    ray_data_progress()
     data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg, cached))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
