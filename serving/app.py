@@ -141,6 +141,21 @@ app = FastAPI(
 )
 
 
+def generator_state() -> tuple[str, str]:
+    """("ok", "") when this application's FluxGenerator has a running replica, else (its Serve state in
+    lower case, Serve's message): "updating" while replicas start, "deploy_failed" with the reason."""
+    from ray.serve._private.common import ReplicaState
+
+    app_name = serve.get_replica_context().app_name
+    application = serve.status().applications.get(app_name)
+    deployment = application.deployments.get(FluxGenerator.name) if application is not None else None
+    if deployment is None:
+        return "unknown", f"no {FluxGenerator.name} deployment in application {app_name!r}"
+    if deployment.replica_states.get(ReplicaState.RUNNING, 0) > 0:
+        return "ok", ""
+    return str(deployment.status.value).lower(), deployment.message or "no model replica is running yet"
+
+
 def _error(status: int, field: str, message: str) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
 
@@ -191,9 +206,15 @@ class Ingress:
         self.limits = limits
         self.timeout_s = request_timeout_s
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/healthz", responses={503: {"description": "the model deployment is not ready, or failed: "
+                                                           "{status, reason}"}})
+    async def healthz(self) -> Response:
+        """200 only when a model replica runs (so a health check means the app can generate), else 503
+        with the model deployment's state and Serve's message (e.g. why its replicas failed to start)."""
+        state, reason = await asyncio.to_thread(generator_state)  # serve.status() blocks on the controller
+        if state != "ok":
+            return JSONResponse({"status": state, "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models", response_model=ModelsInfo)
     async def models(self) -> dict[str, Any]:

@@ -192,3 +192,28 @@ def test_serve_config_file_is_valid():
     build_app(application.args)  # binds only; no Ray needed
     with pytest.raises(ValueError, match="stepz"):
         build_app({**application.args, "stepz": 3})
+
+
+def test_healthz_is_503_with_the_reason_while_the_model_deployment_fails(server, tmp_path):
+    """A generator whose adapters folder is missing never starts: /healthz says so (503 + the reason)
+    instead of answering 200 for an app that cannot generate."""
+    from ray import serve
+
+    from serving.app import FluxGenerator, Ingress
+    from serving.schema import Limits
+
+    broken = Ingress.bind(FluxGenerator.options(max_constructor_retry_count=1).bind(
+        "tiny", str(tmp_path / "no-adapters"), "cpu", None, 4), Limits(), 60.0)
+    try:
+        try:
+            serve.run(broken, name="broken", route_prefix="/broken", blocking=False)
+        except RuntimeError:
+            pass  # serve.run reports the failed deployment; the ingress still answers
+        with httpx.Client(base_url=server, timeout=30) as c:
+            r = c.get("/broken/healthz")
+        assert r.status_code == 503, r.text
+        assert r.json()["status"] == "deploy_failed" and "no ref/ folder" in r.json()["reason"]
+        with httpx.Client(base_url=server, timeout=30) as c:
+            assert c.get("/healthz").json() == {"status": "ok"}  # the working app beside it is healthy
+    finally:
+        serve.delete("broken")
