@@ -123,6 +123,37 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
             for stage, cls in classes.items()}
 
 
+SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "serve_config.yaml"
+DEFAULT_SERVE_PORT = 8000
+
+
+def write_serve_config(args: argparse.Namespace, runs: Path, port: int | None = None) -> tuple[Path, str]:
+    """``<runs>/serve_config.yaml``: the repository's Serve config with this run's model, adapters, image
+    size, steps and an HTTP port on 127.0.0.1 (8000 when free). Returns the file and the command serving it."""
+    import socket
+
+    import yaml
+
+    if port is None:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", DEFAULT_SERVE_PORT))
+                port = DEFAULT_SERVE_PORT
+            except OSError:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    model = args.model if args.model in ("tiny", "shapes") else str(Path(args.model).resolve())
+    config["applications"][0]["args"].update(model=model, adapters=str(paths(runs)["adapters"].resolve()),
+                                             default_side=args.size, default_steps=args.sample_steps)
+    config["http_options"].update(host="127.0.0.1", port=port)
+    path = (runs / "serve_config.yaml").resolve()
+    command = f"{Path(sys.executable).parent / 'serve'} run --address local {path}"
+    path.write_text(f"# {command}\n# written by the main job from {SERVE_CONFIG.name}: this run's model and adapters\n"
+                    + yaml.safe_dump(config, sort_keys=False))
+    return path, command
+
+
 def serve_request(args: argparse.Namespace, runs: Path) -> Path:
     """Deploys the Ray Serve app on the exported adapters, sends one request, saves the PNG it returns."""
     import base64
@@ -237,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nDone in {time.time() - started:.0f} s, model {args.model!r}. Everything is under {runs}:")
     print(f"  adapters (diffusers LoRA safetensors): {p['adapters']}")
     print(f"  report: {runs / 'report.html'}")
+    _, command = write_serve_config(args, runs)
+    print("  serve these adapters (Ray Serve, HTTP on 127.0.0.1; see README's Serving):")
+    print(f"    {command}")
     if args.model == "shapes":
         print("  Scores are the shapes world's exact oracles (sfo.shapes.oracle); the paper's findings in")
         print("  miniature: python -m pipelines.reproduce")

@@ -1,5 +1,6 @@
 """The main job: every stage end to end on a local Ray (tiny model, minimal sizes)."""
 
+import io
 import json
 import subprocess
 import sys
@@ -50,6 +51,50 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     assert report.count("<img") == 1 * (1 + 2) + 1  # one triplet x (reference, sft, sfo), the served image
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
     assert set(summary) == {"sft", "sfo"} and summary["sft"]["images"] == 1
+    _the_printed_serve_command_answers_a_request(printed, out)
+
+
+def _the_printed_serve_command_answers_a_request(printed: str, out: Path) -> None:
+    """Runs the `serve run ...` line the demo printed, verbatim, and sends it one request."""
+    import base64
+    import os
+    import shlex
+    import signal
+    import time
+
+    import httpx
+    import pyarrow.parquet as pq
+    import yaml
+
+    command = next(line.strip() for line in printed.splitlines() if " run --address local " in line)
+    config = yaml.safe_load((out / "serve_config.yaml").read_text())
+    assert config["applications"][0]["args"]["model"] == "shapes"
+    assert config["applications"][0]["args"]["adapters"] == str((out / "train" / "sfo" / "adapters").resolve())
+    url = f"http://127.0.0.1:{config['http_options']['port']}"
+    row = pq.read_table(out / "data" / "triplets").slice(0, 1).to_pylist()[0]
+    process = subprocess.Popen(shlex.split(command), start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            assert process.poll() is None, "serve run exited"
+            try:
+                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        body = {"prompt": row["target_text"], "image": base64.b64encode(row["reference_png"]).decode(), "steps": 2,
+                "seed": 0}
+        response = httpx.post(f"{url}/v1/generate", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(response.content)).size == (32, 32)  # the run's size is the default
+    finally:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_a_failed_stage_stops_the_run_with_its_error(ray_local, tmp_path, capsys, monkeypatch):
