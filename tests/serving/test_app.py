@@ -133,7 +133,8 @@ BAD = [  # (json body or raw bytes, content type, field, status)
     (b"[" * 100_000 + b"]" * 100_000, "application/json", "body", 400),  # issue 15: was a 500
     (b'{"a":' * 2_000 + b"1" + b"}" * 2_000, "application/json", "body", 400),
     (b'{"prompt": "x", "guidance": 1e999}', "application/json", "body", 400),
-    (_nested_multipart(3_000), "multipart/form-data; boundary=B2999", "body", 400),
+    (_nested_multipart(2_000), "multipart/form-data; boundary=B1999", "body", 400),  # under the body limit
+    (_nested_multipart(3_000), "multipart/form-data; boundary=B2999", "body", 413),  # over it: size first
     (b"prompt=x", "text/plain", "content-type", 415),
 ]
 
