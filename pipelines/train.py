@@ -247,6 +247,15 @@ def _reduce(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def disable_cpu_shm_comm() -> None:
+    """Tells DeepSpeed its CPU shared-memory all-reduce op is unavailable, so ``init_distributed`` does not
+    JIT-compile it (``deepspeed.comm.torch.build_shm_op`` consults this cached table; gloo is used)."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def train_loop(loop_config: dict) -> None:
     """The per-worker loop: model, DeepSpeed engine, resume, steps, checkpoints, export."""
     cfg: TrainConfig = loop_config["config"]
@@ -260,6 +269,8 @@ def train_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
+    if not cfg.scaling.use_gpu and not cfg.deepspeed.cpu_shm_comm:
+        disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
     transformer = model.transformer

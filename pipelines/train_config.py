@@ -124,6 +124,10 @@ class SfoSection(TimestepConfig):
 @dataclass
 class DeepSpeedSection:
     zero_stage: int = 2
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU processes on first use: ~13 minutes of C++ on
+    # 2 cores, and a compile cut short leaves a lock that hangs every later job. Off: gloo does the
+    # all-reduce (what this project's CPU runs need); on GPUs it is unused either way.
+    cpu_shm_comm: bool = False
 
     def __post_init__(self) -> None:
         if self.zero_stage not in ZERO_STAGES:

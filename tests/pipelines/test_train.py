@@ -270,3 +270,16 @@ def test_shuffle_is_seeded_per_epoch_and_off_at_zero(ray_local, tmp_path):
     assert order(seeded, 1) != first
     assert order(cfg("train.shuffle_buffer=64", "train.seed=4"), 0) != first
     assert order(cfg("train.shuffle_buffer=0"), 0) == list(range(64))
+
+
+def test_cpu_training_never_compiles_deepspeeds_shared_memory_op():
+    """init_distributed on CPU would JIT-compile deepspeed_shm_comm (minutes of C++, and a lock that hangs
+    later jobs when a compile is cut short); the train loop marks it unavailable first."""
+    import importlib
+
+    from pipelines.train import disable_cpu_shm_comm
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `import deepspeed.comm.torch` names plain torch
+    disable_cpu_shm_comm()
+    assert ds_torch.build_shm_op() is None
+    assert SftConfig(data=SftConfig().data).deepspeed.cpu_shm_comm is False
