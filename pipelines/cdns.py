@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import sys
 import time
 import uuid
@@ -55,6 +56,7 @@ class CdnsSection:
     noise_std: float | None = None  # override the mode's noise level ("noise" mode)
     steps: int = 28  # paper Sec. 4.1
     guidance: float = 3.5  # paper Sec. 4.1
+    image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off, as the paper)
     size: int = 512  # negatives are size x size; references are resized to it
     batch_size: int = 4  # samples per model call (per actor)
     seed: int = 0  # per-sample seeds derive from (seed, sample_id)
@@ -69,6 +71,8 @@ class CdnsSection:
             raise ValueError(f"cdns.steps: must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"cdns.batch_size: must be at least 1, got {self.batch_size}")
+        if not (math.isfinite(self.image_guidance) and self.image_guidance >= 0):
+            raise ValueError(f"cdns.image_guidance: must be a finite number >= 0 (1 = off), got {self.image_guidance}")
         self.degradation()  # an invalid blur_radius / noise_std fails here, not on an actor
 
     def degradation(self) -> Degradation:
@@ -125,7 +129,8 @@ class NegativeGenerator:
             self.adapter_sha = NO_ADAPTER
             self._adapters = lambda: adapters.use_adapters(transformer, [])
         s = self.section
-        self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size)
+        self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size,
+                                     image_guidance=s.image_guidance)
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """Generates one negative per row.

@@ -16,6 +16,7 @@ synthetic subjects. Scores from the tiny random encoders carry ``metrics.RANDOM_
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
@@ -67,6 +68,7 @@ class EvalSection:
     seed: int = 0
     steps: int = 28  # paper Sec. 4.1
     guidance: float = 3.5
+    image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off, as the paper's evaluation)
     size: int = 512
     reference_index: int = 0  # which reference photo conditions the model (DINO/CLIP-I use all of them)
     batch_size: int = 4
@@ -74,6 +76,7 @@ class EvalSection:
     clip_encoder: str = "tiny"  # "tiny" (random) or a local folder, e.g. openai/clip-vit-large-patch14
 
     def __post_init__(self) -> None:
+        check_image_guidance(self.image_guidance)
         if self.seeds < 1:
             raise ValueError(f"eval.seeds: must be at least 1, got {self.seeds}")
         if isinstance(self.subjects, int) and self.subjects < 1:
@@ -86,6 +89,11 @@ class EvalSection:
             raise ValueError(f"eval.steps: must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size: must be at least 1, got {self.batch_size}")
+
+
+def check_image_guidance(value: float, section: str = "eval") -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{section}.image_guidance: must be a finite number >= 0 (1 = off), got {value}")
 
 
 def check_runner_and_methods(runner: str, methods: list[MethodConfig]) -> None:
@@ -204,7 +212,8 @@ class Evaluator:
         self.model, self._activate = load_methods(config, device)
         self.scorer = Scorer.load(config.eval.dino_encoder, config.eval.clip_encoder, device=self.model.device)
         e = config.eval
-        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size, width=e.size)
+        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size, width=e.size,
+                                     image_guidance=e.image_guidance)
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """B work rows (dict of columns or ``pa.Table``) -> B rows of ``IMAGE_SCHEMA``."""

@@ -32,7 +32,7 @@ import pyarrow as pa
 from pipelines.common import ModelConfig, ScalingConfig
 from pipelines.config import job_main
 from pipelines import evaluate
-from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, load_methods, method_groups,
+from pipelines.evaluate import (MethodConfig, check_image_guidance, check_methods, check_runner_and_methods, load_methods, method_groups,
                                 run_local, run_ray)
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",
@@ -53,9 +53,11 @@ class WorldEvalSection:
     sample_seed: int = 0
     steps: int = 28  # paper Sec. 4.1
     guidance: float = 3.5  # ignored by the shapes model (no guidance embedding)
+    image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off)
     batch_size: int = 16
 
     def __post_init__(self) -> None:
+        check_image_guidance(self.image_guidance)
         for name in ("subjects", "seeds", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}: must be at least 1, got {getattr(self, name)}")
@@ -96,7 +98,8 @@ class ShapesEvaluator:
         self.triplets = eval_triplets(config.eval)
         self.model, self._activate = load_methods(config, device)
         e = config.eval
-        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=SIZE, width=SIZE)
+        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=SIZE, width=SIZE,
+                                     image_guidance=e.image_guidance)
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         from sfo.records import encode_png

@@ -97,7 +97,8 @@ class Generator:
                     seeds.append(seed)
                     references.append(reference)
                     owners.append(i)
-            config = SamplerConfig(steps=first.steps, guidance=first.guidance, height=first.height, width=first.width)
+            config = SamplerConfig(steps=first.steps, guidance=first.guidance, height=first.height, width=first.width,
+                                   image_guidance=first.image_guidance)
             with torch.inference_mode(), _CONTEXTS[first.adapter](self.model.transformer):
                 images = generate(self.model, prompts, seeds, config, references)
             for owner, image in zip(owners, images):

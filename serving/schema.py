@@ -93,6 +93,8 @@ class GenerateParams(BaseModel):
     prompt: str = Field(description="text prompt")
     steps: int | None = Field(None, description="sampling steps (default: the server's)")
     guidance: float | None = Field(None, description="FLUX guidance embedding (default 3.5)")
+    image_guidance: float | None = Field(None, description="image guidance: v_noref + w (v_ref - v_noref); 1 = off "
+                                                           "(default), > 1 follows the reference more, at a second pass")
     seed: int | None = Field(None, description="seed of the first image; image i uses seed + i (default: random)")
     width: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
     height: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
@@ -118,15 +120,17 @@ class Job:
     width: int
     height: int
     adapter: str
+    image_guidance: float = 1.0
 
     @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one sampler call (same schedule, size and adapters)."""
-        return (self.width, self.height, self.steps, self.guidance, self.adapter)
+        return (self.width, self.height, self.steps, self.guidance, self.image_guidance, self.adapter)
 
     def params(self) -> dict[str, Any]:
         """The resolved parameters, echoed back to the client."""
-        return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance, "seeds": list(self.seeds),
+        return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance,
+                "image_guidance": self.image_guidance, "seeds": list(self.seeds),
                 "width": self.width, "height": self.height, "num_images": len(self.seeds), "adapter": self.adapter}
 
 
@@ -275,6 +279,9 @@ def _resolve(params: GenerateParams, image: bytes, limits: Limits) -> Job:
     guidance = limits.default_guidance if params.guidance is None else params.guidance
     if not (math.isfinite(guidance) and 0 <= guidance <= limits.max_guidance):
         raise RequestError("guidance", f"must be in [0, {limits.max_guidance}], got {guidance}")
+    image_guidance = 1.0 if params.image_guidance is None else params.image_guidance
+    if not (math.isfinite(image_guidance) and 0 <= image_guidance <= limits.max_guidance):
+        raise RequestError("image_guidance", f"must be in [0, {limits.max_guidance}] (1 = off), got {image_guidance}")
     sides = {}
     for name in ("width", "height"):
         value = getattr(params, name)
@@ -291,7 +298,8 @@ def _resolve(params: GenerateParams, image: bytes, limits: Limits) -> Job:
         raise RequestError("seed", f"must be in [0, {MAX_SEED - params.num_images + 1}], got {seed}")
     check_image(image, limits)
     return Job(prompt=params.prompt, image=image, steps=steps, guidance=float(guidance),
-               seeds=tuple(seed + i for i in range(params.num_images)), adapter=params.adapter, **sides)
+               seeds=tuple(seed + i for i in range(params.num_images)), adapter=params.adapter,
+               image_guidance=float(image_guidance), **sides)
 
 
 def job_from_json(data: dict[str, Any], limits: Limits) -> Job:

@@ -35,12 +35,17 @@ class SamplerConfig:
     # True: the reference's keys/values are computed once per image. False: the literal masked
     # joint sequence [text, target, reference] runs at every step (the reference implementation).
     cache_condition: bool = True
+    # Image guidance (OminiControl's image_guidance_scale): v = v(no reference) + w (v(reference) - v(no
+    # reference)), a second pass without the reference tokens at every step. 1 = off (one pass).
+    image_guidance: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"sampler.steps: must be a positive integer, got {self.steps!r}")
         if not np.isfinite(self.guidance) or self.guidance < 0:
             raise ValueError(f"sampler.guidance: must be a finite number >= 0, got {self.guidance!r}")
+        if not np.isfinite(self.image_guidance) or self.image_guidance < 0:
+            raise ValueError(f"sampler.image_guidance: must be a finite number >= 0 (1 = off), got {self.image_guidance!r}")
         if self.height < 1 or self.width < 1:
             raise ValueError(f"sampler.height/width: must be positive, got {self.height}x{self.width}")
 
@@ -119,10 +124,18 @@ def sample_latents(
     for i in range(config.steps):
         t = torch.full((n,), float(sigmas[i]), device=model.device)
         velocity = flux_forward(transformer, x, img_ids, text, t, guidance, condition, joint=not config.cache_condition)
+        if condition is not None and config.image_guidance != 1.0:
+            unconditioned = flux_forward(transformer, x, img_ids, text, t, guidance, None)
+            velocity = image_guided(velocity, unconditioned, config.image_guidance)
         x = (x.float() + (sigmas[i + 1] - sigmas[i]).item() * velocity.float()).to(model.dtype)  # Euler step
         if progress is not None:
             progress(i + 1, config.steps)
     return x
+
+
+def image_guided(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
+    """Image guidance: v_u + scale (v_c - v_u) for velocities (B, L, 64) with / without the reference tokens."""
+    return unconditioned + scale * (conditioned - unconditioned)
 
 
 def generate(

@@ -106,6 +106,7 @@ def test_self_play_keeps_the_prompt_and_blur_sweep_is_recorded(triplets, tmp_pat
     ("cdns.size=40", "cdns.size"),
     ("cdns.steps=0", "cdns.steps"),
     ("cdns.blur_radius=-1", "cdns.blur_radius"),
+    ("cdns.image_guidance=nan", "cdns.image_guidance"),
     ("runner=spark", "runner"),
 ])
 def test_bad_values_name_the_field(triplets, tmp_path, override, field):

@@ -103,6 +103,7 @@ def test_synthetic_default_runs(tmp_path):
 
 @pytest.mark.parametrize("override,field", [
     ("eval.seeds=0", r"eval\.seeds"), ("runner=spark", "runner"), ("eval.size=40", r"eval\.size"),
+    ("eval.image_guidance=-1", r"eval\.image_guidance"),
 ])
 def test_bad_values_name_the_field(tmp_path, override, field):
     with pytest.raises(ConfigError, match=field):

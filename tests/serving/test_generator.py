@@ -56,3 +56,13 @@ def test_batched_equals_alone_and_adapters_differ(generator):
 def test_missing_adapter_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="ref/"):
         Generator("tiny", str(tmp_path), device="cpu")
+
+
+def test_image_guidance_is_served_and_keeps_its_own_batch(generator):
+    from dataclasses import replace
+
+    plain, guided = job((21,)), replace(job((21,)), image_guidance=2.0)
+    assert plain.batch_key != guided.batch_key  # different sampler settings never share a call
+    out = generator.run([plain, guided])
+    assert out[0] != out[1]
+    assert np.abs(_pixels(out[1]) - _pixels(generator.run([guided])[0])).max() <= 2

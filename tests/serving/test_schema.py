@@ -220,3 +220,16 @@ def test_multipart_nested_parts_are_400(depth):
     with pytest.raises(RequestError, match="nests one level only") as info:
         parse_multipart(inner, f"multipart/form-data; boundary=B{depth - 1}")
     assert (info.value.field, info.value.status) == ("body", 400)
+
+
+def test_image_guidance_defaults_off_and_is_range_checked():
+    assert job_from_json(valid(), LIMITS).image_guidance == 1.0
+    job = job_from_json(valid(image_guidance=2), LIMITS)
+    assert job.image_guidance == 2.0 and job.params()["image_guidance"] == 2.0
+    for bad in (-0.5, 1e9):
+        with pytest.raises(RequestError) as info:
+            job_from_json(valid(image_guidance=bad), LIMITS)
+        assert (info.value.field, info.value.status) == ("image_guidance", 422)
+    with pytest.raises(RequestError) as info:
+        job_from_json(valid(image_guidance="lots"), LIMITS)
+    assert info.value.field == "image_guidance"

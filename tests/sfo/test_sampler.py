@@ -79,3 +79,26 @@ def test_bad_requests_name_the_field(tiny_flux):
         SamplerConfig(steps=0)
     with pytest.raises(ValueError, match=r"images\[0\]: mode"):
         sample_latents(tiny_flux, ["a"], [0], CFG, [_reference(0).convert("L")])
+
+
+def test_image_guided_hand_worked():
+    """v_c = 2, v_u = 1, scale 3: 1 + 3 * (2 - 1) = 4; scale 1 gives v_c, scale 0 gives v_u."""
+    c, u = torch.full((1, 2, 64), 2.0), torch.full((1, 2, 64), 1.0)
+    from sfo.sampler import image_guided
+
+    assert_close(image_guided(c, u, 3.0), torch.full((1, 2, 64), 4.0))
+    assert_close(image_guided(c, u, 1.0), c)
+    assert_close(image_guided(c, u, 0.0), u)
+
+
+def test_image_guidance_one_is_off_zero_ignores_the_reference(tiny_flux):
+    refs = [_reference(5)]
+    plain = sample_latents(tiny_flux, ["a cat"], [3], CFG, refs)
+    assert torch.equal(sample_latents(tiny_flux, ["a cat"], [3], SamplerConfig(steps=4, height=64, width=64,
+                                                                            image_guidance=1.0), refs), plain)
+    zero = sample_latents(tiny_flux, ["a cat"], [3], SamplerConfig(steps=4, height=64, width=64, image_guidance=0.0), refs)
+    assert_close(zero, sample_latents(tiny_flux, ["a cat"], [3], CFG, None))  # the reference no longer counts
+    strong = sample_latents(tiny_flux, ["a cat"], [3], SamplerConfig(steps=4, height=64, width=64, image_guidance=2.0), refs)
+    assert (strong - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="sampler.image_guidance"):
+        SamplerConfig(image_guidance=float("nan"))
