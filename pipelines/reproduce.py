@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> dict:
             "data.source=shapes", f"data.size={SIZE}", f"data.limit={budget.triplets}", f"data.output={triplets}",
             "data.seed=0"])))
         methods = [{"name": "base", "active": []}]
+        results["pairs"] = {}
         for seed in args.seeds:
             root = runs / f"seed{seed}" if len(args.seeds) > 1 else runs
             tag = f" (seed {seed})" if len(args.seeds) > 1 else ""
@@ -248,6 +249,8 @@ def run(args: argparse.Namespace) -> dict:
                         f"model.ref_adapter={r}", f"data.input={triplets}", f"data.output={d}", f"cdns.size={SIZE}",
                         f"cdns.steps={budget.sample_steps}", f"cdns.seed={s}", "cdns.batch_size=16",
                         *[f"{k}={v}" for k, v in o.items()]])))
+            for name in the_plan.negatives:
+                results["pairs"][f"{name}@{seed}"] = negative_pairs(root / "data" / name)
             for name, overrides in the_plan.arms.items():
                 negatives = the_plan.arm_negatives[name]
                 data = root / "data" / negatives if negatives else triplets
@@ -279,6 +282,18 @@ def run(args: argparse.Namespace) -> dict:
     print("\n" + text)
     print(f"\n[reproduce] everything is under {runs} (results.json, report.md)")
     return results
+
+
+def negative_pairs(folder: Path) -> dict:
+    """The oracle's account of a quadruplet folder's pairs (``sfo.shapes.oracle.pair_statistics``)."""
+    import pyarrow.parquet as pq
+
+    from sfo.records import decode_png
+    from sfo.shapes.oracle import pair_statistics
+
+    table = pq.read_table(folder, columns=["reference_png", "target_png", "negative_png"]).to_pylist()
+    return pair_statistics([tuple(decode_png(r[k]) for k in ("reference_png", "target_png", "negative_png"))
+                            for r in table])
 
 
 def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[str]] | None = None) -> dict:
@@ -361,6 +376,13 @@ def format_results(results: dict) -> str:
           ["sft", "sfo-cdns", "sfo-image-only", "sfo-oracle"])
     table("Positive anchors (SFO, CDNS)", ["sft", "sfo-cdns"] + [f"sfo-cdns-{a}" for a in ANCHOR_WEIGHTS])
     table("LoRA scope (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-condition", "sfo-cdns-all"])
+    if results.get("pairs"):
+        lines.extend(["## What separates the pairs (oracle readings of positive, negative and reference)", "",
+                      "| negative set @ seed | pairs | context differs | coarse differs | fine differs | "
+                      "negative has the reference's fine details |", "|---|---|---|---|---|---|"])
+        lines.extend(f"| {name} | {p['pairs']} | {p['context']:.3f} | {p['coarse']:.3f} | {p['fine']:.3f} | "
+                     f"{p['fine_matches_reference']:.3f} |" for name, p in results["pairs"].items())
+        lines.append("")
     versus = methods.get("sfo-cdns", {}).get("paired_vs", {})
     if versus:
         lines.extend(["## SFO-CDNS against its rivals (paired, same seeds and cells)", "",

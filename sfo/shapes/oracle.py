@@ -168,3 +168,31 @@ def score(images: Sequence[Image.Image | np.ndarray], subjects: Sequence[Subject
     verdicts = [judge(read_image(image, reference=reference), subject, None if contexts is None else contexts[i])
                 for i, (image, subject) in enumerate(zip(images, subjects))]
     return {k: float(np.mean([v[k] for v in verdicts])) for k in verdicts[0]}
+
+
+PAIR_KEYS = ("context", "coarse", "fine", "fine_matches_reference")
+
+
+def pair_differences(reference: Image.Image | np.ndarray, positive: Image.Image | np.ndarray,
+                     negative: Image.Image | np.ndarray) -> dict[str, bool]:
+    """What separates an SFO pair, read from the images alone.
+
+    Returns:
+        ``context``: the negative differs from the positive in background, position or size;
+        ``coarse``: in shape or colour; ``fine``: in pattern or accent;
+        ``fine_matches_reference``: the negative shows the reference's pattern and accent (a CDNS
+        negative that kept the details the degradation was meant to remove).
+    """
+    ref, pos, neg = read_image(reference, reference=True), read_image(positive), read_image(negative)
+    differs = lambda keys: any(getattr(pos, k) != getattr(neg, k) for k in keys)  # noqa: E731
+    return {"context": differs(CONTEXT_KEYS), "coarse": differs(("shape", "colour")),
+            "fine": differs(("pattern", "accent")),
+            "fine_matches_reference": neg.pattern == ref.pattern and neg.accent == ref.accent}
+
+
+def pair_statistics(triples: Sequence[tuple]) -> dict[str, float]:
+    """Share of (reference, positive, negative) triples with each of ``PAIR_KEYS``, and their count."""
+    if not triples:
+        raise ValueError("triples: need at least one (reference, positive, negative)")
+    rows = [pair_differences(*t) for t in triples]
+    return {"pairs": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in PAIR_KEYS}}

@@ -189,7 +189,10 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
             "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "appA"} <= set(results["seconds"])
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
     assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
+    assert results["pairs"]["oracle-fine@0"]["fine"] == 1.0 and results["pairs"]["oracle-fine@0"]["context"] == 0.0
+    assert results["pairs"]["cdns-r2@0"]["pairs"] == 4
     report = (out / "report.md").read_text()
     for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
+                  "What separates the pairs",
                   "App. A", "Wall time", "Δ subject vs SFT"):
         assert title in report

@@ -171,3 +171,24 @@ def test_a_sample_id_names_the_same_triplet_whatever_n():
     """cdns resumes by sample id: growing n must not change the triplets already drawn."""
     small, large = world_triplets(5, seed=3), world_triplets(40, seed=3)
     assert large[:5] == small
+
+
+def test_pair_differences_read_what_separates_a_pair():
+    """Positive: its own render. A twin with other fine details in the same context differs in fine only;
+    the same subject in another context differs in context only and keeps the reference's details."""
+    import numpy as np
+
+    from sfo.shapes.oracle import pair_differences, pair_statistics
+    from sfo.shapes.world import Context, Subject, fine_twin, render, render_reference
+
+    subject = Subject("circle", "red", "checks", "white")
+    here, there = Context("sand", "left", "small"), Context("night", "right", "large")
+    reference, positive = render_reference(subject), render(subject, here)
+    twin = fine_twin(subject, np.random.default_rng(0))
+    assert (twin.shape, twin.colour) == (subject.shape, subject.colour) and twin != subject
+    assert pair_differences(reference, positive, render(twin, here)) == {
+        "context": False, "coarse": False, "fine": True, "fine_matches_reference": False}
+    assert pair_differences(reference, positive, render(subject, there)) == {
+        "context": True, "coarse": False, "fine": False, "fine_matches_reference": True}
+    stats = pair_statistics([(reference, positive, render(twin, here)), (reference, positive, render(subject, there))])
+    assert stats == {"pairs": 2, "context": 0.5, "coarse": 0.0, "fine": 0.5, "fine_matches_reference": 0.5}
