@@ -71,6 +71,7 @@ class Setup:
     subjects: int = 256
     sample_seeds: int = 2
     ref_scope: str = "all"
+    image_guidance: tuple[float, ...] = (1.0,)  # sampler image guidance at evaluation; != 1 adds "<method>@ig<w>"
 
 
 def oracle_negatives(triplets, seed: int):
@@ -228,22 +229,25 @@ def run_seed(seed: int, arm_names: list[str], setup: Setup, out: Path, log=print
 
     verdict_file = folder / "verdicts.json"
     verdicts = json.loads(verdict_file.read_text()) if verdict_file.is_file() else {}
-    config = ShapesEvaluateConfig(methods=methods, runner="local", eval=WorldEvalSection(
-        subjects=setup.subjects, seeds=setup.sample_seeds, steps=setup.sample_steps))
-    cells = [{"sample_id": t.sample_id, "seed": s} for t in world_triplets(setup.subjects, config.eval.seed)
-             for s in range(setup.sample_seeds)]
-    for method in methods:
-        if method.name in verdicts:
-            continue
-        started = time.time()
-        log(f"[screen] seed {seed}: evaluating {method.name} ({len(cells)} images)")
-        evaluator = ShapesEvaluator(replace(config, methods=[method]), device="cpu")
-        tables = [evaluator(pa.Table.from_pylist([{**c, "method": method.name} for c in cells[i:i + 64]]))
-                  for i in range(0, len(cells), 64)]
-        table = pa.concat_tables(tables)
-        verdicts[method.name] = {k: [bool(v) for v in table[k].to_pylist()] for k in JUDGEMENTS}
-        verdict_file.write_text(json.dumps(verdicts))
-        seconds[f"eval {method.name}"] = time.time() - started
+    for guidance in setup.image_guidance:
+        suffix = "" if guidance == 1.0 else f"@ig{guidance:g}"
+        config = ShapesEvaluateConfig(methods=methods, runner="local", eval=WorldEvalSection(
+            subjects=setup.subjects, seeds=setup.sample_seeds, steps=setup.sample_steps, image_guidance=guidance))
+        cells = [{"sample_id": t.sample_id, "seed": s} for t in world_triplets(setup.subjects, config.eval.seed)
+                 for s in range(setup.sample_seeds)]
+        for method in methods:
+            key = method.name + suffix
+            if key in verdicts:
+                continue
+            started = time.time()
+            log(f"[screen] seed {seed}: evaluating {key} ({len(cells)} images)")
+            evaluator = ShapesEvaluator(replace(config, methods=[method]), device="cpu")
+            tables = [evaluator(pa.Table.from_pylist([{**c, "method": method.name} for c in cells[i:i + 64]]))
+                      for i in range(0, len(cells), 64)]
+            table = pa.concat_tables(tables)
+            verdicts[key] = {k: [bool(v) for v in table[k].to_pylist()] for k in JUDGEMENTS}
+            verdict_file.write_text(json.dumps(verdicts))
+            seconds[f"eval {key}"] = time.time() - started
     (folder / "seconds.json").write_text(json.dumps(seconds, indent=1))
     return verdicts
 
@@ -279,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--subjects", type=int, default=Setup.subjects, help="held-out triplets (x sample seeds = cells)")
     parser.add_argument("--ref-scope", default="all", choices=("all", "condition"), help="scope of the SFT 'ref' LoRA")
     parser.add_argument("--sfo-steps", type=int, default=None, help="override every arm's SFO steps")
+    parser.add_argument("--image-guidance", default="1", help="comma-separated sampler image guidance scales to "
+                        "evaluate every method at (default 1 = off); others add '<method>@ig<w>' rows")
     args = parser.parse_args(argv)
     names = [a for a in args.arms.split(",") if a]
     unknown = sorted(set(names) - set(ARMS))
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             ARMS[name] = replace(ARMS[name], steps=args.sfo_steps)
     setup = Setup(sft_steps=args.sft_steps, subjects=args.subjects, ref_scope=args.ref_scope, triplets=args.triplets,
-                  sample_steps=args.sample_steps)
+                  sample_steps=args.sample_steps,
+                  image_guidance=tuple(float(w) for w in args.image_guidance.split(",") if w.strip()))
     per_seed = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         per_seed[seed] = run_seed(seed, names, setup, args.out)
