@@ -18,6 +18,7 @@ exact oracles instead of DINO / CLIP, so the scores mean something without downl
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -181,7 +182,28 @@ def serve_request(args: argparse.Namespace, runs: Path) -> Path:
         serve.shutdown()
     path = runs / "served.png"
     path.write_bytes(response.content)
+    (runs / "served.json").write_text(json.dumps({k: v for k, v in body.items() if k != "image"}))
     return path
+
+
+def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft") -> str:
+    """One sentence: method ``a`` against ``b``, paired over the images both made (same prompt and seed)."""
+    from sfo.stats import CLAIM_SE, claim, paired_difference
+
+    rows = images.to_pylist()
+    # the image's cell: shapes rows name it by sample_id (their "subject" is a verdict), DreamBench rows by subject
+    cell = lambda r: (r.get("sample_id") or r.get("subject"), r.get("prompt_index"), r["prompt"], r["seed"])  # noqa: E731
+    mine = {m: {cell(r): r for r in rows if r["method"] == m} for m in (a, b)}
+    shared = sorted(set(mine[a]) & set(mine[b]), key=str)
+    if len(shared) < 2:
+        return f"Too few paired images ({len(shared)}) to compare {a} with {b}."
+    parts = []
+    for key, name in keys:
+        d = paired_difference([float(mine[a][c][key]) for c in shared], [float(mine[b][c][key]) for c in shared])
+        outcome = {"better": f"{a} better", "worse": f"{a} worse"}.get(claim(d), "no difference shown")
+        parts.append(f"{name} {d['diff']:+.3f} ± {d['se']:.3f} ({abs(d['z']):.1f} standard errors: {outcome})")
+    return (f"{a.upper()} against the {b.upper()} base, paired over {len(shared)} images (same prompts and seeds): "
+            + "; ".join(parts) + f". A difference is claimed at >= {CLAIM_SE:g} standard errors.")
 
 
 def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, pairs: dict) -> Path:
@@ -203,9 +225,18 @@ def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, p
         look = dict(summary={"methods": summary}, references={k: t.reference for k, t in triplets.items()},
                     metrics=[(k, k if k != "subject" else "subject fidelity") for k in evaluate_shapes.HEADLINE],
                     metrics_title="Shapes-world oracles (exact): share of images right")
+        judged = evaluate_shapes.read_images(config.output, methods)
+        look["verdict"] = verdict(judged, [("subject", "subject fidelity"), ("text", "text alignment")])
     else:
         look = dict(summary=summary, references=evaluate.load_benchmark(config.eval).condition)
         images = evaluate.read_images(config.output, methods)
+        look["verdict"] = verdict(images, [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T")])
+        if summary.get("random_encoders"):
+            look["verdict"] += " " + summary["note"]
+    request = runs / "served.json"
+    if request.is_file():
+        look["served_caption"] = ("POST /v1/generate with " + ", ".join(
+            f"{k}={v!r}" for k, v in json.loads(request.read_text()).items()) + " and the triplet's reference image")
     return write_report(
         runs / "report.html", title=f"SFO run {runs.name} (model {args.model})", images=images, pairs=pairs,
         served=served.read_bytes() if served.is_file() else None,

@@ -31,35 +31,53 @@ def _img(image: Image.Image | bytes, side: int = THUMB) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}" width="{side}">'
 
 
+def _cell(m: dict, key: str) -> str:
+    se = m.get("stderr", {}).get(key)
+    return f"<td>{m[key]:.3f}</td>" if se is None else f"<td>{m[key]:.3f} &plusmn; {se:.3f}</td>"
+
+
 def metric_table(summary: dict, metrics=METRICS) -> str:
+    """Per method (and subject): images and each metric, with its standard error when the summary has one."""
     head = "<tr><th>method</th><th>subject</th><th>images</th>" + "".join(f"<th>{n}</th>" for _, n in metrics) + "</tr>"
     rows = []
     for method, m in summary["methods"].items():
         rows.append(f"<tr><td><b>{html.escape(method)}</b></td><td>all</td><td>{m['images']}</td>"
-                    + "".join(f"<td>{m[k]:.3f}</td>" for k, _ in metrics) + "</tr>")
+                    + "".join(_cell(m, k) for k, _ in metrics) + "</tr>")
         for subject, s in summary.get("subjects", {}).get(method, {}).items():
             rows.append(f"<tr><td>{html.escape(method)}</td><td>{html.escape(subject)}</td><td>{s['images']}</td>"
-                        + "".join(f"<td>{s[k]:.3f}</td>" for k, _ in metrics) + "</tr>")
+                        + "".join(_cell(s, k) for k, _ in metrics) + "</tr>")
     return f"<table>{head}{''.join(rows)}</table>"
 
 
 def bar_chart(summary: dict, metrics=METRICS) -> str:
-    """Grouped bars: one group per metric, one bar per method; values drawn on [-1, 1]."""
+    """Grouped bars: one group per metric, one bar per method, each value written on its bar; a y axis
+    with ticks on [0, 1] when every value is >= 0 (rates), else on [-1, 1] (cosine similarities)."""
     methods = list(summary["methods"])
-    group_w = CHART_W / len(metrics)
+    values = [float(summary["methods"][m][k]) for m in methods for k, _ in metrics]
+    low = 0.0 if min(values, default=0.0) >= 0 else -1.0
+    left, top, plot_h = 40, 10, CHART_H - 20  # room for the axis labels
+    group_w = (CHART_W - left) / len(metrics)
     bar_w = group_w * 0.8 / max(1, len(methods))
-    zero = CHART_H / 2
-    parts = [f'<svg width="{CHART_W}" height="{CHART_H + 30}" xmlns="http://www.w3.org/2000/svg">',
-             f'<line x1="0" y1="{zero}" x2="{CHART_W}" y2="{zero}" stroke="#444"/>']
+    y_of = lambda v: top + (1.0 - v) / (1.0 - low) * plot_h  # noqa: E731
+    parts = [f'<svg width="{CHART_W}" height="{CHART_H + 30}" xmlns="http://www.w3.org/2000/svg" font-size="11">',
+             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#444"/>']
+    for tick in ([0.0, 0.25, 0.5, 0.75, 1.0] if low == 0 else [-1.0, -0.5, 0.0, 0.5, 1.0]):
+        y = y_of(tick)
+        parts.append(f'<line x1="{left - 4}" y1="{y:.1f}" x2="{CHART_W}" y2="{y:.1f}" stroke="#ddd"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{tick:g}</text>')
+    zero = y_of(0.0)
+    parts.append(f'<line x1="{left}" y1="{zero:.1f}" x2="{CHART_W}" y2="{zero:.1f}" stroke="#444"/>')
     for g, (key, name) in enumerate(metrics):
-        x0 = g * group_w + group_w * 0.1
+        x0 = left + g * group_w + group_w * 0.1
         for i, method in enumerate(methods):
             value = float(summary["methods"][method][key])
-            h = abs(value) * zero
-            y = zero - h if value >= 0 else zero
-            parts.append(f'<rect x="{x0 + i * bar_w:.1f}" y="{y:.1f}" width="{bar_w * 0.9:.1f}" height="{h:.1f}" '
-                         f'fill="{PALETTE[i % len(PALETTE)]}"><title>{html.escape(method)} {name} {value:.3f}</title></rect>')
-        parts.append(f'<text x="{x0 + group_w * 0.4:.1f}" y="{CHART_H + 20}" text-anchor="middle">{name}</text>')
+            y, h = min(y_of(value), zero), abs(y_of(value) - zero)
+            x = x0 + i * bar_w
+            parts.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar_w * 0.9:.1f}" height="{h:.1f}" '
+                         f'fill="{PALETTE[i % len(PALETTE)]}"><title>{html.escape(method)} {name} {value:.3f}</title></rect>'
+                         f'<text x="{x + bar_w * 0.45:.1f}" y="{(y - 3 if value >= 0 else y + h + 11):.1f}" '
+                         f'text-anchor="middle">{value:.2f}</text>')
+        parts.append(f'<text x="{x0 + group_w * 0.4:.1f}" y="{CHART_H + 20}" text-anchor="middle">{html.escape(name)}</text>')
     legend = " ".join(f'<span style="color:{PALETTE[i % len(PALETTE)]}">&#9632; {html.escape(m)}</span>'
                       for i, m in enumerate(methods))
     return "".join(parts) + "</svg><div>" + legend + "</div>"
@@ -101,29 +119,34 @@ def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: li
 
 def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
                  pairs: dict | None, parameters: dict, served: bytes | None = None, metrics=METRICS,
-                 metrics_title: str = "DreamBench-style metrics") -> Path:
+                 metrics_title: str = "DreamBench-style metrics", verdict: str | None = None,
+                 served_caption: str = "") -> Path:
     """Writes the HTML report to ``path`` and returns it.
 
     ``summary["methods"][method]`` holds ``images`` and each ``metrics`` key (and optionally
     ``summary["subjects"][method][subject]`` the same per subject); ``images`` has the columns
-    method, subject, prompt_index, prompt, seed, image_png.
+    method, subject, prompt_index, prompt, seed, image_png. ``verdict``: a sentence saying whether
+    SFO beat SFT (shown first); ``served_caption``: what the served image is.
     """
     methods = list(summary["methods"])
     note = (f'<p class="warn">{html.escape(summary["note"])}</p>' if summary.get("random_encoders") else "")
     sections = [
         f"<h1>{html.escape(title)}</h1>", note,
-        f"<h2>{html.escape(metrics_title)}</h2>", metric_table(summary, metrics),
-        "<h2>Methods compared</h2>", bar_chart(summary, metrics),
+        f'<p class="verdict">{html.escape(verdict)}</p>' if verdict else "",
+        f"<h2>{html.escape(metrics_title)}</h2>", note, metric_table(summary, metrics),
+        "<h2>Methods compared</h2>", note, bar_chart(summary, metrics),
         "<h2>Samples</h2>", image_grid(images, references, methods),
     ]
     if pairs is not None:
         sections += ["<h2>CDNS pair gap (paper Fig. 3b)</h2>", histogram_chart(pairs)]
     if served is not None:
-        sections += ["<h2>One request through the Ray Serve app</h2>", _img(served)]
+        sections += ["<h2>One request through the Ray Serve app</h2>",
+                     f"<figure>{_img(served)}<figcaption>{html.escape(served_caption)}</figcaption></figure>"]
     sections += ["<h2>Run parameters</h2>",
                  f"<pre>{html.escape(yaml.safe_dump(json.loads(json.dumps(parameters, default=str)), sort_keys=False))}</pre>"]
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-             "padding:4px;text-align:center}.warn{color:#b00;font-weight:bold}")
+             "padding:4px;text-align:center}.warn{color:#b00;font-weight:bold}.verdict{font-size:1.2em;background:#f4f4f4;"
+             "padding:.6em}")
     path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                     f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
     return path

@@ -48,6 +48,8 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     assert Image.open(out / "served.png").size == (32, 32)
     report = (out / "report.html").read_text()
     assert "Shapes-world oracles" in report and "random encoders" not in report
+    assert "SFO against the SFT base, paired over 1 images" in report or "Too few paired images" in report
+    assert "POST /v1/generate with prompt=" in report  # the served image is captioned
     assert report.count("<img") == 1 * (1 + 2) + 1  # one triplet x (reference, sft, sfo), the served image
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
     assert set(summary) == {"sft", "sfo"} and summary["sft"]["images"] == 1

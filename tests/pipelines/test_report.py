@@ -36,3 +36,27 @@ def test_report_holds_table_chart_grid_histogram_and_parameters(tmp_path):
     assert text.count("<img") == 1 + 2 + 1  # reference, sft, sfo for the one prompt; the served image
     assert "a cat on a sofa" in text and "beta: 1000.0" in text and "low &lt; 0.200" in text
     assert not re.search(r"src=\"(?!data:)", text)  # self-contained: no external files
+
+
+def test_verdict_pairs_the_same_images_and_says_what_it_shows():
+    """sfo = [1, 1, 1, 0], sft = [0, 0, 1, 0] on the same four cells: d = [1, 1, 0, 0], +0.5 ± 0.289,
+    1.7 standard errors: no difference shown."""
+    from pipelines.main import verdict
+
+    rows = [{"method": m, "sample_id": f"c{i}", "prompt": "p", "seed": 0, "subject": bool(v), "text": True}
+            for m, values in (("sfo", [1, 1, 1, 0]), ("sft", [0, 0, 1, 0])) for i, v in enumerate(values)]
+    text = verdict(pa.Table.from_pylist(rows), [("subject", "subject fidelity"), ("text", "text alignment")])
+    assert "paired over 4 images" in text and "subject fidelity +0.500 ± 0.289 (1.7 standard errors: no difference shown)" in text
+    assert "text alignment +0.000 ± 0.000" in text
+    rows += [{"method": m, "sample_id": f"d{i}", "prompt": "p", "seed": 0, "subject": m == "sfo", "text": True}
+             for m in ("sfo", "sft") for i in range(40)]
+    assert "sfo better" in verdict(pa.Table.from_pylist(rows), [("subject", "subject fidelity")])
+
+
+def test_bar_chart_has_an_axis_and_values_on_the_bars():
+    from pipelines.report import bar_chart
+
+    svg = bar_chart({"methods": {"sft": {"subject": 0.21}, "sfo": {"subject": 0.25}}}, [("subject", "subject fidelity")])
+    assert ">0.21</text>" in svg and ">0.25</text>" in svg  # values written on the bars
+    assert ">0.5</text>" in svg and ">1</text>" in svg and ">-1</text>" not in svg  # rates: a [0, 1] axis
+    assert ">-1</text>" in bar_chart({"methods": {"a": {"dino": -0.2}}}, [("dino", "DINO")])  # similarities: [-1, 1]
