@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig, ray_data_progress
+from pipelines.common import ModelConfig, ScalingConfig, init_ray, ray_data_progress
 from pipelines.config import ConfigError, job_main
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
@@ -262,8 +262,7 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
     import ray
     from ray.data.datasource import FilenameProvider
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ray_data_progress()

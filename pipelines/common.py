@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -62,3 +64,46 @@ def ray_data_progress(stream=None) -> bool:
     context.enable_progress_bars = on
     context.enable_operator_progress_bars = on
     return on
+
+
+_address: str | None = None  # set by a job's --address (pipelines.config.parse_job_args)
+REACHABLE_TIMEOUT_S = 3.0
+
+
+def set_ray_address(address: str | None) -> None:
+    global _address
+    _address = address
+
+
+def ray_address() -> str:
+    """The cluster a job joins: ``--address``, else ``RAY_ADDRESS`` (set by ``ray job submit``), else
+    ``"local"`` (a fresh Ray of its own). Never Ray's own fallback, which joins whatever cluster
+    ``/tmp/ray/ray_current_cluster`` names, dead or somebody else's."""
+    return _address or os.environ.get("RAY_ADDRESS") or "local"
+
+
+def check_reachable(address: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> None:
+    """Raises ``ConfigError`` naming ``address`` when nothing answers there within ``timeout_s``."""
+    from pipelines.config import ConfigError
+
+    host_port = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    if not port.isdigit():
+        raise ConfigError(f"--address {address!r}: expected host:port, ray://host:port, http://host:port or 'local'")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"--address {address!r}: nothing answers at {host or '127.0.0.1'}:{port} ({exc}); start "
+                          "that cluster, or leave --address and RAY_ADDRESS unset for a fresh local Ray") from None
+
+
+def init_ray() -> None:
+    """Connects this process to ``ray_address()`` once (checked reachable first, so a dead address fails in seconds)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_address()
+    if address not in ("local", "auto"):
+        check_reachable(address)
+    ray.init(address=address)

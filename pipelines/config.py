@@ -161,6 +161,9 @@ def job_argparser(prog: str, description: str) -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="override any field with its dotted path, e.g. train.steps=10 scaling.num_workers=2")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to run on (default: RAY_ADDRESS when set, as `ray job submit` sets it; "
+                             "otherwise a fresh local Ray of this job's own)")
     return parser
 
 
@@ -168,6 +171,9 @@ def parse_job_args(cls: type[T], prog: str, description: str, argv: list[str] | 
     """Parses a job's command line into its config; prints it and returns None for --print-config."""
     parser = job_argparser(prog, description)
     args = parser.parse_args(argv)
+    from pipelines.common import set_ray_address
+
+    set_ray_address(args.address)
     try:
         config = load_config(cls, args.config, args.overrides)
     except ConfigError as exc:

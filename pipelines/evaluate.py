@@ -26,7 +26,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig, ray_data_progress
+from pipelines.common import ModelConfig, ScalingConfig, init_ray, ray_data_progress
 from pipelines.config import ConfigError, job_main
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -286,8 +286,7 @@ def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None) -> Non
     """Generates and scores ``rows`` (every method's) on one Ray Data actor pool of ``evaluator_class``."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster under `ray job submit`, else starts a local one
+    init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ray_data_progress()

@@ -39,7 +39,8 @@ import ray
 import ray.train
 import torch
 
-from pipelines.common import ray_data_progress
+from pipelines.common import init_ray, ray_data_progress
+from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from sfo import adapters as A
 from sfo.latents import encode_images
@@ -86,8 +87,7 @@ def run(cfg: TrainConfig):
     from ray.train.torch import TorchTrainer
 
     cfg.check_inputs()
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     cached = use_cache(cfg)
     ray_data_progress()
     data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg, cached))
@@ -372,7 +372,11 @@ def main_for(cfg: TrainConfig) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except ConfigError as exc:  # e.g. an unreachable --address
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"done: {cfg.stage} step {result.metrics.get('step')} loss {result.metrics.get('loss')}")
     print(f"  adapters: {cfg.output.run_dir / 'adapters'}; metrics: {cfg.output.run_dir / 'metrics.jsonl'}")
     return 0

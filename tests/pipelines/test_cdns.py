@@ -134,3 +134,20 @@ def test_help_and_yaml_load(capsys):
     yaml_path = Path(__file__).resolve().parents[2] / "pipelines" / "configs" / "cdns.yaml"
     assert yaml_path.read_text().startswith("# python -m pipelines.cdns --config pipelines/configs/cdns.yaml\n")
     assert cdns.main(["--config", str(yaml_path), "--print-config"]) == 0
+
+
+def test_a_job_given_an_unreachable_address_exits_2_naming_it(triplets, tmp_path, capsys, monkeypatch):
+    import socket
+
+    import ray
+
+    from pipelines import common
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as in a fresh job process
+    monkeypatch.setattr(common, "_address", None)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code = cdns.main(["--address", f"127.0.0.1:{port}", f"data.input={triplets}", f"data.output={tmp_path / 'out'}",
+                      f"cdns.size={SIZE}", "cdns.steps=1"])
+    assert code == 2 and f"--address '127.0.0.1:{port}'" in capsys.readouterr().err

@@ -19,3 +19,35 @@ def test_ray_data_progress_bars_only_on_a_terminal():
         assert context.enable_progress_bars and context.enable_operator_progress_bars
     finally:
         context.enable_progress_bars = context.enable_operator_progress_bars = True
+
+
+def test_ray_address_is_the_flag_then_ray_address_then_a_fresh_local_ray(monkeypatch):
+    from pipelines import common
+
+    monkeypatch.setattr(common, "_address", None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert common.ray_address() == "local"  # never Ray's own fallback to /tmp/ray/ray_current_cluster
+    monkeypatch.setenv("RAY_ADDRESS", "http://10.0.0.1:8265")
+    assert common.ray_address() == "http://10.0.0.1:8265"  # what `ray job submit` sets
+    common.set_ray_address("127.0.0.1:6380")
+    assert common.ray_address() == "127.0.0.1:6380"
+
+
+def test_an_unreachable_address_fails_in_seconds_naming_it(monkeypatch):
+    import socket
+    import time
+
+    import pytest
+
+    from pipelines import common
+    from pipelines.config import ConfigError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    started = time.time()
+    with pytest.raises(ConfigError, match=f"127.0.0.1:{port}"):
+        common.check_reachable(f"ray://127.0.0.1:{port}")
+    assert time.time() - started < common.REACHABLE_TIMEOUT_S + 2
+    with pytest.raises(ConfigError, match="host:port"):
+        common.check_reachable("somewhere")
