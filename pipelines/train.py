@@ -247,6 +247,31 @@ def _reduce(values: list[float]) -> list[float]:
     return tensor.cpu().tolist()
 
 
+def start_metrics_log(path: Path, start: int) -> int:
+    """Prepares ``metrics.jsonl`` for a run (re)starting after step ``start``; returns this attempt's number.
+
+    Lines after ``start`` came from an attempt that died before its next checkpoint: they are dropped
+    (atomically), so after any resume or retry the log holds each step exactly once. Attempts count
+    from 1: one more than the largest attempt in the kept lines (0 for a fresh run's).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("step", 0) <= start:
+                kept.append(record)
+    previous = [int(r.get("attempt", 1)) for r in kept]
+    attempt = (max(previous) + 1) if previous else (2 if start else 1)
+    scratch = path.with_name(path.name + ".tmp")
+    scratch.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(scratch, path)
+    return attempt
+
+
 def disable_cpu_shm_comm() -> None:
     """Tells DeepSpeed its CPU shared-memory all-reduce op is unavailable, so ``init_distributed`` does not
     JIT-compile it (``deepspeed.comm.torch.build_shm_op`` consults this cached table; gloo is used)."""
@@ -293,6 +318,7 @@ def train_loop(loop_config: dict) -> None:
             engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
             start = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
 
+    attempt = start_metrics_log(run_dir / "metrics.jsonl", start) if rank == 0 else 0
     stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank)
     for step in range(start + 1, cfg.train.steps + 1):
         began = time.perf_counter()
@@ -318,9 +344,10 @@ def train_loop(loop_config: dict) -> None:
             metrics["implicit_accuracy"] = totals["implicit_accuracy"] / totals["samples"]
             metrics["reward_margin"] = totals["reward_margin"] / totals["samples"]
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            metrics.update(attempt=attempt, time=time.time())
             with open(run_dir / "metrics.jsonl", "a") as log:
                 log.write(json.dumps(metrics) + "\n")
+            metrics = {k: v for k, v in metrics.items() if k not in ("attempt", "time")}
         every = cfg.train.checkpoint_every
         if step == cfg.train.steps or (every and step % every == 0):
             _report_with_checkpoint(engine, metrics, step, rank)

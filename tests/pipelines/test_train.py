@@ -130,7 +130,9 @@ def test_sfo_resume_continues_step_count(sfo_run):
     cfg.train.steps = 4
     result = run(cfg)
     assert _steps(cfg.output.run_dir) == [1, 2, 3, 4]
-    assert result.metrics["step"] == 4
+    lines = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["attempt"] for line in lines] == [1, 1, 2, 2] and all(line["time"] > 0 for line in lines)
+    assert result.metrics["step"] == 4 and "attempt" not in result.metrics
 
 
 def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
@@ -283,3 +285,18 @@ def test_cpu_training_never_compiles_deepspeeds_shared_memory_op():
     disable_cpu_shm_comm()
     assert ds_torch.build_shm_op() is None
     assert SftConfig(data=SftConfig().data).deepspeed.cpu_shm_comm is False
+
+
+def test_metrics_log_keeps_each_step_once_across_attempts(tmp_path):
+    """Attempt 1 logged steps 1-5 and died after checkpoint 3 (plus a half-written line): a restart at 3
+    keeps 1-3 and is attempt 2; a fresh run (start 0) empties the log and is attempt 1."""
+    from pipelines.train import start_metrics_log
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "attempt": 1}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert start_metrics_log(log, 3) == 2
+    assert _steps(tmp_path) == [1, 2, 3]
+    with open(log, "a") as f:
+        f.write(json.dumps({"step": 4, "attempt": 2}) + "\n")
+    assert start_metrics_log(log, 4) == 3 and _steps(tmp_path) == [1, 2, 3, 4]
+    assert start_metrics_log(log, 0) == 1 and log.read_text() == ""
