@@ -9,7 +9,8 @@
    negatives: same-context negatives: CDNS image-only (blurred reference, the target text) and, as a
      diagnostic, exact renders of the subject with another pattern/accent in the same context.
    anchor: SFO (CDNS) with a positive anchor (``sfo.anchor``: dpop, rpo, sdpo).
-   scope: SFO (CDNS) with the "sfo" LoRA on the reference tokens only (``lora.scope=condition``).
+   scope: SFO (CDNS) with the "sfo" LoRA on the other placement than the preset's (``lora.scope``).
+   guidance: SFT and SFO (CDNS) sampled with image guidance 2 (``eval.image_guidance``; no training).
 4. App. A (Fig. A): share of a target colour under SFT (positives only) vs SFO (with negatives).
 
 Stages: pretrain (cached) -> prepare (shapes triplets) -> per training seed: sft -> cdns per
@@ -33,13 +34,14 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "appA")
+EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "guidance", "appA")
+IMAGE_GUIDANCE = 2.0  # the "guidance" experiment's sampler image guidance (1 = off)
 # Presets: what every SFO arm (and SFT-additional's extra LoRA) adds to the sfo job's config. "paper" is
 # Eq. 3 as the paper trains it; "world" is the best configuration found in the shapes world (README):
 # the second LoRA acts on the reference tokens only (OminiControl's latent_lora: false placement).
@@ -104,7 +106,7 @@ def plan(experiments: list[str], budget: Budget, preset: str = "paper") -> Plan:
         arm("sft-additional", None, ["sfo.variant=sft-additional"])
         p.negatives["self-play"] = {"cdns.mode": "self-play"}
         arm("sfo-self-play", "self-play", [])
-    if {"table4", "tableC"} & set(experiments):
+    if {"table4", "tableC", "guidance"} & set(experiments):
         arm("sfo-cdns", cdns(CDNS_RADIUS), [])
     if "tableC" in experiments:
         arm("sfo-cdns-uniform", cdns(CDNS_RADIUS), ["sfo.scheme=uniform"])
@@ -206,6 +208,8 @@ class Stages:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import pyarrow as pa
+
     from pipelines import cdns, evaluate_shapes, prepare, pretrain, train
     from pipelines.cdns import CdnsConfig
     from pipelines.evaluate_shapes import ShapesEvaluateConfig
@@ -267,7 +271,17 @@ def run(args: argparse.Namespace) -> dict:
         evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]
         stages("evaluate", lambda: evaluate_shapes.run(evaluation))
         table = evaluate_shapes.read_images(evaluation.output, [m["name"] for m in methods])
-        results["methods"] = aggregate(table, args.seeds, ["base", "sft", *the_plan.arms], RIVALS)
+        names = ["base", "sft", *the_plan.arms]
+        if "guidance" in args.experiments:  # the same adapters and cells, sampled with image guidance
+            suffix = f"-ig{IMAGE_GUIDANCE:g}"
+            guided = replace(evaluation, output=runs / f"evaluate{suffix}",
+                             eval=replace(evaluation.eval, image_guidance=IMAGE_GUIDANCE),
+                             methods=[replace(m, name=m.name.replace("@", f"{suffix}@")) for m in evaluation.methods
+                                      if m.name.split("@")[0] in ("sft", "sfo-cdns")])
+            stages(f"evaluate{suffix}", lambda: evaluate_shapes.run(guided))
+            table = pa.concat_tables([table, evaluate_shapes.read_images(guided.output, [m.name for m in guided.methods])])
+            names += [f"sft{suffix}", f"sfo-cdns{suffix}"]
+        results["methods"] = aggregate(table, args.seeds, names, RIVALS)
     if "appA" in args.experiments:
         from pipelines import colour_shift
 
@@ -376,6 +390,8 @@ def format_results(results: dict) -> str:
           ["sft", "sfo-cdns", "sfo-image-only", "sfo-oracle"])
     table("Positive anchors (SFO, CDNS)", ["sft", "sfo-cdns"] + [f"sfo-cdns-{a}" for a in ANCHOR_WEIGHTS])
     table("LoRA scope (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-condition", "sfo-cdns-all"])
+    table(f"Image guidance {IMAGE_GUIDANCE:g} at sampling (Δ against SFT without it)",
+          ["sft", "sfo-cdns", f"sft-ig{IMAGE_GUIDANCE:g}", f"sfo-cdns-ig{IMAGE_GUIDANCE:g}"])
     if results.get("pairs"):
         lines.extend(["## What separates the pairs (oracle readings of positive, negative and reference)", "",
                       "| negative set @ seed | pairs | context differs | coarse differs | fine differs | "

@@ -183,16 +183,17 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
-                                       "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition"}
+                                       "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition", "sft-ig2", "sfo-cdns-ig2"}
     assert all(m["images"] == 2 for m in results["methods"].values())
     assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
-            "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "appA"} <= set(results["seconds"])
+            "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "evaluate-ig2",
+            "appA"} <= set(results["seconds"])
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
     assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
     assert results["pairs"]["oracle-fine@0"]["fine"] == 1.0 and results["pairs"]["oracle-fine@0"]["context"] == 0.0
     assert results["pairs"]["cdns-r2@0"]["pairs"] == 4
     report = (out / "report.md").read_text()
     for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
-                  "What separates the pairs",
+                  "What separates the pairs", "Image guidance 2",
                   "App. A", "Wall time", "Δ subject vs SFT"):
         assert title in report
