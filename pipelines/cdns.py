@@ -59,6 +59,8 @@ class CdnsSection:
     image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off, as the paper)
     size: int = 512  # negatives are size x size; references are resized to it
     batch_size: int = 4  # samples per model call (per actor)
+    rows_per_file: int = 64  # rows per output file: a file is written as soon as its rows are generated, so a
+    #                          killed job loses at most this many rows per actor (a few GPU-minutes by default)
     seed: int = 0  # per-sample seeds derive from (seed, sample_id)
     dino_encoder: str = "tiny"  # dpo-dino only: a local DINO ViT-S/16 folder, or "tiny" (random weights)
 
@@ -71,6 +73,8 @@ class CdnsSection:
             raise ValueError(f"cdns.steps: must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"cdns.batch_size: must be at least 1, got {self.batch_size}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"cdns.rows_per_file: must be at least 1, got {self.rows_per_file}")
         if not (math.isfinite(self.image_guidance) and self.image_guidance >= 0):
             raise ValueError(f"cdns.image_guidance: must be a finite number >= 0 (1 = off), got {self.image_guidance}")
         self.degradation()  # an invalid blur_radius / noise_std fails here, not on an actor
@@ -245,11 +249,12 @@ def generator_class(config: CdnsConfig) -> type[NegativeGenerator]:
 
 
 def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> int:
-    """The plain loop: the same generator class as the Ray job, one Parquet file per batch. Returns rows written."""
+    """The plain loop: the same generator class as the Ray job, one Parquet file per model batch (at most
+    ``rows_per_file`` rows). Returns rows written."""
     generator = generator_class(config)(config)
     table = _keep(pq.ParquetDataset(files).read(), todo)
     config.data.output.mkdir(parents=True, exist_ok=True)
-    size = config.cdns.batch_size
+    size = min(config.cdns.batch_size, config.cdns.rows_per_file)
     for index, start in enumerate(range(0, table.num_rows, size)):
         out = generator(table.slice(start, size))
         pq.write_table(out, config.data.output / f"{prefix}_{index:06d}.parquet")
@@ -268,11 +273,15 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
     ray_data_progress()
     ds = ray.data.read_parquet([str(p) for p in files])
     ds = ds.map_batches(_keep, fn_kwargs={"todo": todo}, batch_format="pyarrow")
+    # Blocks of rows_per_file rows whatever the input's layout (Ray's reader may pack several files into one
+    # block, whose output would then be written only at the very end): each generator task gets one, and its
+    # file is written when it is done. Streaming (no all-to-all), and Ray does not fuse it into the next map.
+    ds = ds.repartition(target_num_rows_per_block=config.cdns.rows_per_file)
     ds = ds.map_batches(
         generator_class(config),
         fn_constructor_kwargs={"config": config},
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers),
-        batch_size=config.cdns.batch_size,
+        batch_size=min(config.cdns.batch_size, config.cdns.rows_per_file),  # a batch never spans two output files
         batch_format="numpy",
         num_cpus=scaling.cpus_per_worker,
         **gpus,

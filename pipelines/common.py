@@ -104,6 +104,9 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     address = ray_address()
-    if address not in ("local", "auto"):
+    if address == "local":  # a Ray of this job's own: no dashboard (nobody submits to it; it slows start-up)
+        ray.init(address="local", include_dashboard=False)
+        return
+    if address != "auto":
         check_reachable(address)
     ray.init(address=address)

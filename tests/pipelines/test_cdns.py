@@ -44,9 +44,16 @@ def read(output: Path) -> pa.Table:
 @pytest.fixture(scope="module")
 def ray_output(ray_local, triplets, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("cdns-ray")
-    result = run(config(triplets, output, "runner=ray"))
+    result = run(config(triplets, output, "runner=ray", "cdns.rows_per_file=2"))
     assert result == {"skipped": 0, "written": ROWS, "output": output}
     return output
+
+
+def test_ray_writes_a_file_per_rows_per_file_whatever_the_input_layout(ray_output):
+    """The 4 triplets sit in one input file (one block as read); with rows_per_file 2 they come out as two
+    files of two rows, each written when its rows were done, so a kill loses at most one file's rows."""
+    files = cdns.parquet_files(ray_output)
+    assert [pq.read_metadata(f).num_rows for f in files] == [2, 2]
 
 
 def test_ray_writes_quadruplets_with_provenance(ray_output, triplets):
