@@ -13,176 +13,22 @@ unreadable (interrupted) files are moved aside as ``*.incomplete`` and their sam
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import math
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig, init_ray, ray_data_progress
+from pipelines.common import init_ray, ray_data_progress
 from pipelines.config import ConfigError, job_main
-from sfo.degrade import CDNS_MODES, Degradation
-from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
-
-PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
-SEED_BITS = 31  # per-sample seeds fit torch.Generator and int64 columns on every platform
-RUNNERS = ("ray", "local")
-NO_ADAPTER = "none"  # negative_adapter_sha256 when no "ref" LoRA was loaded
-DPO_DINO_MODE = "dpo-dino"  # paper Table 4 baseline: pipelines.dpo_dino, not a degradation
-
-
-@dataclass
-class DataConfig:
-    input: Path | None = None  # a triplet Parquet file, or a folder of them (the prepare stage's output)
-    output: Path = Path("runs/data/quadruplets")  # folder of quadruplet Parquet files; re-running resumes into it
-    limit: int | None = None  # the first N input samples only (None = all)
-
-    def __post_init__(self) -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"data.limit: must be at least 1 or null, got {self.limit}")
-
-
-@dataclass
-class CdnsSection:
-    mode: str = "cdns"  # one of sfo.degrade.CDNS_MODES (paper Tables 4/5), or "dpo-dino" (Table 4)
-    blur_radius: float | None = None  # override the mode's blur (paper Table B sweeps 2.5 / 5 / 10 / 20)
-    noise_std: float | None = None  # override the mode's noise level ("noise" mode)
-    steps: int = 28  # paper Sec. 4.1
-    guidance: float = 3.5  # paper Sec. 4.1
-    image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off, as the paper)
-    size: int = 512  # negatives are size x size; references are resized to it
-    batch_size: int = 4  # samples per model call (per actor)
-    rows_per_file: int = 64  # rows per output file: a file is written as soon as its rows are generated, so a
-    #                          killed job loses at most this many rows per actor (a few GPU-minutes by default)
-    seed: int = 0  # per-sample seeds derive from (seed, sample_id)
-    dino_encoder: str = "tiny"  # dpo-dino only: a local DINO ViT-S/16 folder, or "tiny" (random weights)
-
-    def __post_init__(self) -> None:
-        if self.mode not in CDNS_MODES and self.mode != DPO_DINO_MODE:
-            raise ValueError(f"cdns.mode: unknown {self.mode!r}; use one of {sorted(CDNS_MODES) + [DPO_DINO_MODE]}")
-        if self.size < PIXEL_MULTIPLE or self.size % PIXEL_MULTIPLE:
-            raise ValueError(f"cdns.size: must be a positive multiple of {PIXEL_MULTIPLE}, got {self.size}")
-        if self.steps < 1:
-            raise ValueError(f"cdns.steps: must be at least 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"cdns.batch_size: must be at least 1, got {self.batch_size}")
-        if self.rows_per_file < 1:
-            raise ValueError(f"cdns.rows_per_file: must be at least 1, got {self.rows_per_file}")
-        if not (math.isfinite(self.image_guidance) and self.image_guidance >= 0):
-            raise ValueError(f"cdns.image_guidance: must be a finite number >= 0 (1 = off), got {self.image_guidance}")
-        self.degradation()  # an invalid blur_radius / noise_std fails here, not on an actor
-
-    def degradation(self) -> Degradation:
-        """The mode's degradation with this section's overrides applied."""
-        overrides = {k: v for k, v in (("blur_radius", self.blur_radius), ("noise_std", self.noise_std)) if v is not None}
-        base = CDNS_MODES["self-play"] if self.mode == DPO_DINO_MODE else CDNS_MODES[self.mode]  # dpo-dino: undegraded
-        try:
-            return dataclasses.replace(base, **overrides)
-        except ValueError as exc:
-            raise ValueError(str(exc).replace("degradation.", "cdns.")) from None
-
-
-@dataclass
-class CdnsConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    cdns: CdnsSection = field(default_factory=CdnsSection)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    runner: str = "ray"  # "ray" (Ray Data actor pool) or "local" (plain loop, same generator)
-
-    def __post_init__(self) -> None:
-        if self.runner not in RUNNERS:
-            raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """A reproducible per-sample seed in [0, 2**31), independent of batching and of the actor."""
-    digest = hashlib.sha256(f"{seed}/{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % (1 << SEED_BITS)
-
-
-class NegativeGenerator:
-    """Triplet rows in, quadruplet rows out; loads the model (+ "ref" LoRA) once per instance (= per actor).
-
-    Args:
-        config: the job's config (only ``model`` and ``cdns`` are read).
-        device: where to load the model; None = CUDA when available, else CPU.
-    """
-
-    def __init__(self, config: CdnsConfig, device: str | None = None) -> None:
-        from sfo import adapters
-        from sfo.models import load_flux
-        from sfo.sampler import SamplerConfig
-
-        self.section = config.cdns
-        self.degradation = config.cdns.degradation()
-        self.model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
-        transformer = self.model.transformer
-        if config.model.ref_adapter is not None:
-            adapters.load_adapter(transformer, config.model.ref_adapter, adapters.REF)
-            self.adapter_sha = adapters.adapter_fingerprint(transformer, [adapters.REF])
-            self._adapters = lambda: adapters.ref_only(transformer)
-        else:
-            self.adapter_sha = NO_ADAPTER
-            self._adapters = lambda: adapters.use_adapters(transformer, [])
-        s = self.section
-        self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size,
-                                     image_guidance=s.image_guidance)
-
-    def __call__(self, batch: dict | pa.Table) -> pa.Table:
-        """Generates one negative per row.
-
-        Args:
-            batch: B triplet rows, as a dict of columns (Ray Data's numpy batches: object arrays of
-                str / bytes) or a ``pa.Table``; columns of ``TRIPLET_SCHEMA``.
-        Returns:
-            A ``pa.Table`` of B rows in ``QUADRUPLET_SCHEMA`` (the triplet columns passed through).
-        """
-        from PIL import Image
-
-        from sfo.degrade import degrade_condition
-        from sfo.records import decode_png, encode_png
-        from sfo.sampler import generate
-
-        columns = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
-        rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        side = (self.section.size, self.section.size)
-        seeds, prompts, references = [], [], []
-        for row in rows:
-            seed = sample_seed(self.section.seed, str(row["sample_id"]))
-            reference = decode_png(row["reference_png"]).resize(side, Image.BICUBIC)
-            target = decode_png(row["target_png"]).resize(side, Image.BICUBIC)
-            reference, prompt = degrade_condition(reference, str(row["target_text"]), str(row["item"]),
-                                                  self.degradation, seed=seed, target=target)
-            seeds.append(seed)
-            prompts.append(prompt)
-            references.append(reference)
-        with self._adapters():
-            negatives = generate(self.model, prompts, seeds, self.sampler, references)
-        d, s = self.degradation, self.section
-        out = {f.name: list(columns[f.name]) for f in TRIPLET_SCHEMA}  # passed through unchanged
-        out.update({
-            "negative_png": [encode_png(image) for image in negatives],
-            "negative_mode": [s.mode] * len(rows),
-            "negative_image_degradation": [d.image] * len(rows),
-            "negative_text_degradation": [d.text] * len(rows),
-            "negative_blur_radius": [d.blur_radius if d.image == "blur" else None] * len(rows),
-            "negative_noise_std": [d.noise_std if d.image == "noise" else None] * len(rows),
-            "negative_prompt": prompts,
-            "negative_seed": seeds,
-            "negative_steps": [s.steps] * len(rows),
-            "negative_guidance": [s.guidance] * len(rows),
-            "negative_adapter_sha256": [self.adapter_sha] * len(rows),
-        })
-        return pa.Table.from_pydict(out, schema=QUADRUPLET_SCHEMA)
-
+from pipelines.dpo_dino import DpoDinoGenerator
+from pipelines.negatives import (  # noqa: F401 - the job's config and generator, re-exported
+    DPO_DINO_MODE, NO_ADAPTER, RUNNERS, SEED_BITS, CdnsConfig, CdnsSection, DataConfig, NegativeGenerator, sample_seed,
+)
+from sfo.records import TRIPLET_SCHEMA, check_schema
 
 def parquet_files(path: Path) -> list[Path]:
     """The Parquet files of a file or folder, sorted (hidden and ``_``-prefixed files skipped)."""
@@ -242,8 +88,6 @@ def _keep(batch: pa.Table, todo: list[str]) -> pa.Table:
 def generator_class(config: CdnsConfig) -> type[NegativeGenerator]:
     """``NegativeGenerator``, or ``pipelines.dpo_dino.DpoDinoGenerator`` for mode "dpo-dino"."""
     if config.cdns.mode == DPO_DINO_MODE:
-        from pipelines.dpo_dino import DpoDinoGenerator
-
         return DpoDinoGenerator
     return NegativeGenerator
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from pipelines.cdns import DPO_DINO_MODE as DPO_DINO
-from pipelines.cdns import SEED_BITS, CdnsConfig, NegativeGenerator, sample_seed
+from pipelines.negatives import DPO_DINO_MODE as DPO_DINO
+from pipelines.negatives import SEED_BITS, CdnsConfig, NegativeGenerator, sample_seed
 
 
 def pick_positive(dino_a: torch.Tensor, dino_b: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
 from sfo.codec import PixelCodec
 from sfo.degrade import generic_text
-from sfo.models import FLUX_DEV_SCHEDULER, build_text_encoders, build_transformer, cache_root
+from sfo.components import FLUX_DEV_SCHEDULER, build_text_encoders, build_transformer, cache_root
 from sfo.shapes import world as W
 
 SHAPES = "shapes"
