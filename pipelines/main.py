@@ -95,7 +95,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     from pipelines.pair_analysis import PairAnalysisConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
-    from pipelines.reproduce import PRESETS
+    from pipelines.train_config import PRESETS
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
     model = [f"model.source={args.model}"]

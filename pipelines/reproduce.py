@@ -38,14 +38,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from pipelines.config import load_config
+from pipelines.train_config import PRESETS  # what every SFO arm adds to the sfo job's config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "guidance", "appA")
 IMAGE_GUIDANCE = 2.0  # the "guidance" experiment's sampler image guidance (1 = off)
-# Presets: what every SFO arm (and SFT-additional's extra LoRA) adds to the sfo job's config. "paper" is
-# Eq. 3 as the paper trains it; "world" is the best configuration found in the shapes world (README):
-# the second LoRA acts on the reference tokens only (OminiControl's latent_lora: false placement).
-PRESETS = {"paper": [], "world": ["lora.scope=condition"]}
 ANCHOR_WEIGHTS = {"dpop": 5.0, "rpo": 1000.0, "sdpo": 1.0}  # rpo: Eq. 3's gradient carries beta * sigmoid ~ 500, so Eq. 1 needs ~beta to count
 from sfo.shapes.world import CDNS_BLUR_RADIUS as CDNS_RADIUS  # world pixels; see the module docstring
 

@@ -18,6 +18,10 @@ from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
 from sfo.timesteps import SCHEMES, TimestepSampling
 
 OPTIMIZERS = ("prodigy", "adamw")
+# SFO presets: overrides of the sfo job's config (and of SFT-additional's extra LoRA). "paper": Eq. 3 as the paper
+# trains it. "world": the best configuration found in the shapes world (README): the second LoRA acts on the
+# reference tokens only (OminiControl's latent_lora: false placement).
+PRESETS = {"paper": [], "world": ["lora.scope=condition"]}
 VARIANTS = ("sfo", "sft-additional", "direct")  # paper Table E: SFO, SFT on an extra LoRA, SFO on "ref" itself
 ZERO_STAGES = (0, 2, 3)  # 0 = plain data parallel (the only sharding-free choice for Prodigy on CPU)
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
