@@ -140,7 +140,7 @@ def flux_forward(
         cache = encode_condition(transformer, condition, text.pooled, guidance)  # every active adapter
     with target_scope(transformer):  # condition-scoped adapters off for text and target tokens
         return _forward_target(transformer, latents, img_ids, text, timestep, guidance,
-                               condition if joint else None, cache)
+                               condition if joint and isinstance(condition, Condition) else None, cache)
 
 
 def _forward_target(transformer, latents, img_ids, text, timestep, guidance, joint_condition, cache):
