@@ -22,7 +22,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(ARGS)
 
 reproduce: $(STAMP)
-	$(PY) -m pipelines.reproduce $(ARGS)
+	$(PY) -m experiments.reproduce $(ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_speed.py $(ARGS)

@@ -3,7 +3,7 @@
     python benchmarks/world_speed.py [--batch 8] [--repeats 5]
 
 Needs the pretrained shapes model (python -m pipelines.pretrain). In-process, no Ray: these are
-the compute floors under the jobs' wall times, which ``python -m pipelines.reproduce`` prints per
+the compute floors under the jobs' wall times, which ``python -m experiments.reproduce`` prints per
 stage (Ray start-up and checkpointing on top). Prints numbers; asserts nothing.
 """
 

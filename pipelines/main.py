@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    {command}")
     if args.model == "shapes":
         print("  Scores are the shapes world's exact oracles (sfo.shapes.oracle); the paper's findings in")
-        print("  miniature: python -m pipelines.reproduce")
+        print("  miniature: python -m experiments.reproduce")
     if args.model == "tiny":
         print("  The tiny model has random weights and the encoders are random: this proves the code path,")
         print("  not image quality, and its scores are not comparable to published numbers.")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["sfo", "pipelines", "serving", "cluster"]
+PACKAGES = ["sfo", "pipelines", "serving", "cluster", "experiments"]
 
 
 def _modules():
@@ -36,3 +36,11 @@ def test_sfo_never_imports_ray():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_imports_point_one_way():
+    """experiments/ builds on pipelines/ and sfo/; the user's stages and the Serve app never import it."""
+    for package in ("sfo", "pipelines", "serving", "cluster"):
+        for path in (ROOT / package).rglob("*.py"):
+            text = path.read_text()
+            assert "from experiments" not in text and "import experiments" not in text, path

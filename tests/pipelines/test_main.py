@@ -126,7 +126,7 @@ def test_help_and_bad_flags(tmp_path):
 def test_the_demo_uses_the_world_settings_the_readme_documents(tmp_path):
     """The shapes demo's CDNS blurs with the world's radius and samples with the paper's 28 steps, as
     README's shapes-world section and the reproduction do."""
-    from pipelines import reproduce
+    from experiments import reproduce
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
     args = main_job.parse_args(["--out", str(tmp_path / "run")])

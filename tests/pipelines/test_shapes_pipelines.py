@@ -6,7 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import colour_shift, evaluate_shapes, prepare, pretrain, reproduce
+from experiments import colour_shift, reproduce
+from pipelines import evaluate_shapes, prepare, pretrain
 from pipelines.config import load_config
 from sfo.codec import PixelCodec
 from sfo.records import decode_png

@@ -1,6 +1,6 @@
 """Where an SFO run moved the model: flow-matching errors of positives and negatives, before and after.
 
-    python -m pipelines.sfo_diagnostics --model shapes --adapters RUN/train/sfo/adapters \\
+    python -m experiments.sfo_diagnostics --model shapes --adapters RUN/train/sfo/adapters \\
         --data RUN/data/cdns-r2 [--rows 64] [--size 32]
 
 For each quadruplet and each t in ``--t``, with one fixed noise per row, the errors of the
@@ -41,7 +41,7 @@ def error_shift(model, rows: list[dict], ts: list[float], seed: int = 0) -> list
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.sfo_diagnostics", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.sfo_diagnostics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes", help="'shapes', 'tiny' or a local FLUX.1-dev folder")
     parser.add_argument("--adapters", required=True, help="the sfo job's adapters folder (holding ref/ and sfo/)")

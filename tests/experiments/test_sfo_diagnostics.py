@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.sfo_diagnostics import error_shift
+from experiments.sfo_diagnostics import error_shift
 from pipelines.synthetic import synthetic_triplets
 from sfo import adapters as A
 from sfo.records import encode_png
@@ -37,6 +37,6 @@ def test_a_fresh_sfo_lora_moves_nothing_and_a_trained_one_shows(fresh_flux):
 
 
 def test_help():
-    result = subprocess.run([sys.executable, "-m", "pipelines.sfo_diagnostics", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "experiments.sfo_diagnostics", "--help"], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0 and "--adapters" in result.stdout

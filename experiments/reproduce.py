@@ -1,6 +1,6 @@
 """The paper's findings in miniature, in the shapes world, with the project's own jobs: one command.
 
-    python -m pipelines.reproduce [--budget full|tiny] [--only table4,tableC,...] [--seeds 0,1,2] [--out DIR]
+    python -m experiments.reproduce [--budget full|tiny] [--only table4,tableC,...] [--seeds 0,1,2] [--out DIR]
 
 1. Table 4: SFT base vs SFT-additional vs SFO with Self-Play negatives vs SFO with CDNS negatives.
 2. Table C: SFO (CDNS) with logit-normal vs uniform timesteps.
@@ -40,7 +40,7 @@ from pathlib import Path
 from pipelines.config import load_config
 from pipelines.train_config import PRESETS  # what every SFO arm adds to the sfo job's config
 
-CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "guidance", "appA")
 IMAGE_GUIDANCE = 2.0  # the "guidance" experiment's sampler image guidance (1 = off)
 ANCHOR_WEIGHTS = {"dpop": 5.0, "rpo": 1000.0, "sdpo": 1.0}  # rpo: Eq. 3's gradient carries beta * sigmoid ~ 500, so Eq. 1 needs ~beta to count
@@ -160,7 +160,7 @@ def oracle_quadruplets(triplets: Path, output: Path, seed: int) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="full: the README's numbers (about 45 min on 2 cores with the model pretrained); tiny: machinery check (minutes)")
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> dict:
             names += [f"sft{suffix}", f"sfo-cdns{suffix}"]
         results["methods"] = aggregate(table, args.seeds, names, RIVALS)
     if "appA" in args.experiments:
-        from pipelines import colour_shift
+        from experiments import colour_shift
 
         config = colour_shift.ColourShiftConfig(steps=budget.colour_steps, eval_every=budget.colour_every,
                                                 samples=budget.colour_samples, sample_steps=budget.sample_steps,
@@ -348,7 +348,7 @@ RIVALS = {"sfo-cdns": ["sfo-self-play", "sft-additional", "sfo-cdns-all", "sfo-c
 
 def format_results(results: dict) -> str:
     """The reproduction tables as Markdown."""
-    from pipelines.colour_shift import format_curves
+    from experiments.colour_shift import format_curves
 
     seeds = results.get("seeds", [results.get("seed", 0)])
     preset = results.get("preset", "paper")
