@@ -34,7 +34,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.dataset as pads
 import ray
 import ray.train
 import torch
@@ -42,44 +41,17 @@ import torch
 from pipelines.common import init_ray, ray_data_progress
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
+from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
+    _columns, build_batch, epoch_rows, micro_batches, sample_seed, timesteps_and_noise, use_cache,
+)
 from sfo import adapters as A
-from sfo.latents import encode_images
-from sfo.models import model_identity
-from sfo.objectives import batch_from_cache, encode_batch, sfo_objective, sft_objective
-from sfo.records import CACHE_COLUMNS, decode_cache, decode_png
-from sfo.timesteps import sample_timesteps
+from sfo.objectives import sfo_objective, sft_objective
 
 FROZEN_REF = "ref_frozen"  # variant "direct": a frozen copy of "ref" plays p_ref in Eq. 3
 CKPT_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray checkpoint folder
 STATE_FILE = "train_state.json"
 NEVER_PRINT = 10**9  # DeepSpeed's steps_per_print: we report ourselves
 FINGERPRINT_MAX_PARAMS = 50_000_000  # hash frozen weights only for small models (the tiny preset)
-SEED_BYTES = 8
-
-
-def _columns(cfg: TrainConfig, cached: bool = False) -> list[str]:
-    cols = ["sample_id", "target_text"] + (CACHE_COLUMNS if cached else ["reference_png", "target_png"])
-    return cols + (["negative_png"] if cfg.needs_negatives else [])
-
-
-def use_cache(cfg: TrainConfig) -> bool:
-    """Whether ``data.path`` carries cached encoder outputs made for this job's model and ``data.size``.
-
-    Decided once, in the driver: a cache made with another model or size is reported here (one
-    line) and the job encodes the PNGs instead.
-    """
-    dataset = pads.dataset(cfg.data.path, format="parquet")
-    if not set(CACHE_COLUMNS) <= set(dataset.schema.names):
-        return False
-    table = dataset.to_table(columns=["cache_model", "cache_size"])
-    made = set(zip(table["cache_model"].to_pylist(), table["cache_size"].to_pylist()))
-    wanted = (model_identity(cfg.model.source), cfg.data.size)
-    if made != {wanted}:
-        print(f"[{cfg.stage}] data.path: cached latents/embeddings were made with (model, size) {sorted(made)}, "
-              f"not {wanted} (model.source, data.size); ignoring them and encoding the PNGs", flush=True)
-        return False
-    print(f"[{cfg.stage}] data.path: using cached latents/embeddings ({wanted[0]}, {wanted[1]} px)", flush=True)
-    return True
 
 
 def run(cfg: TrainConfig):
@@ -151,71 +123,6 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
         "bf16": {"enabled": dtype == torch.bfloat16},
         "steps_per_print": NEVER_PRINT,
     }
-
-
-def sample_seed(seed: int, step: int, sample_id: str) -> int:
-    """A generator seed per (run seed, optimiser step, sample): independent of the worker layout."""
-    digest = hashlib.sha256(f"{seed}/{step}/{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:SEED_BYTES], "little") >> 1
-
-
-def timesteps_and_noise(cfg: TrainConfig, step: int, sample_ids, shape: tuple[int, ...]):
-    """(N,) timesteps and (N, L, 64) noise, one seeded generator per sample."""
-    ts, noises = [], []
-    for sample_id in sample_ids:
-        generator = torch.Generator().manual_seed(sample_seed(cfg.train.seed, step, str(sample_id)))
-        ts.append(sample_timesteps(1, cfg.sampling, generator))
-        noises.append(torch.randn(shape, generator=generator))
-    return torch.cat(ts), torch.stack(noises)
-
-
-def _images(column, size: int) -> list:
-    images = [decode_png(bytes(b)) for b in column]
-    return [im if im.size == (size, size) else im.resize((size, size)) for im in images]
-
-
-def build_batch(cfg: TrainConfig, model, rows: dict, cached: bool):
-    """One ``TrainBatch`` from a numpy batch of rows: from the cache columns, or by encoding the PNGs."""
-    size = cfg.data.size
-    with torch.no_grad():
-        if not cached:
-            return encode_batch(model, _images(rows["reference_png"], size), [str(x) for x in rows["target_text"]],
-                                _images(rows["target_png"], size),
-                                _images(rows["negative_png"], size) if cfg.needs_negatives else None)
-        tensors = {k: torch.from_numpy(v) for k, v in decode_cache(rows).items()}
-        side = size // model.pixel_multiple
-        negative = encode_images(model, _images(rows["negative_png"], size)) if cfg.needs_negatives else None
-        return batch_from_cache(tensors["target"], tensors["reference"], tensors["prompt_embeds"], tensors["pooled"],
-                                grid=(side, side), device=model.device, dtype=model.dtype, negative=negative)
-
-
-def epoch_rows(data, cfg: TrainConfig, epoch: int, rank: int = 0):
-    """One epoch of numpy row batches from ``data`` (a worker's shard, or any Ray ``Dataset``).
-
-    With ``train.shuffle_buffer`` > 0 the rows pass Ray Data's local shuffle buffer, seeded from
-    (train.seed, epoch, rank): the same seed gives the same order, each epoch another.
-    """
-    shuffle = {}
-    if cfg.train.shuffle_buffer:
-        digest = hashlib.sha256(f"shuffle/{cfg.train.seed}/{epoch}/{rank}".encode()).digest()
-        shuffle = {"local_shuffle_buffer_size": cfg.train.shuffle_buffer,
-                   "local_shuffle_seed": int.from_bytes(digest[:4], "little")}
-    return data.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True, **shuffle)
-
-
-def micro_batches(cfg: TrainConfig, model, cached: bool = False, rank: int = 0):
-    """Endless stream of encoded micro-batches (with sample ids) from this worker's Ray Data shard."""
-    shard = ray.train.get_dataset_shard("train")
-    epoch = 0
-    while True:
-        seen = False
-        for rows in epoch_rows(shard, cfg, epoch, rank):
-            seen = True
-            yield list(rows["sample_id"]), build_batch(cfg, model, rows, cached)
-        epoch += 1
-        if not seen:
-            raise ValueError(f"data.path: a worker got no full batch; need at least train.batch_size x "
-                             f"scaling.num_workers = {cfg.train.batch_size * cfg.scaling.num_workers} rows")
 
 
 def frozen_fingerprint(transformer, zero3: bool = False) -> str | None:
