@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -49,6 +50,12 @@ class ScalingConfig:
             raise ValueError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ValueError(f"scaling.gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+
+def check_image_guidance(value: float, section: str) -> None:
+    """Raises ``ValueError("<section>.image_guidance: ...")`` unless ``value`` is finite and >= 0 (1 = off)."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{section}.image_guidance: must be a finite number >= 0 (1 = off), got {value}")
 
 
 def ray_data_progress(stream=None) -> bool:

@@ -16,7 +16,6 @@ synthetic subjects. Scores from the tiny random encoders carry ``metrics.RANDOM_
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig, init_ray, ray_data_progress
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, init_ray, ray_data_progress
 from pipelines.config import ConfigError, job_main
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -76,7 +75,7 @@ class EvalSection:
     clip_encoder: str = "tiny"  # "tiny" (random) or a local folder, e.g. openai/clip-vit-large-patch14
 
     def __post_init__(self) -> None:
-        check_image_guidance(self.image_guidance)
+        check_image_guidance(self.image_guidance, "eval")
         if self.seeds < 1:
             raise ValueError(f"eval.seeds: must be at least 1, got {self.seeds}")
         if isinstance(self.subjects, int) and self.subjects < 1:
@@ -89,11 +88,6 @@ class EvalSection:
             raise ValueError(f"eval.steps: must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size: must be at least 1, got {self.batch_size}")
-
-
-def check_image_guidance(value: float, section: str = "eval") -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{section}.image_guidance: must be a finite number >= 0 (1 = off), got {value}")
 
 
 def check_runner_and_methods(runner: str, methods: list[MethodConfig]) -> None:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.common import ModelConfig, ScalingConfig
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance
 from pipelines.config import job_main
 from pipelines import evaluate
-from pipelines.evaluate import (MethodConfig, check_image_guidance, check_methods, check_runner_and_methods, load_methods, method_groups,
+from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, load_methods, method_groups,
                                 run_local, run_ray)
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",
@@ -57,7 +57,7 @@ class WorldEvalSection:
     batch_size: int = 16
 
     def __post_init__(self) -> None:
-        check_image_guidance(self.image_guidance)
+        check_image_guidance(self.image_guidance, "eval")
         for name in ("subjects", "seeds", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}: must be at least 1, got {getattr(self, name)}")

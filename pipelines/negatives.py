@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.common import ModelConfig, ScalingConfig
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA
 
@@ -63,8 +62,7 @@ class CdnsSection:
             raise ValueError(f"cdns.batch_size: must be at least 1, got {self.batch_size}")
         if self.rows_per_file < 1:
             raise ValueError(f"cdns.rows_per_file: must be at least 1, got {self.rows_per_file}")
-        if not (math.isfinite(self.image_guidance) and self.image_guidance >= 0):
-            raise ValueError(f"cdns.image_guidance: must be a finite number >= 0 (1 = off), got {self.image_guidance}")
+        check_image_guidance(self.image_guidance, "cdns")
         self.degradation()  # an invalid blur_radius / noise_std fails here, not on an actor
 
     def degradation(self) -> Degradation:
