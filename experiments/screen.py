@@ -41,6 +41,7 @@ class Arm:
     scope: str = "all"
     beta: float = 1000.0
     steps: int = 150
+    oracle_filter: bool = False  # drop the pairs whose negative kept the reference's details (cdns.oracle_filter)
 
 
 ARMS: dict[str, Arm] = {
@@ -58,6 +59,11 @@ ARMS: dict[str, Arm] = {
     "sfo-oracle-dpop": Arm(negatives="oracle", anchor="dpop", anchor_weight=5.0),
     "sfo-oracle-rpo": Arm(negatives="oracle", anchor="rpo", anchor_weight=1000.0),
     "sfo-oracle-cond": Arm(negatives="oracle", scope="condition"),
+    # the world preset's placement (lora.scope=condition) with its rivals and the remedies left to try
+    "sfo-self-play-cond": Arm(negatives="self-play", scope="condition"),
+    "sfo-cdns-cond-dpop": Arm(scope="condition", anchor="dpop", anchor_weight=5.0),
+    "sfo-cdns-cond-filtered": Arm(scope="condition", oracle_filter=True),
+    "sfo-cdns-cond-filtered-dpop": Arm(scope="condition", oracle_filter=True, anchor="dpop", anchor_weight=5.0),
 }
 
 
@@ -215,7 +221,14 @@ def run_seed(seed: int, arm_names: list[str], setup: Setup, out: Path, log=print
             torch.manual_seed(seed)
             A.add_lora(tr, A.SFO, A.SFO_RANK)
             A.set_scope(tr, A.SFO, arm.scope)
-            data = encoded(model, triplets, negatives[arm.negatives] if arm.negatives else None)
+            kept, pairs = triplets, negatives[arm.negatives] if arm.negatives else None
+            if arm.oracle_filter:
+                from sfo.shapes.oracle import keeps_reference_details
+
+                keep = [not keeps_reference_details(t.reference, t.target, n) for t, n in zip(triplets, pairs)]
+                kept, pairs = [t for t, k in zip(triplets, keep) if k], [n for n, k in zip(pairs, keep) if k]
+                log(f"[screen] seed {seed}: oracle filter kept {len(kept)} of {len(triplets)} pairs")
+            data = encoded(model, kept, pairs)
             if arm.negatives is None:
                 objective = lambda b, t, n: sft_objective(tr, b, t, n, adapters=[A.REF, A.SFO])
             else:

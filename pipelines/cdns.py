@@ -101,8 +101,9 @@ def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: st
     size = min(config.cdns.batch_size, config.cdns.rows_per_file)
     for index, start in enumerate(range(0, table.num_rows, size)):
         out = generator(table.slice(start, size))
-        pq.write_table(out, config.data.output / f"{prefix}_{index:06d}.parquet")
-        print(f"[cdns] local: {start + out.num_rows}/{table.num_rows} rows", flush=True)
+        if out.num_rows:  # cdns.oracle_filter may drop a whole batch
+            pq.write_table(out, config.data.output / f"{prefix}_{index:06d}.parquet")
+        print(f"[cdns] local: {min(start + size, table.num_rows)}/{table.num_rows} rows", flush=True)
     return table.num_rows
 
 
@@ -135,19 +136,23 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
 
 
 def run(config: CdnsConfig) -> dict:
-    """Checks inputs, skips done samples, generates the rest; returns {"skipped", "written", "output"}."""
+    """Checks inputs, skips done samples, generates the rest; returns {"skipped", "written", "dropped",
+    "output"} (dropped: pairs ``cdns.oracle_filter`` left out)."""
     files = check_inputs(config)
     todo, skipped = plan(config, files)
     print(f"[cdns] mode {config.cdns.mode}: {skipped} sample(s) already in {config.data.output}, "
           f"{len(todo)} to generate ({config.runner})", flush=True)
-    written = 0
+    written = dropped = 0
     if todo:
         started = time.time()
         prefix = f"cdns-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        written = (run_local if config.runner == "local" else run_ray)(config, files, todo, prefix)
+        (run_local if config.runner == "local" else run_ray)(config, files, todo, prefix)
+        written = len(set(todo) & done_sample_ids(config.data.output)[0])
+        dropped = len(todo) - written
+        note = f", dropped {dropped} pair(s) whose negative kept the reference's details" if config.cdns.oracle_filter else ""
         print(f"[cdns] wrote {written} row(s) as {config.data.output}/{prefix}_*.parquet "
-              f"in {time.time() - started:.1f} s", flush=True)
-    return {"skipped": skipped, "written": written, "output": config.data.output}
+              f"in {time.time() - started:.1f} s{note}", flush=True)
+    return {"skipped": skipped, "written": written, "dropped": dropped, "output": config.data.output}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,9 @@ class CdnsSection:
     rows_per_file: int = 64  # rows per output file: a file is written as soon as its rows are generated, so a
     #                          killed job loses at most this many rows per actor (a few GPU-minutes by default)
     seed: int = 0  # per-sample seeds derive from (seed, sample_id)
+    oracle_filter: bool = False  # shapes world only: drop pairs whose negative kept the reference's pattern and
+    #                              accent (sfo.shapes.oracle.keeps_reference_details); a rerun regenerates and
+    #                              drops them again (same seeds), as nothing is written for them
     dino_encoder: str = "tiny"  # dpo-dino only: a local DINO ViT-S/16 folder, or "tiny" (random weights)
 
     def __post_init__(self) -> None:
@@ -86,6 +89,15 @@ class CdnsConfig:
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
+        if self.cdns.oracle_filter:
+            from sfo.shapes.world import SIZE
+
+            if self.model.source != "shapes":
+                raise ValueError(f"cdns.oracle_filter: needs the shapes world's oracles (model.source=shapes), got "
+                                 f"model.source={self.model.source!r}; set cdns.oracle_filter=false")
+            if self.cdns.size != SIZE:
+                raise ValueError(f"cdns.oracle_filter: the oracles read {SIZE} px images, got cdns.size={self.cdns.size}; "
+                                 f"set cdns.size={SIZE}")
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -129,7 +141,8 @@ class NegativeGenerator:
             batch: B triplet rows, as a dict of columns (Ray Data's numpy batches: object arrays of
                 str / bytes) or a ``pa.Table``; columns of ``TRIPLET_SCHEMA``.
         Returns:
-            A ``pa.Table`` of B rows in ``QUADRUPLET_SCHEMA`` (the triplet columns passed through).
+            A ``pa.Table`` of B rows in ``QUADRUPLET_SCHEMA`` (the triplet columns passed through); fewer
+            with ``cdns.oracle_filter`` (the pairs whose negative kept the reference's details are dropped).
         """
         from PIL import Image
 
@@ -167,4 +180,11 @@ class NegativeGenerator:
             "negative_guidance": [s.guidance] * len(rows),
             "negative_adapter_sha256": [self.adapter_sha] * len(rows),
         })
-        return pa.Table.from_pydict(out, schema=QUADRUPLET_SCHEMA)
+        table = pa.Table.from_pydict(out, schema=QUADRUPLET_SCHEMA)
+        if s.oracle_filter:
+            from sfo.shapes.oracle import keeps_reference_details
+
+            table = table.filter(pa.array([not keeps_reference_details(decode_png(r["reference_png"]),
+                                                                        decode_png(r["target_png"]), image)
+                                           for r, image in zip(rows, negatives)]))
+        return table

@@ -190,6 +190,14 @@ def pair_differences(reference: Image.Image | np.ndarray, positive: Image.Image 
             "fine_matches_reference": neg.pattern == ref.pattern and neg.accent == ref.accent}
 
 
+def keeps_reference_details(reference: Image.Image | np.ndarray, positive: Image.Image | np.ndarray,
+                            negative: Image.Image | np.ndarray) -> bool:
+    """True when a negative shows the reference's pattern and accent: the degradation failed to remove
+    the fine details, so pushing the model away from this negative pushes it away from the subject (the
+    cdns option ``oracle_filter`` drops such pairs)."""
+    return pair_differences(reference, positive, negative)["fine_matches_reference"]
+
+
 def pair_statistics(triples: Sequence[tuple]) -> dict[str, float]:
     """Share of (reference, positive, negative) triples with each of ``PAIR_KEYS``, and their count."""
     if not triples:

@@ -45,7 +45,7 @@ def read(output: Path) -> pa.Table:
 def ray_output(ray_local, triplets, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("cdns-ray")
     result = run(config(triplets, output, "runner=ray", "cdns.rows_per_file=2"))
-    assert result == {"skipped": 0, "written": ROWS, "output": output}
+    assert result == {"skipped": 0, "written": ROWS, "dropped": 0, "output": output}
     return output
 
 
@@ -81,14 +81,14 @@ def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path):
     assert first["written"] == 2 and first["skipped"] == 0
     (tmp_path / "cdns-interrupted_000000.parquet").write_bytes(b"PAR1 cut short")  # an interrupted write
     second = run(config(triplets, tmp_path, "runner=local"))
-    assert second == {"skipped": 2, "written": 2, "output": tmp_path}
+    assert second == {"skipped": 2, "written": 2, "dropped": 0, "output": tmp_path}
     assert (tmp_path / "cdns-interrupted_000000.parquet.incomplete").exists()
     ids = read(tmp_path).column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == ROWS
     local = {r["sample_id"]: r["negative_png"] for r in read(tmp_path).to_pylist()}
     remote = {r["sample_id"]: r["negative_png"] for r in read(ray_output).to_pylist()}
     assert local == remote
-    assert run(config(triplets, tmp_path, "runner=local")) == {"skipped": ROWS, "written": 0, "output": tmp_path}
+    assert run(config(triplets, tmp_path, "runner=local")) == {"skipped": ROWS, "written": 0, "dropped": 0, "output": tmp_path}
 
 
 def test_ray_rerun_writes_nothing_new(ray_output, triplets):
@@ -115,6 +115,7 @@ def test_self_play_keeps_the_prompt_and_blur_sweep_is_recorded(triplets, tmp_pat
     ("cdns.blur_radius=-1", "cdns.blur_radius"),
     ("cdns.image_guidance=nan", "cdns.image_guidance"),
     ("runner=spark", "runner"),
+    ("cdns.oracle_filter=true", "cdns.oracle_filter"),  # the tiny model has no oracle
 ])
 def test_bad_values_name_the_field(triplets, tmp_path, override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -178,6 +178,41 @@ def test_oracle_quadruplets_differ_from_the_positive_in_fine_details_only(tmp_pa
         assert verdict["coarse"] and verdict["text"] and not verdict["fine"]
 
 
+def test_cdns_oracle_filter_drops_the_pairs_whose_negative_kept_the_reference_details(shapes_pretrained, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """The sampler is replaced by one that returns, for even rows, the positive itself (the reference's
+    pattern and accent: dropped) and, for odd rows, its fine-detail twin (kept); the run reports the drops."""
+    import sfo.sampler
+    from pipelines import cdns
+    from sfo.shapes.world import fine_twin, render
+
+    triplets = tmp_path / "triplets"
+    prepare.run(load_config(prepare.PrepareConfig, None, ["data.source=shapes", f"data.size={SIZE}", "data.limit=6",
+                                                           f"data.output={triplets}"]))
+    world = world_triplets(6, seed=0)
+    rng = np.random.default_rng(0)
+    negatives = {t.target_text: (t.target if i % 2 == 0 else render(fine_twin(t.subject, rng), t.context))
+                 for i, t in enumerate(world)}
+    assert len(negatives) == 6  # target texts identify the rows
+
+    def fake_generate(model, prompts, seeds, config, references):
+        return [negatives[p] for p in prompts]
+
+    monkeypatch.setattr(sfo.sampler, "generate", fake_generate)
+    overrides = ["model.source=shapes", f"data.input={triplets}", f"cdns.size={SIZE}", "cdns.steps=1",
+                 "cdns.mode=image-only", "cdns.batch_size=2", "runner=local"]  # image-only keeps the target text
+    result = cdns.run(load_config(cdns.CdnsConfig, None, [*overrides, "cdns.oracle_filter=true",
+                                                          f"data.output={tmp_path / 'kept'}"]))
+    assert result["written"] == 3 and result["dropped"] == 3
+    assert "dropped 3 pair(s) whose negative kept the reference's details" in capsys.readouterr().out
+    kept = pq.read_table(tmp_path / "kept").column("sample_id").to_pylist()
+    assert sorted(kept) == sorted(t.sample_id for i, t in enumerate(world) if i % 2 == 1)
+    unfiltered = cdns.run(load_config(cdns.CdnsConfig, None, [*overrides, f"data.output={tmp_path / 'all'}"]))
+    assert unfiltered["written"] == 6 and unfiltered["dropped"] == 0
+    with pytest.raises(Exception, match="cdns.oracle_filter: .*cdns.size=32"):
+        load_config(cdns.CdnsConfig, None, ["model.source=shapes", "cdns.oracle_filter=true", "cdns.size=64"])
+
+
 def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
     out = tmp_path / "run"
     assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--out", str(out)]) == 0
