@@ -13,7 +13,8 @@ from pathlib import Path
 from pipelines.train_config import PRESETS  # what every SFO arm adds to the sfo job's config
 from sfo.shapes.world import CDNS_BLUR_RADIUS as CDNS_RADIUS
 
-EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "guidance", "appA")
+EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "filter", "sft-strength", "guidance",
+               "appA")
 IMAGE_GUIDANCE = 2.0  # the "guidance" experiment's sampler image guidance (1 = off)
 ANCHOR_WEIGHTS = {"dpop": 5.0, "rpo": 1000.0, "sdpo": 1.0}  # rpo: Eq. 3's gradient carries beta * sigmoid ~ 500, so Eq. 1 needs ~beta to count
 
@@ -35,6 +36,7 @@ class Budget:
     colour_samples: int
     anchors: tuple[str, ...] = ("dpop", "rpo", "sdpo")
     beta: float = 1000.0  # paper Sec. 4.1
+    sft_multiples: tuple[int, ...] = (2, 4)  # the "sft-strength" experiment: SFT for sft_steps x each
 
 
 BUDGETS = {
@@ -45,7 +47,7 @@ BUDGETS = {
     # Checks the machinery (tests): every stage and arm runs, nothing is learned.
     "tiny": Budget(pretrain_steps=2, triplets=4, sft_steps=1, sfo_steps=1, batch_size=2, sample_steps=2,
                    eval_subjects=2, eval_seeds=1, blur_radii=(1.0, 2.0), betas=(100.0,), colour_steps=1, colour_every=1,
-                   colour_samples=4, anchors=("sdpo",)),
+                   colour_samples=4, anchors=("sdpo",), sft_multiples=(2,)),
 }
 
 
@@ -56,6 +58,7 @@ class Plan:
     negatives: dict[str, dict] = field(default_factory=dict)  # name -> cdns overrides
     arms: dict[str, list[str]] = field(default_factory=dict)  # name -> sfo overrides (data.path filled later)
     arm_negatives: dict[str, str | None] = field(default_factory=dict)
+    sft_runs: dict[str, int] = field(default_factory=dict)  # extra SFT bases (name -> steps), evaluated beside "sft"
 
 
 def plan(experiments: list[str], budget: Budget, preset: str = "paper") -> Plan:
@@ -94,6 +97,12 @@ def plan(experiments: list[str], budget: Budget, preset: str = "paper") -> Plan:
     if "anchor" in experiments:
         for anchor in budget.anchors:
             arm(f"sfo-cdns-{anchor}", cdns(CDNS_RADIUS), [f"sfo.anchor={anchor}", f"sfo.anchor_weight={ANCHOR_WEIGHTS[anchor]}"])
+    if "filter" in experiments:  # CDNS without the pairs whose negative kept the reference's pattern and accent
+        p.negatives[f"cdns-r{CDNS_RADIUS:g}-filtered"] = {"cdns.mode": "cdns", "cdns.blur_radius": CDNS_RADIUS,
+                                                         "cdns.oracle_filter": True}
+        arm("sfo-cdns-filtered", f"cdns-r{CDNS_RADIUS:g}-filtered", [])
+    if "sft-strength" in experiments:
+        p.sft_runs.update({f"sft-{budget.sft_steps * k}": budget.sft_steps * k for k in budget.sft_multiples})
     if "scope" in experiments:  # the other placement than the preset's
         other = "all" if "lora.scope=condition" in common else "condition"
         arm(f"sfo-cdns-{other}", cdns(CDNS_RADIUS), [f"lora.scope={other}"])

@@ -10,6 +10,9 @@
      diagnostic, exact renders of the subject with another pattern/accent in the same context.
    anchor: SFO (CDNS) with a positive anchor (``sfo.anchor``: dpop, rpo, sdpo).
    scope: SFO (CDNS) with the "sfo" LoRA on the other placement than the preset's (``lora.scope``).
+   filter: SFO on CDNS negatives without the pairs whose negative kept the reference's pattern and accent
+     (``cdns.oracle_filter``).
+   sft-strength: the SFT base trained 2x and 4x longer, evaluated beside it (no SFO).
    guidance: SFT and SFO (CDNS) sampled with image guidance 2 (``eval.image_guidance``; no training).
 4. App. A (Fig. A): share of a target colour under SFT (positives only) vs SFO (with negatives).
 
@@ -123,8 +126,9 @@ def run(args: argparse.Namespace) -> dict:
             ref = root / "train" / "sft" / "adapters" / "ref"
             train_common = model + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={seed}",
                                     f"output.storage_path={root / 'train'}"]
-            stages(f"sft{tag}", lambda c=train_common: train.run(load_config(SftConfig, CONFIGS / "sft.yaml", c + [
-                f"data.path={triplets}", "output.name=sft", f"train.steps={budget.sft_steps}"])))
+            for name, steps in {"sft": budget.sft_steps, **the_plan.sft_runs}.items():
+                stages(f"{name}{tag}", lambda c=train_common, n=name, k=steps: train.run(load_config(
+                    SftConfig, CONFIGS / "sft.yaml", c + [f"data.path={triplets}", f"output.name={n}", f"train.steps={k}"])))
             for name, overrides in the_plan.negatives.items():
                 out = root / "data" / name
                 if name == ORACLE:
@@ -144,7 +148,8 @@ def run(args: argparse.Namespace) -> dict:
                     SfoConfig, CONFIGS / "sfo.yaml", c + [f"data.path={d}", f"model.ref_adapter={r}", f"output.name={n}",
                                                           f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}",
                                                           *o])))  # o last: wins
-            methods.append({"name": f"sft@{seed}", "ref_adapter": str(ref), "active": ["ref"]})
+            methods += [{"name": f"{n}@{seed}", "ref_adapter": str(root / "train" / n / "adapters" / "ref"), "active": ["ref"]}
+                        for n in ("sft", *the_plan.sft_runs)]
             methods += [{"name": f"{n}@{seed}", "ref_adapter": str(ref), "active": ["ref", "sfo"],
                          "sfo_adapter": str(root / "train" / n / "adapters" / "sfo")} for n in the_plan.arms]
         evaluation = load_config(ShapesEvaluateConfig, CONFIGS / "evaluate_shapes.yaml", model + [
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
         evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]
         stages("evaluate", lambda: evaluate_shapes.run(evaluation))
         table = evaluate_shapes.read_images(evaluation.output, [m["name"] for m in methods])
-        names = ["base", "sft", *the_plan.arms]
+        names = ["base", "sft", *the_plan.sft_runs, *the_plan.arms]
         if "guidance" in args.experiments:  # the same adapters and cells, sampled with image guidance
             suffix = f"-ig{IMAGE_GUIDANCE:g}"
             guided = replace(evaluation, output=runs / f"evaluate{suffix}",
@@ -228,7 +233,7 @@ def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[
     return out
 
 
-RIVALS = {"sfo-cdns": ["sfo-self-play", "sft-additional", "sfo-cdns-all", "sfo-cdns-condition"]}
+RIVALS = {"sfo-cdns": ["sfo-self-play", "sft-additional", "sfo-cdns-all", "sfo-cdns-condition", "sfo-cdns-filtered"]}
 
 
 def format_results(results: dict) -> str:
@@ -272,6 +277,10 @@ def format_results(results: dict) -> str:
           ["sft", "sfo-cdns", "sfo-image-only", "sfo-oracle"])
     table("Positive anchors (SFO, CDNS)", ["sft", "sfo-cdns"] + [f"sfo-cdns-{a}" for a in ANCHOR_WEIGHTS])
     table("LoRA scope (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-condition", "sfo-cdns-all"])
+    table("CDNS negatives filtered by the oracles (pairs whose negative kept the reference's details dropped)",
+          ["sft", "sfo-cdns", "sfo-cdns-filtered"])
+    table("SFT strength (the SFT base trained longer; Δ against the budget's SFT)",
+          ["sft"] + sorted((n for n in methods if n.startswith("sft-") and n[4:].isdigit()), key=lambda n: int(n[4:])))
     table(f"Image guidance {IMAGE_GUIDANCE:g} at sampling (Δ against SFT without it)",
           ["sft", "sfo-cdns", f"sft-ig{IMAGE_GUIDANCE:g}", f"sfo-cdns-ig{IMAGE_GUIDANCE:g}"])
     if results.get("pairs"):

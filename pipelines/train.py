@@ -13,8 +13,9 @@ Randomness: each sample's timestep and noise come from a ``torch.Generator`` see
 (train.seed, optimiser step, sample_id), so they do not depend on how samples are laid out over
 workers and micro-batches (that is what makes the invariance test hold), and positive/negative
 share them (``sfo_objective``). The data order is shuffled per epoch with a seeded local buffer
-(``train.shuffle_buffer``, ``epoch_rows``). Resuming restarts the data stream at an epoch start;
-the step count, weights, optimiser state and the noise stream continue.
+(``train.shuffle_buffer``, ``epoch_rows``). A checkpoint holds the data position (epoch, batches
+consumed) with the step, weights and optimiser state: a resume continues the same order where it
+stopped (``row_batches``), and the noise stream with the step.
 
 Data with cached encoder outputs (``sfo.records.CACHE_FIELDS``, from ``prepare`` with
 ``cache.enabled``) skips the VAE and text encoders for targets, references and prompts when the
@@ -42,7 +43,7 @@ from pipelines.common import init_ray, ray_data_progress
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
-    _columns, build_batch, epoch_rows, micro_batches, sample_seed, timesteps_and_noise, use_cache,
+    _columns, build_batch, epoch_rows, micro_batches, row_batches, sample_seed, timesteps_and_noise, use_cache,
 )
 from sfo import adapters as A
 from sfo.objectives import sfo_objective, sft_objective
@@ -66,6 +67,8 @@ def run(cfg: TrainConfig):
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same shard order on every attempt, so a checkpoint's data position means one thing
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": cfg, "use_cache": cached},
@@ -74,6 +77,7 @@ def run(cfg: TrainConfig):
         run_config=ray.train.RunConfig(name=cfg.output.name, storage_path=str(cfg.output.run_dir.parent),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.output.max_failures)),
         datasets={"train": data},
+        dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     return trainer.fit()
 
@@ -218,20 +222,21 @@ def train_loop(loop_config: dict) -> None:
                                            config=deepspeed_config(cfg, model.dtype))
 
     run_dir = cfg.output.run_dir
-    start = 0
+    start, position = 0, (0, 0)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             engine.load_checkpoint(folder, tag=CKPT_TAG, load_module_strict=False)
-            start = json.loads((Path(folder) / STATE_FILE).read_text())["step"]
+            state = json.loads((Path(folder) / STATE_FILE).read_text())
+            start, position = state["step"], tuple(state.get("position", (0, 0)))  # older checkpoints: epoch start
 
     attempt = start_metrics_log(run_dir / "metrics.jsonl", start) if rank == 0 else 0
-    stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank)
+    stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank, position)
     for step in range(start + 1, cfg.train.steps + 1):
         began = time.perf_counter()
         sums: dict[str, float] = {"loss": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "samples": 0.0}
         for _ in range(cfg.train.grad_accum):
-            sample_ids, batch = next(stream)
+            position, sample_ids, batch = next(stream)
             t, noise = timesteps_and_noise(cfg, step, sample_ids, tuple(batch.target.shape[1:]))
             loss, stats = objective(batch, t.to(device), noise.to(device, model.dtype))  # (N,)
             engine.backward(loss.mean())
@@ -257,20 +262,21 @@ def train_loop(loop_config: dict) -> None:
             metrics = {k: v for k, v in metrics.items() if k not in ("attempt", "time")}
         every = cfg.train.checkpoint_every
         if step == cfg.train.steps or (every and step % every == 0):
-            _report_with_checkpoint(engine, metrics, step, rank)
+            _report_with_checkpoint(engine, metrics, {"step": step, "position": list(position)}, rank)
         elif step % cfg.train.report_every == 0:
             ray.train.report(metrics)
     _export(cfg, engine, transformer, trained, rank, fingerprint_before)
 
 
-def _report_with_checkpoint(engine, metrics: dict, step: int, rank: int) -> None:
-    """Saves trainable weights + optimiser state (each rank its own ZeRO shard) and reports them."""
+def _report_with_checkpoint(engine, metrics: dict, state: dict, rank: int) -> None:
+    """Saves trainable weights + optimiser state (each rank its own ZeRO shard) and ``state`` (step, data
+    position: every rank consumes the same number of batches) and reports them."""
     with tempfile.TemporaryDirectory() as folder:
         engine.save_checkpoint(folder, tag=CKPT_TAG, exclude_frozen_parameters=True)
         if rank == 0:
-            (Path(folder) / STATE_FILE).write_text(json.dumps({"step": step}))
+            (Path(folder) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+                         checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
 
 
 def _export(cfg: TrainConfig, engine, transformer, trained: str, rank: int, fingerprint_before) -> None:

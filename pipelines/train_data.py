@@ -100,16 +100,28 @@ def epoch_rows(data, cfg: TrainConfig, epoch: int, rank: int = 0):
     return data.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True, **shuffle)
 
 
-def micro_batches(cfg: TrainConfig, model, cached: bool = False, rank: int = 0):
-    """Endless stream of encoded micro-batches (with sample ids) from this worker's Ray Data shard."""
-    shard = ray.train.get_dataset_shard("train")
-    epoch = 0
+def row_batches(data, cfg: TrainConfig, rank: int = 0, position: tuple[int, int] = (0, 0)):
+    """Endless ``((epoch, offset), rows)``: numpy row batches of epoch after epoch, from ``position``.
+
+    ``offset`` counts the batches of ``epoch`` consumed, this one included; a stream started at a
+    yielded position continues exactly where that one went on (the same seeded order, the first
+    ``offset`` batches skipped without decoding), which is what a resume from a checkpoint needs.
+    The shard's own order must be deterministic (``run`` asks Ray Data to preserve order).
+    """
+    epoch, skip = position
     while True:
         seen = False
-        for rows in epoch_rows(shard, cfg, epoch, rank):
+        for index, rows in enumerate(epoch_rows(data, cfg, epoch, rank)):
             seen = True
-            yield list(rows["sample_id"]), build_batch(cfg, model, rows, cached)
-        epoch += 1
+            if index >= skip:
+                yield (epoch, index + 1), rows
         if not seen:
             raise ValueError(f"data.path: a worker got no full batch; need at least train.batch_size x "
                              f"scaling.num_workers = {cfg.train.batch_size * cfg.scaling.num_workers} rows")
+        epoch, skip = epoch + 1, 0
+
+
+def micro_batches(cfg: TrainConfig, model, cached: bool = False, rank: int = 0, position: tuple[int, int] = (0, 0)):
+    """Endless ``(position, sample_ids, batch)``: encoded micro-batches from this worker's Ray Data shard."""
+    for after, rows in row_batches(ray.train.get_dataset_shard("train"), cfg, rank, position):
+        yield after, list(rows["sample_id"]), build_batch(cfg, model, rows, cached)

@@ -132,6 +132,11 @@ def test_plan_new_experiments():
     assert world["sfo-cdns"] == ["lora.scope=condition"]
     assert world["sft-additional"] == ["lora.scope=condition", "sfo.variant=sft-additional"]
     assert world["sfo-cdns-all"] == ["lora.scope=condition", "lora.scope=all"]  # the arm's own override wins
+    filtered = reproduce.plan(["filter"], budget)
+    assert filtered.arm_negatives == {"sfo-cdns-filtered": "cdns-r2-filtered"}
+    assert filtered.negatives["cdns-r2-filtered"]["cdns.oracle_filter"] is True
+    strength = reproduce.plan(["sft-strength"], budget)
+    assert strength.sft_runs == {"sft-600": 600, "sft-1200": 1200} and not strength.arms
 
 
 def test_seeds_are_parsed_and_checked():
@@ -219,17 +224,18 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
-                                       "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition", "sft-ig2", "sfo-cdns-ig2"}
+                                       "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition", "sfo-cdns-filtered", "sft-2",
+                                       "sft-ig2", "sfo-cdns-ig2"}
     assert all(m["images"] == 2 for m in results["methods"].values())
     assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
             "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "evaluate-ig2",
-            "appA"} <= set(results["seconds"])
+            "appA", "sft-2", "cdns cdns-r2-filtered", "sfo sfo-cdns-filtered"} <= set(results["seconds"])
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
     assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
     assert results["pairs"]["oracle-fine@0"]["fine"] == 1.0 and results["pairs"]["oracle-fine@0"]["context"] == 0.0
     assert results["pairs"]["cdns-r2@0"]["pairs"] == 4
     report = (out / "report.md").read_text()
     for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
-                  "What separates the pairs", "Image guidance 2",
+                  "What separates the pairs", "Image guidance 2", "filtered by the oracles", "SFT strength",
                   "App. A", "Wall time", "Δ subject vs SFT"):
         assert title in report

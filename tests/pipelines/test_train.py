@@ -7,6 +7,7 @@ the runs are shared through module-scoped fixtures: SFT (1 worker, ZeRO-3, Prodi
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -133,6 +134,12 @@ def test_sfo_resume_continues_step_count(sfo_run):
     lines = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["attempt"] for line in lines] == [1, 1, 2, 2] and all(line["time"] > 0 for line in lines)
     assert result.metrics["step"] == 4 and "attempt" not in result.metrics
+    # the resume continued the data where step 2 left it (mid-epoch): steps 3-4 equal an uninterrupted run's
+    straight = copy.deepcopy(cfg)
+    straight.output.name += "-straight"
+    run(straight)
+    again = [json.loads(line) for line in (straight.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["loss"] for line in again] == pytest.approx([line["loss"] for line in lines], rel=1e-5)
 
 
 def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
@@ -272,6 +279,26 @@ def test_shuffle_is_seeded_per_epoch_and_off_at_zero(ray_local, tmp_path):
     assert order(seeded, 1) != first
     assert order(cfg("train.shuffle_buffer=64", "train.seed=4"), 0) != first
     assert order(cfg("train.shuffle_buffer=0"), 0) == list(range(64))
+
+
+def test_a_stream_started_at_a_yielded_position_continues_it(ray_local, tmp_path):
+    """row_batches over 3 epochs of a 5-batch dataset (shuffled): restarting at each position it yields
+    gives exactly the rest of the uninterrupted stream (what a checkpoint's data position relies on)."""
+    import itertools
+
+    import ray
+
+    from pipelines.train import row_batches
+
+    data = ray.data.range(40, override_num_blocks=4)
+    cfg = _sft(tmp_path, "position", str(tmp_path), "train.batch_size=8", "train.shuffle_buffer=16", "train.seed=5")
+    take = lambda position, n: [(pos, [int(i) for i in rows["id"]])  # noqa: E731
+                                for pos, rows in itertools.islice(row_batches(data, cfg, 0, position), n)]
+    straight = take((0, 0), 15)
+    assert [pos for pos, _ in straight] == [(e, o) for e in range(3) for o in range(1, 6)]
+    assert [b for _, b in straight[:5]] != [b for _, b in straight[5:10]]  # each epoch its own order
+    for k in (1, 4, 5, 7):
+        assert take(straight[k - 1][0], 15 - k) == straight[k:]
 
 
 def test_cpu_training_never_compiles_deepspeeds_shared_memory_op():

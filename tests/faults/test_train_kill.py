@@ -1,0 +1,87 @@
+"""Fault test: SIGKILL an sft job after a checkpoint, rerun it: it resumes from the checkpoint, logs each
+step once, and ends with the same adapter as a run that was never interrupted (same data order)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.synthetic import synthetic_triplets
+from sfo.adapters import LORA_WEIGHTS
+from sfo.records import TRIPLET_SCHEMA, encode_png
+
+ROWS, SIZE, STEPS = 12, 32, 6  # batch 2, shuffled: 6 batches per epoch; the kill lands mid-epoch
+
+
+def _job(tmp_path: Path, data: Path, name: str, log: str) -> subprocess.Popen:
+    args = [f"data.path={data}", f"data.size={SIZE}", f"train.steps={STEPS}", "train.batch_size=2",
+            "train.checkpoint_every=2", "train.shuffle_buffer=8", "train.optimizer=adamw", "train.lr=1e-3",
+            "train.report_every=1", f"output.storage_path={tmp_path}", f"output.name={name}"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.sft", *args], start_new_session=True, env=env,
+                            stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT)
+
+
+def _lines(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return lines
+
+
+def _finish(job: subprocess.Popen, tmp_path: Path, log: str) -> None:
+    assert job.wait(timeout=300) == 0, (tmp_path / log).read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_training_job_resumes_to_the_uninterrupted_result(tmp_path):
+    rows = synthetic_triplets(ROWS, SIZE, seed=7)
+    data = tmp_path / "triplets"
+    data.mkdir()
+    pq.write_table(pa.Table.from_pylist([
+        {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text, "reference_png": encode_png(t.reference),
+         "target_png": encode_png(t.target), "source": "synthetic"} for t in rows], schema=TRIPLET_SCHEMA),
+        data / "part-0.parquet")
+
+    job = _job(tmp_path, data, "killed", "killed.log")
+    run_dir = tmp_path / "killed"
+    try:
+        deadline = time.time() + 240
+        while not any(line["step"] >= 3 for line in _lines(run_dir)):  # checkpoint 2 committed, step 3 done
+            assert time.time() < deadline, "no step 3 after 240 s"
+            assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver, its workers and the local Ray it started
+        job.wait()
+    assert not (run_dir / "adapters").exists()
+
+    rerun = _job(tmp_path, data, "killed", "rerun.log")
+    straight = tmp_path / "straight"
+    _finish(rerun, tmp_path, "rerun.log")
+    _finish(_job(tmp_path, data, "straight", "straight.log"), tmp_path, "straight.log")
+
+    resumed, clean = _lines(run_dir), _lines(straight)
+    assert [line["step"] for line in resumed] == list(range(1, STEPS + 1))  # each step exactly once
+    assert {line["attempt"] for line in resumed if line["step"] > 2} == {2}
+    assert [line["loss"] for line in resumed] == pytest.approx([line["loss"] for line in clean], rel=1e-5)
+    a = load_file(run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    b = load_file(straight / "adapters" / "ref" / LORA_WEIGHTS)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
