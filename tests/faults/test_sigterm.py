@@ -1,5 +1,5 @@
-"""Fault test: SIGTERM to a training job's driver (what `ray job stop` and Kubernetes send) ends the job
-and every process it started (the local Ray, its train workers) within a bounded time."""
+"""Fault test: SIGTERM (what `ray job stop` and Kubernetes send) or SIGINT (Ctrl-C) to a training job's
+driver ends the job and every process it started (the local Ray, its train workers) within a bounded time."""
 
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def _running(pids: set[int]) -> set[int]:
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc (Linux)")
 @pytest.mark.slow
-def test_sigterm_stops_the_job_and_everything_it_started(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_job_and_everything_it_started(tmp_path, signum):
     rows = synthetic_triplets(8, 32, seed=2)
     data = tmp_path / "triplets"
     data.mkdir()
@@ -76,7 +77,7 @@ def test_sigterm_stops_the_job_and_everything_it_started(tmp_path):
             time.sleep(0.2)
         started = _descendants(job.pid)
         assert started, "the job started no processes"
-        job.send_signal(signal.SIGTERM)  # the driver only, as `ray job stop` does
+        job.send_signal(signum)  # the driver only, as `ray job stop` does
         job.wait(timeout=BOUND_S)
         deadline = time.time() + BOUND_S
         while _running(started) and time.time() < deadline:
