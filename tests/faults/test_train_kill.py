@@ -1,5 +1,6 @@
-"""Fault test: SIGKILL an sft job after a checkpoint, rerun it: it resumes from the checkpoint, logs each
-step once, and ends with the same adapter as a run that was never interrupted (same data order)."""
+"""Fault tests of training: SIGKILL an sft job after a checkpoint, rerun it: it resumes from the checkpoint,
+logs each step once, and ends with the same adapter as a run that was never interrupted (same data order);
+SIGKILL one of two train workers: FailureConfig restarts the group from the checkpoint, each step once."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from sfo.records import TRIPLET_SCHEMA, encode_png
 ROWS, SIZE, STEPS = 12, 32, 6  # batch 2, shuffled: 6 batches per epoch; the kill lands mid-epoch
 
 
-def _job(tmp_path: Path, data: Path, name: str, log: str) -> subprocess.Popen:
-    args = [f"data.path={data}", f"data.size={SIZE}", f"train.steps={STEPS}", "train.batch_size=2",
+def _job(tmp_path: Path, data: Path, name: str, log: str, *extra: str) -> subprocess.Popen:
+    args = [*extra, f"data.path={data}", f"data.size={SIZE}", f"train.steps={STEPS}", "train.batch_size=2",
             "train.checkpoint_every=2", "train.shuffle_buffer=8", "train.optimizer=adamw", "train.lr=1e-3",
             "train.report_every=1", f"output.storage_path={tmp_path}", f"output.name={name}"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -46,12 +47,7 @@ def _lines(run_dir: Path) -> list[dict]:
     return lines
 
 
-def _finish(job: subprocess.Popen, tmp_path: Path, log: str) -> None:
-    assert job.wait(timeout=300) == 0, (tmp_path / log).read_text()[-3000:]
-
-
-@pytest.mark.slow
-def test_a_killed_training_job_resumes_to_the_uninterrupted_result(tmp_path):
+def _triplets(tmp_path: Path) -> Path:
     rows = synthetic_triplets(ROWS, SIZE, seed=7)
     data = tmp_path / "triplets"
     data.mkdir()
@@ -59,15 +55,28 @@ def test_a_killed_training_job_resumes_to_the_uninterrupted_result(tmp_path):
         {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text, "reference_png": encode_png(t.reference),
          "target_png": encode_png(t.target), "source": "synthetic"} for t in rows], schema=TRIPLET_SCHEMA),
         data / "part-0.parquet")
+    return data
 
+
+def _wait_for_step(job: subprocess.Popen, run_dir: Path, step: int, log: Path) -> None:
+    deadline = time.time() + 240
+    while not any(line["step"] >= step for line in _lines(run_dir)):
+        assert time.time() < deadline, f"no step {step} after 240 s"
+        assert job.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def _finish(job: subprocess.Popen, tmp_path: Path, log: str) -> None:
+    assert job.wait(timeout=300) == 0, (tmp_path / log).read_text()[-3000:]
+
+
+@pytest.mark.slow
+def test_a_killed_training_job_resumes_to_the_uninterrupted_result(tmp_path):
+    data = _triplets(tmp_path)
     job = _job(tmp_path, data, "killed", "killed.log")
     run_dir = tmp_path / "killed"
     try:
-        deadline = time.time() + 240
-        while not any(line["step"] >= 3 for line in _lines(run_dir)):  # checkpoint 2 committed, step 3 done
-            assert time.time() < deadline, "no step 3 after 240 s"
-            assert job.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            time.sleep(0.2)
+        _wait_for_step(job, run_dir, 3, tmp_path / "killed.log")  # checkpoint 2 committed, step 3 done
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the driver, its workers and the local Ray it started
         job.wait()
@@ -85,3 +94,49 @@ def test_a_killed_training_job_resumes_to_the_uninterrupted_result(tmp_path):
     a = load_file(run_dir / "adapters" / "ref" / LORA_WEIGHTS)
     b = load_file(straight / "adapters" / "ref" / LORA_WEIGHTS)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def _train_workers(root: int) -> list[int]:
+    """Pids of the Ray Train worker processes among ``root``'s descendants."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            table[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in table.items() if parent in frontier} - found
+        found |= frontier
+    workers = []
+    for pid in found:
+        try:
+            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.append(pid)
+        except OSError:
+            continue
+    return sorted(workers)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc (Linux)")
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(tmp_path):
+    data = _triplets(tmp_path)
+    job = _job(tmp_path, data, "workers", "workers.log", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+               "deepspeed.zero_stage=2", "output.max_failures=1")
+    run_dir = tmp_path / "workers"
+    try:
+        _wait_for_step(job, run_dir, 3, tmp_path / "workers.log")
+        workers = _train_workers(job.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        _finish(job, tmp_path, "workers.log")
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    lines = _lines(run_dir)
+    assert [line["step"] for line in lines] == list(range(1, STEPS + 1))  # each step exactly once
+    attempts = [line["attempt"] for line in lines]
+    assert attempts == sorted(attempts) and attempts[0] == 1 and attempts[-1] == 2  # the retry resumed a checkpoint
+    assert (run_dir / "adapters" / "ref" / LORA_WEIGHTS).is_file()

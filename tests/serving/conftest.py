@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+
+import httpx
 import pytest
 import torch
+
+SIDE = 32
+STEPS = 2
 
 
 @pytest.fixture(scope="session")
@@ -24,3 +30,41 @@ def adapters_dir(tmp_path_factory, _hermetic_cache):
     save_adapter(model.transformer, REF, folder / REF)
     save_adapter(model.transformer, SFO, folder / SFO)
     return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="package")
+def server(adapters_dir, _hermetic_cache):
+    """Base URL of one app for every serving test module (a replica takes ~17 s to start); Serve (and Ray,
+    when this fixture started it) shut down afterwards."""
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    started_ray = not ray.is_initialized()  # another module's session-wide Ray is reused, not shut down
+    if started_ray:
+        ray.init(address="local", num_cpus=4, include_dashboard=False)
+    port = _free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({"model": "tiny", "adapters": str(adapters_dir), "default_side": SIDE, "default_steps": STEPS,
+                         "max_side": 256, "max_image_bytes": 200_000, "max_image_pixels": 512 * 512,
+                         "request_timeout_s": 60})
+        serve.run(app, name="sfo", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="package")
+def client(server):
+    with httpx.Client(base_url=server, timeout=60) as c:
+        yield c

@@ -1,6 +1,6 @@
 """The Ray Serve app end to end over HTTP on a local Ray: generate, A/B, batching, bad input, health.
 
-One Serve application for the whole module (a replica takes ~17 s to start); tiny model, 32x32, 2 steps.
+One Serve application for all serving tests (``server`` in conftest.py); tiny model, 32x32, 2 steps.
 """
 
 from __future__ import annotations
@@ -8,54 +8,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from PIL import Image
 
+from tests.serving.conftest import SIDE, STEPS
 from tests.serving.test_schema import b64, png
-
-SIDE = 32
-STEPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def server(adapters_dir, _hermetic_cache):
-    """Base URL of the app; Serve (and Ray, when this module started it) shut down afterwards."""
-    import ray
-    from ray import serve
-
-    from serving.app import build_app
-
-    started_ray = not ray.is_initialized()  # another module's session-wide Ray is reused, not shut down
-    if started_ray:
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
-    port = _free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = build_app({"model": "tiny", "adapters": str(adapters_dir), "default_side": SIDE, "default_steps": STEPS,
-                         "max_side": 256, "max_image_bytes": 200_000, "max_image_pixels": 512 * 512,
-                         "request_timeout_s": 60})
-        serve.run(app, name="sfo", route_prefix="/", blocking=False)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        if started_ray:
-            ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server, timeout=60) as c:
-        yield c
 
 
 def body(**extra) -> dict:
