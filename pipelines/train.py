@@ -163,20 +163,20 @@ def start_metrics_log(path: Path, start: int) -> int:
 
     Lines after ``start`` came from an attempt that died before its next checkpoint: they are dropped
     (atomically), so after any resume or retry the log holds each step exactly once. Attempts count
-    from 1: one more than the largest attempt in the kept lines (0 for a fresh run's).
+    from 1: one more than the largest attempt the log has seen (dropped lines included, so a retry that
+    found no checkpoint and starts over is still told apart from the attempt before it).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = []
+    kept, attempt = [], 1 if not start else 2
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
+            attempt = max(attempt, int(record.get("attempt", 1)) + 1)
             if record.get("step", 0) <= start:
                 kept.append(record)
-    previous = [int(r.get("attempt", 1)) for r in kept]
-    attempt = (max(previous) + 1) if previous else (2 if start else 1)
     scratch = path.with_name(path.name + ".tmp")
     scratch.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(scratch, path)
@@ -208,7 +208,14 @@ def train_loop(loop_config: dict) -> None:
     if not cfg.scaling.use_gpu and not cfg.deepspeed.cpu_shm_comm:
         disable_cpu_shm_comm()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
-    model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
+    # Rank 0 loads first: the tiny model's cache may need building, and with torch.distributed up (Ray Train
+    # starts it) transformers writes weights on rank 0 only; the other ranks then load what rank 0 built.
+    if rank == 0:
+        model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
     transformer = model.transformer
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global RNG: same on every rank and layout
     trained, objective = setup_adapters(cfg, transformer)

@@ -223,6 +223,9 @@ def build_tiny_pipeline(config: TinyFluxConfig) -> FluxPipeline:
     )
 
 
+WEIGHTED_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
+
+
 def _cached_tiny_folder(config: TinyFluxConfig) -> Path:
     """Builds the tiny pipeline once per config and returns its folder (atomic for concurrent builders)."""
     folder = cache_root() / "tiny-flux" / config.fingerprint()
@@ -232,6 +235,10 @@ def _cached_tiny_folder(config: TinyFluxConfig) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
     try:
         build_tiny_pipeline(config).save_pretrained(staging)
+        missing = [name for name in WEIGHTED_COMPONENTS if not any((staging / name).glob("*.safetensors"))]
+        if missing:  # transformers writes weights only on rank 0 once torch.distributed is initialised
+            raise RuntimeError(f"building the tiny FLUX wrote no weights for {missing} (torch.distributed rank != 0?); "
+                               "build it on rank 0 first (pipelines.train does), or before initialising torch.distributed")
         (staging / "tiny_config.json").write_text(json.dumps(asdict(config), indent=2))
         try:
             staging.rename(folder)

@@ -316,7 +316,8 @@ def test_cpu_training_never_compiles_deepspeeds_shared_memory_op():
 
 def test_metrics_log_keeps_each_step_once_across_attempts(tmp_path):
     """Attempt 1 logged steps 1-5 and died after checkpoint 3 (plus a half-written line): a restart at 3
-    keeps 1-3 and is attempt 2; a fresh run (start 0) empties the log and is attempt 1."""
+    keeps 1-3 and is attempt 2; a retry that found no checkpoint (start 0) empties the log and is still
+    counted as the next attempt; a run with no log is attempt 1."""
     from pipelines.train import start_metrics_log
 
     log = tmp_path / "metrics.jsonl"
@@ -326,4 +327,5 @@ def test_metrics_log_keeps_each_step_once_across_attempts(tmp_path):
     with open(log, "a") as f:
         f.write(json.dumps({"step": 4, "attempt": 2}) + "\n")
     assert start_metrics_log(log, 4) == 3 and _steps(tmp_path) == [1, 2, 3, 4]
-    assert start_metrics_log(log, 0) == 1 and log.read_text() == ""
+    assert start_metrics_log(log, 0) == 3 and log.read_text() == ""
+    assert start_metrics_log(tmp_path / "fresh" / "metrics.jsonl", 0) == 1

@@ -32,6 +32,19 @@ def test_tiny_is_cached_on_disk_and_deterministic(tiny_flux):
         assert torch.equal(a, b)
 
 
+def test_a_build_that_wrote_no_weights_is_never_published(tmp_path, monkeypatch):
+    """On a torch.distributed rank other than 0, transformers' save_pretrained writes no weights: the cache
+    build refuses to publish that folder (other ranks would load it and fail) and says why."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setenv("SFO_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(PreTrainedModel, "should_save_on_this_rank", lambda self, is_main_process: False)
+    with pytest.raises(RuntimeError, match=r"no weights for \['text_encoder', 'text_encoder_2'\].*torch.distributed"):
+        load_flux(TINY, device="cpu")
+    assert not (tmp_path / "tiny-flux" / TinyFluxConfig().fingerprint()).exists()
+    assert [p.name for p in (tmp_path / "tiny-flux").iterdir()] == []  # the staging folder is gone too
+
+
 def test_dtype_is_configurable(tmp_path):
     model = load_flux(TINY, device="cpu", dtype="bf16")
     assert model.transformer.dtype == torch.bfloat16
