@@ -5,36 +5,30 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines import cdns
 from pipelines.config import load_config
-from pipelines.synthetic import synthetic_triplets
-from sfo.records import TRIPLET_SCHEMA, encode_png
+from tests.faults.jobs import command, descendants, start_job, write_triplets
 
 ROWS, PER_FILE, SIZE = 48, 4, 32
 
 
+def _args(tmp_path: Path, output: Path) -> list[str]:
+    return [f"data.input={tmp_path / 'triplets.parquet'}", f"data.output={output}", f"cdns.size={SIZE}", "cdns.steps=8",
+            f"cdns.rows_per_file={PER_FILE}", "cdns.batch_size=4", "scaling.cpus_per_worker=0.5"]
+
+
 @pytest.mark.slow
 def test_a_killed_cdns_job_keeps_its_files_and_the_rerun_completes_exactly_once(tmp_path, capsys):
-    rows = synthetic_triplets(ROWS, SIZE, seed=5)
-    pq.write_table(pa.Table.from_pylist([
-        {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text, "reference_png": encode_png(t.reference),
-         "target_png": encode_png(t.target), "source": "synthetic"} for t in rows], schema=TRIPLET_SCHEMA),
-        tmp_path / "triplets.parquet")  # one input file: Ray's reader makes it one block
+    rows = write_triplets(tmp_path / "triplets.parquet", ROWS, SIZE, seed=5)
     output = tmp_path / "out"
-    args = [f"data.input={tmp_path / 'triplets.parquet'}", f"data.output={output}", f"cdns.size={SIZE}", "cdns.steps=8",
-            f"cdns.rows_per_file={PER_FILE}", "cdns.batch_size=4", "scaling.cpus_per_worker=0.5"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen([sys.executable, "-m", "pipelines.cdns", *args], start_new_session=True, env=env,
-                           stdout=open(tmp_path / "job.log", "wb"), stderr=subprocess.STDOUT)
+    args = _args(tmp_path, output)
+    job = start_job("pipelines.cdns", args, tmp_path / "job.log")
     written = lambda: output.exists() and bool(cdns.parquet_files(output))  # noqa: E731
     try:
         deadline = time.time() + 240
@@ -55,48 +49,19 @@ def test_a_killed_cdns_job_keeps_its_files_and_the_rerun_completes_exactly_once(
     assert sorted(ids) == sorted(t.sample_id for t in rows) and len(ids) == len(set(ids))  # each exactly once
 
 
-def _descendants(root: int) -> dict[int, bytes]:
-    """pid -> command line of every descendant of ``root`` (from /proc)."""
-    parents = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    out = {}
-    for pid in found:
-        try:
-            out[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-    return out
-
-
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the actor process in /proc (Linux)")
 @pytest.mark.slow
 def test_a_killed_generator_actor_is_replaced_and_the_job_writes_every_sample_once(tmp_path):
-    rows = synthetic_triplets(ROWS, SIZE, seed=6)
-    pq.write_table(pa.Table.from_pylist([
-        {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text, "reference_png": encode_png(t.reference),
-         "target_png": encode_png(t.target), "source": "synthetic"} for t in rows], schema=TRIPLET_SCHEMA),
-        tmp_path / "triplets.parquet")
+    rows = write_triplets(tmp_path / "triplets.parquet", ROWS, SIZE, seed=6)
     output = tmp_path / "out"
-    args = [f"data.input={tmp_path / 'triplets.parquet'}", f"data.output={output}", f"cdns.size={SIZE}", "cdns.steps=8",
-            f"cdns.rows_per_file={PER_FILE}", "cdns.batch_size=4", "scaling.cpus_per_worker=0.5"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    job = subprocess.Popen([sys.executable, "-m", "pipelines.cdns", *args], start_new_session=True, env=env,
-                           stdout=open(tmp_path / "job.log", "wb"), stderr=subprocess.STDOUT)
+    job = start_job("pipelines.cdns", _args(tmp_path, output), tmp_path / "job.log")
     try:
         deadline = time.time() + 240
         while not (output.exists() and cdns.parquet_files(output)):
             assert time.time() < deadline, "no output file after 240 s"
             assert job.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
             time.sleep(0.2)
-        actors = [pid for pid, cmd in _descendants(job.pid).items() if b"NegativeGenerator" in cmd]
+        actors = [pid for pid in descendants(job.pid) if "NegativeGenerator" in command(pid)]
         assert actors, "no generator actor process found"
         done_before = len(cdns.done_sample_ids(output)[0])
         os.kill(actors[0], signal.SIGKILL)

@@ -8,31 +8,25 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.synthetic import synthetic_triplets
 from sfo.adapters import LORA_WEIGHTS
-from sfo.records import TRIPLET_SCHEMA, encode_png
+from tests.faults.jobs import command, descendants, start_job, write_triplets
 
 ROWS, SIZE, STEPS = 12, 32, 6  # batch 2, shuffled: 6 batches per epoch; the kill lands mid-epoch
 LONG = 60  # steps of the worker-kill run: a kill after step 3 lands well before the end
 
 
 def _job(tmp_path: Path, data: Path, name: str, log: str, *extra: str) -> subprocess.Popen:
-    args = [f"data.path={data}", f"data.size={SIZE}", f"train.steps={STEPS}", "train.batch_size=2",
-            "train.checkpoint_every=2", "train.shuffle_buffer=8", "train.optimizer=adamw", "train.lr=1e-3",
-            "train.report_every=1", f"output.storage_path={tmp_path}", f"output.name={name}", *extra]  # extra last: it wins
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.sft", *args], start_new_session=True, env=env,
-                            stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT)
+    return start_job("pipelines.sft", [
+        f"data.path={data}", f"data.size={SIZE}", f"train.steps={STEPS}", "train.batch_size=2",
+        "train.checkpoint_every=2", "train.shuffle_buffer=8", "train.optimizer=adamw", "train.lr=1e-3",
+        "train.report_every=1", f"output.storage_path={tmp_path}", f"output.name={name}", *extra], tmp_path / log)
 
 
 def _lines(run_dir: Path) -> list[dict]:
@@ -49,14 +43,8 @@ def _lines(run_dir: Path) -> list[dict]:
 
 
 def _triplets(tmp_path: Path) -> Path:
-    rows = synthetic_triplets(ROWS, SIZE, seed=7)
-    data = tmp_path / "triplets"
-    data.mkdir()
-    pq.write_table(pa.Table.from_pylist([
-        {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text, "reference_png": encode_png(t.reference),
-         "target_png": encode_png(t.target), "source": "synthetic"} for t in rows], schema=TRIPLET_SCHEMA),
-        data / "part-0.parquet")
-    return data
+    write_triplets(tmp_path / "triplets" / "part-0.parquet", ROWS, SIZE, seed=7)
+    return tmp_path / "triplets"
 
 
 def _wait_for_step(job: subprocess.Popen, run_dir: Path, step: int, log: Path) -> None:
@@ -99,24 +87,7 @@ def test_a_killed_training_job_resumes_to_the_uninterrupted_result(tmp_path):
 
 def _train_workers(root: int) -> list[int]:
     """Pids of the Ray Train worker processes among ``root``'s descendants."""
-    table = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            table[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in table.items() if parent in frontier} - found
-        found |= frontier
-    workers = []
-    for pid in found:
-        try:
-            if b"RayTrainWorker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                workers.append(pid)
-        except OSError:
-            continue
-    return sorted(workers)
+    return sorted(pid for pid in descendants(root) if "RayTrainWorker" in command(pid))
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the worker processes in /proc (Linux)")
