@@ -186,6 +186,17 @@ def serve_request(args: argparse.Namespace, runs: Path) -> Path:
     return path
 
 
+def training_curves(configs: dict) -> dict[str, dict[str, list]]:
+    """The report's curves from the training jobs' metrics.jsonl: SFT loss, SFO loss and implicit accuracy."""
+    logs = {stage: configs[stage].output.run_dir / "metrics.jsonl" for stage in ("sft", "sfo") if stage in configs}
+    lines = {stage: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+             for stage, path in logs.items() if path.is_file()}
+    panels = {"loss (per step)": {stage: [(r["step"], r["loss"]) for r in rows] for stage, rows in lines.items()},
+              "SFO implicit accuracy (share of pairs ranked right)": {
+                  "sfo": [(r["step"], r["implicit_accuracy"]) for r in lines.get("sfo", []) if "implicit_accuracy" in r]}}
+    return {title: series for title, series in panels.items() if any(series.values())}
+
+
 def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft") -> str:
     """One sentence: method ``a`` against ``b``, paired over the images both made (same prompt and seed)."""
     from sfo.stats import CLAIM_SE, claim, paired_difference
@@ -233,6 +244,7 @@ def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, p
         look["verdict"] = verdict(images, [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T")])
         if summary.get("random_encoders"):
             look["verdict"] += " " + summary["note"]
+    look["curves"] = training_curves(configs)
     request = runs / "served.json"
     if request.is_file():
         look["served_caption"] = ("POST /v1/generate with " + ", ".join(

@@ -1,8 +1,8 @@
 """The run report: one self-contained HTML file (images inline as base64 PNG, charts as inline SVG).
 
 It holds the metric table (per method, per subject), a bar chart of the methods, image grids
-(reference | each method, per subject and prompt), the CDNS pair-gap histogram and the run's
-parameters. Built from the files the stages wrote; it computes nothing new.
+(reference | each method, per subject and prompt), the training curves, the CDNS pair-gap histogram
+and the run's parameters. Built from the files the stages wrote; it computes nothing new.
 """
 
 from __future__ import annotations
@@ -99,6 +99,31 @@ def histogram_chart(pairs: dict) -> str:
                              f"&le; mid &lt; {high:.3f} &le; high: {pairs['counts']}</p>")
 
 
+def line_chart(series: dict[str, list[tuple[float, float]]], label: str) -> str:
+    """One SVG panel of training curves: a polyline per series (x = step), the y range written on the axis."""
+    points = [pt for pts in series.values() for pt in pts]
+    if not points:
+        return ""
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    y0, y1 = min(y for _, y in points), max(y for _, y in points)
+    left, top, plot_w, plot_h = 50, 10, CHART_W - 60, CHART_H - 40
+    sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * plot_w  # noqa: E731
+    sy = lambda y: top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h  # noqa: E731
+    parts = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#000"/>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#000"/>',
+             f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" font-size="10">{y1:.3g}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" font-size="10">{y0:.3g}</text>',
+             f'<text x="{left}" y="{top + plot_h + 14}" font-size="10">step {x0:g}</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 14}" text-anchor="end" font-size="10">{x1:g}</text>']
+    for i, (name, pts) in enumerate(series.items()):
+        colour = PALETTE[(i + 1) % len(PALETTE)]
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{colour}" points="{path}"/>')
+        parts.append(f'<text x="{left + 8}" y="{top + 12 + 12 * i}" font-size="10" fill="{colour}">{html.escape(name)}</text>')
+    return (f'<figure><svg width="{CHART_W}" height="{CHART_H}" role="img" aria-label="{html.escape(label)}">'
+            f'{"".join(parts)}</svg><figcaption>{html.escape(label)}</figcaption></figure>')
+
+
 def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: list[str], max_rows: int = 12) -> str:
     """Per (subject, prompt), the first seed: reference | method 1 | method 2 ..."""
     rows = images.select(["method", "subject", "prompt_index", "prompt", "seed", "image_png"]).to_pylist()
@@ -120,13 +145,14 @@ def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: li
 def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
                  pairs: dict | None, parameters: dict, served: bytes | None = None, metrics=METRICS,
                  metrics_title: str = "DreamBench-style metrics", verdict: str | None = None,
-                 served_caption: str = "") -> Path:
+                 served_caption: str = "", curves: dict[str, dict[str, list]] | None = None) -> Path:
     """Writes the HTML report to ``path`` and returns it.
 
     ``summary["methods"][method]`` holds ``images`` and each ``metrics`` key (and optionally
     ``summary["subjects"][method][subject]`` the same per subject); ``images`` has the columns
     method, subject, prompt_index, prompt, seed, image_png. ``verdict``: a sentence saying whether
-    SFO beat SFT (shown first); ``served_caption``: what the served image is.
+    SFO beat SFT (shown first); ``served_caption``: what the served image is; ``curves``: training curves,
+    panel title -> series name -> [(step, value)].
     """
     methods = list(summary["methods"])
     note = (f'<p class="warn">{html.escape(summary["note"])}</p>' if summary.get("random_encoders") else "")
@@ -137,6 +163,8 @@ def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, ref
         "<h2>Methods compared</h2>", note, bar_chart(summary, metrics),
         "<h2>Samples</h2>", image_grid(images, references, methods),
     ]
+    if curves:
+        sections += ["<h2>Training curves</h2>"] + [line_chart(series, title) for title, series in curves.items()]
     if pairs is not None:
         sections += ["<h2>CDNS pair gap (paper Fig. 3b)</h2>", histogram_chart(pairs)]
     if served is not None:

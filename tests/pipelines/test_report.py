@@ -60,3 +60,30 @@ def test_bar_chart_has_an_axis_and_values_on_the_bars():
     assert ">0.21</text>" in svg and ">0.25</text>" in svg  # values written on the bars
     assert ">0.5</text>" in svg and ">1</text>" in svg and ">-1</text>" not in svg  # rates: a [0, 1] axis
     assert ">-1</text>" in bar_chart({"methods": {"a": {"dino": -0.2}}}, [("dino", "DINO")])  # similarities: [-1, 1]
+
+
+def test_training_curves_are_drawn_from_the_jobs_metrics(tmp_path):
+    """training_curves reads each job's metrics.jsonl; the report draws one polyline per series, with the
+    value range on the axis."""
+    import json
+    from types import SimpleNamespace
+
+    from pipelines.main import training_curves
+    from pipelines.report import line_chart
+
+    def job(name: str, rows: list[dict]):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return SimpleNamespace(output=SimpleNamespace(run_dir=folder))
+
+    configs = {"sft": job("sft", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]),
+               "sfo": job("sfo", [{"step": 1, "loss": 0.7, "implicit_accuracy": 0.5},
+                                  {"step": 2, "loss": 0.6, "implicit_accuracy": 0.75}])}
+    curves = training_curves(configs)
+    assert curves["loss (per step)"] == {"sft": [(1, 0.5), (2, 0.25)], "sfo": [(1, 0.7), (2, 0.6)]}
+    assert list(curves["SFO implicit accuracy (share of pairs ranked right)"]["sfo"]) == [(1, 0.5), (2, 0.75)]
+    svg = line_chart(curves["loss (per step)"], "loss")
+    assert svg.count("<polyline") == 2 and ">0.7</text>" in svg and ">0.25</text>" in svg
+    assert line_chart({"sfo": []}, "empty") == ""
+    assert training_curves({"sft": SimpleNamespace(output=SimpleNamespace(run_dir=tmp_path / "absent"))}) == {}
