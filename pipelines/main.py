@@ -230,8 +230,8 @@ def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, p
     if args.model == "shapes":
         triplets = evaluate_shapes.eval_triplets(config.eval)
         images = evaluate_shapes.read_images(config.output, methods).select(
-            ["method", "sample_id", "prompt", "seed", "image_png"]).rename_columns(
-            ["method", "subject", "prompt", "seed", "image_png"])  # the grid's columns: one triplet = one "subject"
+            ["method", "sample_id", "prompt", "seed", "image_png", "subject", "text"]).rename_columns(
+            ["method", "subject", "prompt", "seed", "image_png", "oracle_subject", "oracle_text"])  # one triplet = one "subject"
         images = images.append_column("prompt_index", pa.array([0] * len(images), pa.int32()))
         look = dict(summary={"methods": summary}, references={k: t.reference for k, t in triplets.items()},
                     metrics=[(k, k if k != "subject" else "subject fidelity") for k in evaluate_shapes.HEADLINE],

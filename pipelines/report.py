@@ -124,9 +124,19 @@ def line_chart(series: dict[str, list[tuple[float, float]]], label: str) -> str:
             f'{"".join(parts)}</svg><figcaption>{html.escape(label)}</figcaption></figure>')
 
 
+VERDICTS = {"oracle_subject": "subject", "oracle_text": "text"}  # per-image verdict columns shown under each image
+
+
+def _verdicts(row: dict) -> str:
+    marks = [f"{label} {'&#10003;' if row[k] else '&#10007;'}" for k, label in VERDICTS.items() if row.get(k) is not None]
+    return f"<br><small>{' '.join(marks)}</small>" if marks else ""
+
+
 def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: list[str], max_rows: int = 12) -> str:
-    """Per (subject, prompt), the first seed: reference | method 1 | method 2 ..."""
-    rows = images.select(["method", "subject", "prompt_index", "prompt", "seed", "image_png"]).to_pylist()
+    """Per (subject, prompt), the first seed: reference | method 1 | method 2 ..., each image with its oracle
+    verdicts when the table has ``VERDICTS``' columns."""
+    columns = ["method", "subject", "prompt_index", "prompt", "seed", "image_png"]
+    rows = images.select(columns + [k for k in VERDICTS if k in images.column_names]).to_pylist()
     first = {}
     for r in sorted(rows, key=lambda r: r["seed"]):
         first.setdefault((r["subject"], r["prompt_index"], r["method"]), r)
@@ -134,7 +144,8 @@ def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: li
     head = "<tr><th>prompt</th><th>reference</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"
     body = []
     for subject, index in cases:
-        cells = [_img(first[(subject, index, m)]["image_png"]) if (subject, index, m) in first else "" for m in methods]
+        cells = [_img(first[(subject, index, m)]["image_png"]) + _verdicts(first[(subject, index, m)])
+                 if (subject, index, m) in first else "" for m in methods]
         prompt = next(first[(subject, index, m)]["prompt"] for m in methods if (subject, index, m) in first)
         ref = _img(references[subject]) if subject in references else ""
         body.append(f"<tr><td>{html.escape(subject)}<br><small>{html.escape(prompt)}</small></td><td>{ref}</td>"

@@ -51,6 +51,8 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     assert "SFO against the SFT base, paired over 1 images" in report or "Too few paired images" in report
     assert "POST /v1/generate with prompt=" in report  # the served image is captioned
     assert report.count("<img") == 1 * (1 + 2) + 1  # one triplet x (reference, sft, sfo), the served image
+    assert report.count("subject &#1") == 2  # each generated image with its oracle verdicts
+    assert "Training curves" in report and report.count("<polyline") == 3  # sft loss, sfo loss, sfo accuracy
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
     assert set(summary) == {"sft", "sfo"} and summary["sft"]["images"] == 1
     _the_printed_serve_command_answers_a_request(printed, out)

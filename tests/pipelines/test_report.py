@@ -87,3 +87,15 @@ def test_training_curves_are_drawn_from_the_jobs_metrics(tmp_path):
     assert svg.count("<polyline") == 2 and ">0.7</text>" in svg and ">0.25</text>" in svg
     assert line_chart({"sfo": []}, "empty") == ""
     assert training_curves({"sft": SimpleNamespace(output=SimpleNamespace(run_dir=tmp_path / "absent"))}) == {}
+
+
+def test_grid_shows_each_images_oracle_verdicts_when_the_table_has_them():
+    from pipelines.report import image_grid
+
+    rows = [{"method": m, "subject": "t1", "prompt_index": 0, "prompt": "a red square", "seed": 0,
+             "image_png": _png("red"), "oracle_subject": m == "sfo", "oracle_text": True} for m in ("sft", "sfo")]
+    grid = image_grid(pa.Table.from_pylist(rows), {}, ["sft", "sfo"])
+    assert "subject &#10007; text &#10003;" in grid and "subject &#10003; text &#10003;" in grid
+    plain = image_grid(pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("oracle")} for r in rows]),
+                       {}, ["sft", "sfo"])
+    assert "&#10003;" not in plain and plain.count("<img") == 2
