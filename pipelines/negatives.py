@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,7 @@ class NegativeGenerator:
         s = self.section
         self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size,
                                      image_guidance=s.image_guidance)
+        self.generated = 0  # rows this instance generated: a progress line every cdns.rows_per_file rows
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """Generates one negative per row.
@@ -181,6 +183,9 @@ class NegativeGenerator:
             "negative_adapter_sha256": [self.adapter_sha] * len(rows),
         })
         table = pa.Table.from_pydict(out, schema=QUADRUPLET_SCHEMA)
+        before, self.generated = self.generated, self.generated + len(rows)
+        if self.generated // s.rows_per_file > before // s.rows_per_file:  # Ray forwards an actor's prints to the driver
+            print(f"[cdns] generator {os.getpid()}: {self.generated} rows generated", flush=True)
         if s.oracle_filter:
             from sfo.shapes.oracle import keeps_reference_details
 

@@ -159,3 +159,9 @@ def test_a_job_given_an_unreachable_address_exits_2_naming_it(triplets, tmp_path
     code = cdns.main(["--address", f"127.0.0.1:{port}", f"data.input={triplets}", f"data.output={tmp_path / 'out'}",
                       f"cdns.size={SIZE}", "cdns.steps=1"])
     assert code == 2 and f"--address '127.0.0.1:{port}'" in capsys.readouterr().err
+
+
+def test_generators_report_progress_every_rows_per_file(triplets, tmp_path, capsys):
+    run(config(triplets, tmp_path, "runner=local", "cdns.rows_per_file=2"))
+    out = capsys.readouterr().out
+    assert ": 2 rows generated" in out and ": 4 rows generated" in out and ": 3 rows generated" not in out
