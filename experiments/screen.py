@@ -225,7 +225,7 @@ def run_seed(seed: int, arm_names: list[str], setup: Setup, out: Path, log=print
             if arm.oracle_filter:
                 from sfo.shapes.oracle import keeps_reference_details
 
-                keep = [not keeps_reference_details(t.reference, t.target, n) for t, n in zip(triplets, pairs)]
+                keep = [not keeps_reference_details(t.reference, n) for t, n in zip(triplets, pairs)]
                 kept, pairs = [t for t, k in zip(triplets, keep) if k], [n for n, k in zip(pairs, keep) if k]
                 log(f"[screen] seed {seed}: oracle filter kept {len(kept)} of {len(triplets)} pairs")
             data = encoded(model, kept, pairs)

@@ -92,9 +92,9 @@ def generator_class(config: CdnsConfig) -> type[NegativeGenerator]:
     return NegativeGenerator
 
 
-def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> int:
+def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> None:
     """The plain loop: the same generator class as the Ray job, one Parquet file per model batch (at most
-    ``rows_per_file`` rows). Returns rows written."""
+    ``rows_per_file`` rows)."""
     generator = generator_class(config)(config)
     table = _keep(pq.ParquetDataset(files).read(), todo)
     config.data.output.mkdir(parents=True, exist_ok=True)
@@ -104,10 +104,9 @@ def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: st
         if out.num_rows:  # cdns.oracle_filter may drop a whole batch
             pq.write_table(out, config.data.output / f"{prefix}_{index:06d}.parquet")
         print(f"[cdns] local: {min(start + size, table.num_rows)}/{table.num_rows} rows", flush=True)
-    return table.num_rows
 
 
-def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> int:
+def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> None:
     """Ray Data: read -> filter done ids -> actor pool of ``NegativeGenerator`` -> write Parquet."""
     import ray
     from ray.data.datasource import FilenameProvider
@@ -132,7 +131,6 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
         **gpus,
     )
     ds.write_parquet(str(config.data.output), filename_provider=FilenameProvider(prefix, "parquet"))
-    return len(todo)
 
 
 def run(config: CdnsConfig) -> dict:
@@ -147,7 +145,7 @@ def run(config: CdnsConfig) -> dict:
         started = time.time()
         prefix = f"cdns-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         (run_local if config.runner == "local" else run_ray)(config, files, todo, prefix)
-        written = len(set(todo) & done_sample_ids(config.data.output)[0])
+        written = len(set(todo) & done_sample_ids(config.data.output)[0])  # counted from the files: the filter drops rows
         dropped = len(todo) - written
         note = f", dropped {dropped} pair(s) whose negative kept the reference's details" if config.cdns.oracle_filter else ""
         print(f"[cdns] wrote {written} row(s) as {config.data.output}/{prefix}_*.parquet "

@@ -94,8 +94,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     from pipelines.evaluate_shapes import ShapesEvaluateConfig
     from pipelines.pair_analysis import PairAnalysisConfig
     from pipelines.prepare import PrepareConfig
-    from pipelines.train_config import SfoConfig, SftConfig
-    from pipelines.train_config import PRESETS
+    from pipelines.train_config import PRESETS, SfoConfig, SftConfig
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
     model = [f"model.source={args.model}"]

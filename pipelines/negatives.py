@@ -155,16 +155,17 @@ class NegativeGenerator:
         columns = batch.to_pydict() if isinstance(batch, pa.Table) else {k: list(v) for k, v in batch.items()}
         rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
         side = (self.section.size, self.section.size)
-        seeds, prompts, references = [], [], []
+        seeds, prompts, clean, references = [], [], [], []
         for row in rows:
             seed = sample_seed(self.section.seed, str(row["sample_id"]))
             reference = decode_png(row["reference_png"]).resize(side, Image.BICUBIC)
             target = decode_png(row["target_png"]).resize(side, Image.BICUBIC)
-            reference, prompt = degrade_condition(reference, str(row["target_text"]), str(row["item"]),
-                                                  self.degradation, seed=seed, target=target)
+            degraded, prompt = degrade_condition(reference, str(row["target_text"]), str(row["item"]),
+                                                 self.degradation, seed=seed, target=target)
             seeds.append(seed)
             prompts.append(prompt)
-            references.append(reference)
+            clean.append(reference)
+            references.append(degraded)
         with self._adapters():
             negatives = generate(self.model, prompts, seeds, self.sampler, references)
         d, s = self.degradation, self.section
@@ -189,7 +190,6 @@ class NegativeGenerator:
         if s.oracle_filter:
             from sfo.shapes.oracle import keeps_reference_details
 
-            table = table.filter(pa.array([not keeps_reference_details(decode_png(r["reference_png"]),
-                                                                        decode_png(r["target_png"]), image)
-                                           for r, image in zip(rows, negatives)]))
+            table = table.filter(pa.array([not keeps_reference_details(ref, image)
+                                           for ref, image in zip(clean, negatives)]))
         return table

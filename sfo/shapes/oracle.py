@@ -173,6 +173,10 @@ def score(images: Sequence[Image.Image | np.ndarray], subjects: Sequence[Subject
 PAIR_KEYS = ("context", "coarse", "fine", "fine_matches_reference")
 
 
+def _same_fine(reference: Reading, negative: Reading) -> bool:
+    return negative.pattern == reference.pattern and negative.accent == reference.accent
+
+
 def pair_differences(reference: Image.Image | np.ndarray, positive: Image.Image | np.ndarray,
                      negative: Image.Image | np.ndarray) -> dict[str, bool]:
     """What separates an SFO pair, read from the images alone.
@@ -186,16 +190,14 @@ def pair_differences(reference: Image.Image | np.ndarray, positive: Image.Image 
     ref, pos, neg = read_image(reference, reference=True), read_image(positive), read_image(negative)
     differs = lambda keys: any(getattr(pos, k) != getattr(neg, k) for k in keys)  # noqa: E731
     return {"context": differs(CONTEXT_KEYS), "coarse": differs(("shape", "colour")),
-            "fine": differs(("pattern", "accent")),
-            "fine_matches_reference": neg.pattern == ref.pattern and neg.accent == ref.accent}
+            "fine": differs(("pattern", "accent")), "fine_matches_reference": _same_fine(ref, neg)}
 
 
-def keeps_reference_details(reference: Image.Image | np.ndarray, positive: Image.Image | np.ndarray,
-                            negative: Image.Image | np.ndarray) -> bool:
-    """True when a negative shows the reference's pattern and accent: the degradation failed to remove
-    the fine details, so pushing the model away from this negative pushes it away from the subject (the
-    cdns option ``oracle_filter`` drops such pairs)."""
-    return pair_differences(reference, positive, negative)["fine_matches_reference"]
+def keeps_reference_details(reference: Image.Image | np.ndarray, negative: Image.Image | np.ndarray) -> bool:
+    """True when a negative shows the reference's pattern and accent (``pair_differences``'
+    ``fine_matches_reference``): the degradation failed to remove the fine details, so pushing the model
+    away from this negative pushes it away from the subject (the cdns option ``oracle_filter`` drops such pairs)."""
+    return _same_fine(read_image(reference, reference=True), read_image(negative))
 
 
 def pair_statistics(triples: Sequence[tuple]) -> dict[str, float]:

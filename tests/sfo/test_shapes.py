@@ -178,7 +178,7 @@ def test_pair_differences_read_what_separates_a_pair():
     the same subject in another context differs in context only and keeps the reference's details."""
     import numpy as np
 
-    from sfo.shapes.oracle import pair_differences, pair_statistics
+    from sfo.shapes.oracle import keeps_reference_details, pair_differences, pair_statistics
     from sfo.shapes.world import Context, Subject, fine_twin, render, render_reference
 
     subject = Subject("circle", "red", "checks", "white")
@@ -192,3 +192,5 @@ def test_pair_differences_read_what_separates_a_pair():
         "context": True, "coarse": False, "fine": False, "fine_matches_reference": True}
     stats = pair_statistics([(reference, positive, render(twin, here)), (reference, positive, render(subject, there))])
     assert stats == {"pairs": 2, "context": 0.5, "coarse": 0.0, "fine": 0.5, "fine_matches_reference": 0.5}
+    assert keeps_reference_details(reference, render(subject, there))  # what cdns.oracle_filter drops
+    assert not keeps_reference_details(reference, render(twin, here))
