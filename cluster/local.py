@@ -12,8 +12,8 @@ throw-away dev cluster only.
 Other Ray sessions may run on the same machine: the head gets free ports for every service (GCS,
 dashboard agent, metrics, runtime-env agent; the dashboard's 8265 only when it is free) and runs as
 ``ray start --block`` in a process group of its own, recorded in ``runs/cluster/head.json``.
-``stop`` ends that process group only (never ``ray stop --force``, which stops every Ray process on
-the host) and says what it stopped.
+``stop`` ends that process group only (never Ray's host-wide force stop, which ends every Ray process
+on the machine) and says what it stopped.
 """
 
 from __future__ import annotations
