@@ -33,10 +33,12 @@ def paths(runs: str | Path) -> dict[str, Path]:
     }
 
 
-def evaluation_methods(runs: str | Path) -> str:
-    """The evaluate job's ``methods`` override: the SFT base against SFO, as the paper's tables."""
+def evaluation_methods(runs: str | Path, base: bool = False) -> str:
+    """The evaluate job's ``methods`` override: the SFT base against SFO, as the paper's tables; with
+    ``base``, first the model with no LoRA (it never learned to read the reference tokens: the floor)."""
     a = paths(runs)["adapters"]
-    return (f"methods=[{{name: sft, ref_adapter: '{a / 'ref'}', active: [ref]}}, "
+    return ("methods=[" + ("{name: base, active: []}, " if base else "")
+            + f"{{name: sft, ref_adapter: '{a / 'ref'}', active: [ref]}}, "
             f"{{name: sfo, ref_adapter: '{a / 'ref'}', sfo_adapter: '{a / 'sfo'}', active: [ref, sfo]}}]")
 
 

@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from cluster.chain import paths, stage_overrides
+from cluster.chain import evaluation_methods, paths, stage_overrides
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -113,7 +113,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
         + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
         "pair_analysis": [],
         "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
-        "evaluate": model + evaluation,
+        "evaluate": model + evaluation + [evaluation_methods(runs, base=True)],  # the report's base-model row
     }
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
                "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}
@@ -186,13 +186,17 @@ def serve_request(args: argparse.Namespace, runs: Path) -> Path:
 
 
 def training_curves(configs: dict) -> dict[str, dict[str, list]]:
-    """The report's curves from the training jobs' metrics.jsonl: SFT loss, SFO loss and implicit accuracy."""
+    """The report's curves from the training jobs' metrics.jsonl: SFT and SFO loss, SFO's implicit accuracy
+    and the policy's flow-matching error against the reference's on positives and negatives."""
     logs = {stage: configs[stage].output.run_dir / "metrics.jsonl" for stage in ("sft", "sfo") if stage in configs}
     lines = {stage: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
              for stage, path in logs.items() if path.is_file()}
+    sfo = lines.get("sfo", [])
+    series = lambda key: [(r["step"], r[key]) for r in sfo if key in r]  # noqa: E731
     panels = {"loss (per step)": {stage: [(r["step"], r["loss"]) for r in rows] for stage, rows in lines.items()},
-              "SFO implicit accuracy (share of pairs ranked right)": {
-                  "sfo": [(r["step"], r["implicit_accuracy"]) for r in lines.get("sfo", []) if "implicit_accuracy" in r]}}
+              "SFO implicit accuracy (share of pairs ranked right)": {"sfo": series("implicit_accuracy")},
+              "SFO: policy error minus the reference's (above 0: worse than the SFT base on that image)": {
+                  "positive": series("positive_rise"), "negative": series("negative_rise")}}
     return {title: series for title, series in panels.items() if any(series.values())}
 
 

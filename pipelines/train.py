@@ -51,6 +51,9 @@ from sfo.objectives import sfo_objective, sft_objective
 FROZEN_REF = "ref_frozen"  # variant "direct": a frozen copy of "ref" plays p_ref in Eq. 3
 CKPT_TAG = "state"  # DeepSpeed checkpoint tag inside each Ray checkpoint folder
 STATE_FILE = "train_state.json"
+# SFO's per-pair statistics averaged into metrics.jsonl (sfo.loss.sfo_loss): how often the pair is ranked
+# right, the logit, and how far the policy's error moved from the reference's on the positive and the negative.
+PAIR_STATS = ("implicit_accuracy", "reward_margin", "positive_rise", "negative_rise")
 NEVER_PRINT = 10**9  # DeepSpeed's steps_per_print: we report ourselves
 FINGERPRINT_MAX_PARAMS = 50_000_000  # hash frozen weights only for small models (the tiny preset)
 
@@ -241,7 +244,7 @@ def train_loop(loop_config: dict) -> None:
     stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank, position)
     for step in range(start + 1, cfg.train.steps + 1):
         began = time.perf_counter()
-        sums: dict[str, float] = {"loss": 0.0, "implicit_accuracy": 0.0, "reward_margin": 0.0, "samples": 0.0}
+        sums: dict[str, float] = {"loss": 0.0, **dict.fromkeys(PAIR_STATS, 0.0), "samples": 0.0}
         for _ in range(cfg.train.grad_accum):
             position, sample_ids, batch = next(stream)
             t, noise = timesteps_and_noise(cfg, step, sample_ids, tuple(batch.target.shape[1:]))
@@ -249,7 +252,7 @@ def train_loop(loop_config: dict) -> None:
             engine.backward(loss.mean())
             engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
             sums["loss"] += loss.detach().sum().item()
-            for key in ("implicit_accuracy", "reward_margin"):
+            for key in PAIR_STATS:
                 if key in stats:
                     sums[key] += stats[key].float().sum().item()
             sums["samples"] += len(batch)
@@ -260,8 +263,7 @@ def train_loop(loop_config: dict) -> None:
                    "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                    "step_time": elapsed, "samples_per_s": totals["samples"] / elapsed}
         if cfg.needs_negatives:
-            metrics["implicit_accuracy"] = totals["implicit_accuracy"] / totals["samples"]
-            metrics["reward_margin"] = totals["reward_margin"] / totals["samples"]
+            metrics.update({key: totals[key] / totals["samples"] for key in PAIR_STATS})
         if rank == 0:
             metrics.update(attempt=attempt, time=time.time())
             with open(run_dir / "metrics.jsonl", "a") as log:

@@ -66,7 +66,8 @@ def sfo_loss(
             ``implicit_accuracy`` 1 where the policy improved the positive more than the negative
             relative to the reference (logit > 0), 0.5 at a tie, else 0;
             ``reward_margin`` the logit -beta * (Delta_theta - Delta_ref);
-            ``policy_diff``/``ref_diff`` Delta_theta and Delta_ref.
+            ``policy_diff``/``ref_diff`` Delta_theta and Delta_ref;
+            ``positive_rise``/``negative_rise`` err_theta - err_ref on x+ / x- (> 0: the policy is worse).
     """
     errors = (policy_err_pos, policy_err_neg, ref_err_pos, ref_err_neg)
     if any(e.ndim != 1 for e in errors) or len({e.shape for e in errors}) != 1:
@@ -96,6 +97,7 @@ def sfo_loss(
         "policy_diff": policy_diff.detach(),
         "ref_diff": ref_diff.detach(),
         "positive_rise": positive_rise.detach(),
+        "negative_rise": (policy_err_neg - ref_err_neg).detach(),
     }
     return loss, stats
 

@@ -28,7 +28,7 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
     assert Image.open(out / "served.png").size == (32, 32)
     report = (out / "report.html").read_text()
     assert "<h2>CDNS pair gap" in report and "random encoders: not comparable" in report
-    assert report.count("<img") == 1 * (1 + 2) + 1  # one subject x (reference, sft, sfo), the served image
+    assert report.count("<img") == 1 * (1 + 3) + 1  # one subject x (reference, base, sft, sfo), the served image
     pipe = load_flux("tiny", device="cpu").pipe  # the exported adapters load with plain diffusers
     for name in ("ref", "sfo"):
         pipe.load_lora_weights(str(out / "train" / "sfo" / "adapters" / name), adapter_name=name)
@@ -50,11 +50,12 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     assert "Shapes-world oracles" in report and "random encoders" not in report
     assert "SFO against the SFT base, paired over 1 images" in report or "Too few paired images" in report
     assert "POST /v1/generate with prompt=" in report  # the served image is captioned
-    assert report.count("<img") == 1 * (1 + 2) + 1  # one triplet x (reference, sft, sfo), the served image
-    assert report.count("subject &#1") == 2  # each generated image with its oracle verdicts
-    assert "Training curves" in report and report.count("<polyline") == 3  # sft loss, sfo loss, sfo accuracy
+    assert report.count("<img") == 1 * (1 + 3) + 1  # one triplet x (reference, base, sft, sfo), the served image
+    assert report.count("subject &#1") == 3  # each generated image with its oracle verdicts
+    # sft loss, sfo loss, sfo accuracy, the policy's error rise on positives and on negatives
+    assert "Training curves" in report and report.count("<polyline") == 5
     summary = json.loads((out / "evaluate" / "summary.json").read_text())
-    assert set(summary) == {"sft", "sfo"} and summary["sft"]["images"] == 1
+    assert set(summary) == {"base", "sft", "sfo"} and summary["base"]["images"] == summary["sft"]["images"] == 1
     _the_printed_serve_command_answers_a_request(printed, out)
 
 

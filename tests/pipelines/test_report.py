@@ -78,9 +78,12 @@ def test_training_curves_are_drawn_from_the_jobs_metrics(tmp_path):
         return SimpleNamespace(output=SimpleNamespace(run_dir=folder))
 
     configs = {"sft": job("sft", [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]),
-               "sfo": job("sfo", [{"step": 1, "loss": 0.7, "implicit_accuracy": 0.5},
-                                  {"step": 2, "loss": 0.6, "implicit_accuracy": 0.75}])}
+               "sfo": job("sfo", [{"step": 1, "loss": 0.7, "implicit_accuracy": 0.5, "positive_rise": 0.0, "negative_rise": 0.01},
+                                  {"step": 2, "loss": 0.6, "implicit_accuracy": 0.75, "positive_rise": 0.001,
+                                   "negative_rise": 0.02}])}
     curves = training_curves(configs)
+    rises = next(series for title, series in curves.items() if title.startswith("SFO: policy error minus"))
+    assert rises == {"positive": [(1, 0.0), (2, 0.001)], "negative": [(1, 0.01), (2, 0.02)]}
     assert curves["loss (per step)"] == {"sft": [(1, 0.5), (2, 0.25)], "sfo": [(1, 0.7), (2, 0.6)]}
     assert list(curves["SFO implicit accuracy (share of pairs ranked right)"]["sfo"]) == [(1, 0.5), (2, 0.75)]
     svg = line_chart(curves["loss (per step)"], "loss")

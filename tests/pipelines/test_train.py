@@ -115,8 +115,10 @@ def test_sfo_two_workers_zero2_trains_sfo_only_and_loads_in_diffusers(sfo_run, s
     assert ref_in.keys() == ref_out.keys() and all(torch.equal(ref_in[k], ref_out[k]) for k in ref_in)
     sfo = load_file(adapters / "sfo" / LORA_WEIGHTS)
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in sfo.items())  # B started at 0
-    for key in ("loss", "implicit_accuracy", "reward_margin", "grad_norm", "step_time", "samples_per_s", "step"):
+    for key in ("loss", "implicit_accuracy", "reward_margin", "positive_rise", "negative_rise", "grad_norm", "step_time",
+                "samples_per_s", "step"):
         assert isinstance(result.metrics[key], (int, float)), key
+    assert result.metrics["positive_rise"] != 0.0  # step 2 runs after step 1 moved "sfo" (B started at 0) away from ref
 
     pipe = load_flux("tiny", device="cpu").pipe
     pipe.load_lora_weights(str(adapters / "ref"), adapter_name="ref")

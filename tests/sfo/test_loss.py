@@ -86,6 +86,7 @@ def test_dpop_hand_worked():
     assert_close(loss, torch.tensor([math.log(1 + math.exp(1.5))]))
     assert_close(stats["reward_margin"], torch.tensor([-1.5]))
     assert_close(stats["positive_rise"], torch.tensor([0.10]))
+    assert_close(stats["negative_rise"], torch.tensor([0.15]))  # 0.40 - 0.25
 
 
 def test_dpop_is_eq3_when_the_positive_did_not_rise():
