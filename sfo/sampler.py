@@ -1,4 +1,5 @@
-"""Subject-conditioned FLUX sampling: flow-matching Euler on FLUX.1-dev's shifted schedule.
+"""Subject-conditioned FLUX sampling: flow-matching Euler on FLUX.1-dev's shifted schedule, in three
+modes (``Sampler``): standard, decoupled (EZIGen) and dual-branch (DCI).
 
 Used by CDNS negative generation (paper Sec. 3.3: 28 steps, guidance 3.5), evaluation and serving.
 Each sample has its own seed: its noise is drawn from its own generator, so a seed gives the same
@@ -20,10 +21,39 @@ from PIL import Image
 from sfo.latents import condition_ids, decode_tokens, encode_images, grid_ids, pack
 from sfo.models import FluxModel
 from sfo.text import encode_prompts
-from sfo.transformer import Condition, encode_condition, flux_forward
+from sfo.transformer import Condition, encode_condition, flux_forward, reference_attention
 
 DEFAULT_STEPS = 28  # paper Sec. 4.1
 DEFAULT_GUIDANCE = 3.5  # paper Sec. 4.1 (FLUX.1-dev's guidance embedding)
+
+
+MODES = ("standard", "decoupled", "dual-branch")
+
+
+@dataclass(frozen=True)
+class SamplingMode:
+    """How the reference enters sampling (``Sampler``'s modes). ``switch`` is a time t in (0, 1] (1 = pure
+    noise): decoupled's layout pass and dual-branch's blending run while t > switch, so switch 1 is
+    ``standard`` (decoupled: with ``max_rounds`` 1)."""
+
+    mode: str = "standard"
+    switch: float = 0.7
+    min_rounds: int = 3  # decoupled: appearance passes per sample, at least ... (EZIGen: 3)
+    max_rounds: int = 10  # ... and at most (EZIGen: 10)
+    tolerance: float = 0.01  # decoupled: stop when the latent changes by less (mean |change|) between rounds
+    mask_threshold: float = 0.5  # dual-branch: a token is the subject's at this normalised attention to the reference
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"sampling.mode: unknown {self.mode!r}; use one of {list(MODES)}")
+        if not (np.isfinite(self.switch) and 0 < self.switch <= 1):
+            raise ValueError(f"sampling.switch: must be a time in (0, 1] (1 = pure noise), got {self.switch!r}")
+        if not 1 <= self.min_rounds <= self.max_rounds:
+            raise ValueError(f"sampling.min_rounds/max_rounds: need 1 <= min_rounds <= max_rounds, got "
+                             f"{self.min_rounds}, {self.max_rounds}")
+        for name in ("tolerance", "mask_threshold"):
+            if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"sampling.{name}: must be a finite number >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +68,7 @@ class SamplerConfig:
     # Image guidance (OminiControl's image_guidance_scale): v = v(no reference) + w (v(reference) - v(no
     # reference)), a second pass without the reference tokens at every step. 1 = off (one pass).
     image_guidance: float = 1.0
+    sampling: SamplingMode = SamplingMode()
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
@@ -83,54 +114,181 @@ def sample_latents(
     config: SamplerConfig = SamplerConfig(),
     references: list[Image.Image] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    auxiliary_prompts: list[str] | None = None,
 ) -> torch.Tensor:
-    """Runs the sampler and returns the final packed latent tokens (B, L, 64).
+    """Runs the sampler in ``config.sampling.mode`` and returns the final packed latent tokens (B, L, 64).
 
     Args:
         prompts: one prompt per sample.
         seeds: one seed per sample.
         references: one RGB reference image per sample (all one size), or None for plain
-            text-to-image.
-        progress: called as ``progress(step, steps)`` after every step.
+            text-to-image (``standard`` mode only).
+        progress: called as ``progress(step, steps)`` after every denoising step.
+        auxiliary_prompts: ``dual-branch`` only: the auxiliary branch's prompts (the prompt with the
+            subject replaced by a generic word, ``sfo.degrade.generic_subject_text``); default the prompts.
     """
-    n = len(prompts)
-    if len(seeds) != n:
-        raise ValueError(f"seeds: need one seed per prompt, got {len(seeds)} seeds for {n} prompts")
-    if references is not None and len(references) != n:
-        raise ValueError(f"references: need one reference per prompt, got {len(references)} for {n} prompts")
-    cell = model.pixel_multiple
-    if config.height % cell or config.width % cell:
-        raise ValueError(f"sampler.height/width: {config.height}x{config.width} must be multiples of {cell}")
-    transformer = model.transformer
-    h_tok, w_tok = config.height // cell, config.width // cell
-    text = encode_prompts(model, prompts)
-    guidance = None
-    if transformer.config.guidance_embeds:
-        guidance = torch.full((n,), float(config.guidance), device=model.device)
-    latent_side = model.vae_scale_factor
-    x = initial_noise(seeds, model.vae.config.latent_channels, config.height // latent_side, config.width // latent_side)
-    x = x.to(model.device, model.dtype)  # (B, L, 64)
-    img_ids = grid_ids(h_tok, w_tok).to(model.device)
+    return Sampler(model, prompts, seeds, config, references, auxiliary_prompts).run(progress)
 
-    condition = None
-    if references is not None:
-        tokens = encode_images(model, references)  # (B, Lc, 64)
-        ref_w, ref_h = references[0].size
-        condition = Condition(tokens, condition_ids(ref_h // cell, ref_w // cell).to(model.device))
-        if config.cache_condition:
-            condition = encode_condition(transformer, condition, text.pooled, guidance)
 
-    sigmas = flux_sigmas(model, config.steps, h_tok * w_tok)
-    for i in range(config.steps):
-        t = torch.full((n,), float(sigmas[i]), device=model.device)
-        velocity = flux_forward(transformer, x, img_ids, text, t, guidance, condition, joint=not config.cache_condition)
-        if condition is not None and config.image_guidance != 1.0:
-            unconditioned = flux_forward(transformer, x, img_ids, text, t, guidance, None)
-            velocity = image_guided(velocity, unconditioned, config.image_guidance)
-        x = (x.float() + (sigmas[i + 1] - sigmas[i]).item() * velocity.float()).to(model.dtype)  # Euler step
-        if progress is not None:
-            progress(i + 1, config.steps)
-    return x
+class Sampler:
+    """One batch's sampling state (text embeddings, noise, the reference's cache, the schedule) and the
+    three modes over it. Every step is an Euler step of ``flux_forward``'s velocity on FLUX.1-dev's shifted
+    schedule; the modes differ only in which velocity a step takes:
+
+    - ``standard``: with the reference at every step.
+    - ``decoupled`` (EZIGen Sec. 3.2-3.3): without it while t > ``switch`` (the layout pass), with it
+      below (the appearance pass); then, per sample, re-noise the result to the switch time with fresh
+      noise and repeat the appearance pass until the latent changes by less than ``tolerance``
+      (mean |change|) between rounds, within ``min_rounds`` .. ``max_rounds``.
+    - ``dual-branch`` (DCI): while t > ``switch``, the concept branch (reference + prompt) on the tokens
+      that attend to the reference (``concept_mask``) and the auxiliary branch (auxiliary prompt, no
+      reference) elsewhere, on one shared latent; below, the concept branch alone.
+    """
+
+    def __init__(self, model: FluxModel, prompts: list[str], seeds: list[int], config: SamplerConfig,
+                 references: list[Image.Image] | None = None, auxiliary_prompts: list[str] | None = None):
+        n = len(prompts)
+        if len(seeds) != n:
+            raise ValueError(f"seeds: need one seed per prompt, got {len(seeds)} seeds for {n} prompts")
+        if references is not None and len(references) != n:
+            raise ValueError(f"references: need one reference per prompt, got {len(references)} for {n} prompts")
+        if auxiliary_prompts is not None and len(auxiliary_prompts) != n:
+            raise ValueError(f"auxiliary_prompts: need one per prompt, got {len(auxiliary_prompts)} for {n} prompts")
+        if config.sampling.mode != "standard" and references is None:
+            raise ValueError(f"sampling.mode: {config.sampling.mode!r} needs reference images; use 'standard' without one")
+        if config.sampling.mode == "dual-branch" and not config.cache_condition:
+            raise ValueError("sampling.mode: dual-branch reads the reference attention from the condition cache; "
+                             "keep cache_condition true")
+        cell = model.pixel_multiple
+        if config.height % cell or config.width % cell:
+            raise ValueError(f"sampler.height/width: {config.height}x{config.width} must be multiples of {cell}")
+        self.model, self.config, self.seeds = model, config, [int(s) for s in seeds]
+        self.prompts, self.auxiliary_prompts = prompts, auxiliary_prompts
+        transformer = model.transformer
+        h_tok, w_tok = config.height // cell, config.width // cell
+        self.text = encode_prompts(model, prompts)
+        self.guidance = None
+        if transformer.config.guidance_embeds:
+            self.guidance = torch.full((n,), float(config.guidance), device=model.device)
+        self.latent_shape = (model.vae.config.latent_channels, config.height // model.vae_scale_factor,
+                             config.width // model.vae_scale_factor)
+        self.img_ids = grid_ids(h_tok, w_tok).to(model.device)
+        self.condition = None
+        if references is not None:
+            tokens = encode_images(model, references)  # (B, Lc, 64)
+            ref_w, ref_h = references[0].size
+            self.condition = Condition(tokens, condition_ids(ref_h // cell, ref_w // cell).to(model.device))
+            if config.cache_condition:
+                self.condition = encode_condition(transformer, self.condition, self.text.pooled, self.guidance)
+        self.sigmas = flux_sigmas(model, config.steps, h_tok * w_tok)
+        self.rounds: list[int] | None = None  # decoupled: the appearance passes each sample took
+
+    def noise(self, seeds: list[int]) -> torch.Tensor:
+        return initial_noise(seeds, *self.latent_shape).to(self.model.device, self.model.dtype)  # (B, L, 64)
+
+    def velocity(self, x: torch.Tensor, i: int, reference: bool = True, text=None) -> torch.Tensor:
+        """Step ``i``'s velocity (B, L, 64): with the reference (and image guidance) or without it."""
+        t = torch.full((x.shape[0],), float(self.sigmas[i]), device=x.device)
+        text = self.text if text is None else text
+        forward = lambda c: flux_forward(self.model.transformer, x, self.img_ids, text, t, self.guidance, c,  # noqa: E731
+                                         joint=not self.config.cache_condition)
+        if not reference or self.condition is None:
+            return forward(None)
+        velocity = forward(self.condition)
+        if self.config.image_guidance != 1.0:
+            velocity = image_guided(velocity, forward(None), self.config.image_guidance)
+        return velocity
+
+    def euler(self, x: torch.Tensor, i: int, velocity: torch.Tensor) -> torch.Tensor:
+        return (x.float() + (self.sigmas[i + 1] - self.sigmas[i]).item() * velocity.float()).to(self.model.dtype)
+
+    def denoise(self, x: torch.Tensor, steps: range, reference: bool = True, tick=None) -> torch.Tensor:
+        for i in steps:
+            x = self.euler(x, i, self.velocity(x, i, reference))
+            if tick is not None:
+                tick()
+        return x
+
+    def switch_step(self) -> int:
+        """The first step at or below the switch time: steps before it have t > ``sampling.switch``."""
+        return int((self.sigmas[:-1] > self.config.sampling.switch).sum())
+
+    def layout(self, tick=None) -> torch.Tensor:
+        """Decoupled mode's layout pass: from the seeds' noise to the switch time, the text alone."""
+        return self.denoise(self.noise(self.seeds), range(self.switch_step()), reference=False, tick=tick)
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        mode = self.config.sampling.mode
+        steps = self.config.steps
+        total = steps if mode != "decoupled" else self.switch_step() + self.config.sampling.max_rounds * (
+            steps - self.switch_step())
+        done = [0]
+
+        def tick() -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+        if mode == "decoupled":
+            return self.decoupled(tick)
+        if mode == "dual-branch":
+            return self.dual_branch(tick)
+        return self.denoise(self.noise(self.seeds), range(steps), tick=tick)
+
+    def decoupled(self, tick=None) -> torch.Tensor:
+        m, split = self.config.sampling, self.switch_step()
+        appearance = range(split, self.config.steps)
+        tau = float(self.sigmas[split])
+        result = self.denoise(self.layout(tick), appearance, tick=tick)
+        rounds = torch.ones(len(self.seeds), dtype=torch.long)
+        active = torch.ones(len(self.seeds), dtype=torch.bool)
+        for r in range(2, m.max_rounds + 1):
+            if not active.any():
+                break
+            fresh = self.noise([round_seed(s, r) for s in self.seeds])
+            again = self.denoise(((1 - tau) * result.float() + tau * fresh.float()).to(self.model.dtype), appearance,
+                                 tick=tick)
+            change = (again.float() - result.float()).abs().flatten(1).mean(1).cpu()  # (B,)
+            result = torch.where(active.to(result.device)[:, None, None], again, result)
+            rounds += active.long()
+            active &= ~((change < m.tolerance) & (rounds >= m.min_rounds))
+        self.rounds = rounds.tolist()
+        return result
+
+    def dual_branch(self, tick=None) -> torch.Tensor:
+        m = self.config.sampling
+        auxiliary = encode_prompts(self.model, self.auxiliary_prompts or self.prompts)
+        x = self.noise(self.seeds)
+        for i in range(self.config.steps):
+            if float(self.sigmas[i]) > m.switch:
+                with reference_attention() as probes:
+                    concept = self.velocity(x, i)
+                mask = concept_mask(torch.stack(probes).mean(0), m.mask_threshold)  # (B, L)
+                velocity = blend_velocities(concept, self.velocity(x, i, reference=False, text=auxiliary), mask)
+            else:
+                velocity = self.velocity(x, i)
+            x = self.euler(x, i, velocity)
+            if tick is not None:
+                tick()
+        return x
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed of decoupled mode's fresh noise for ``round_index`` (>= 2) of the sample seeded ``seed``."""
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), round_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def concept_mask(mass: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(B, L) bool: the subject's tokens, where the attention mass on the reference, min-max normalised
+    per image to [0, 1], is >= ``threshold`` (0: every token; above 1: none)."""
+    low = mass.amin(dim=1, keepdim=True)
+    span = (mass.amax(dim=1, keepdim=True) - low).clamp_min(1e-12)
+    return (mass - low) / span >= threshold
+
+
+def blend_velocities(concept: torch.Tensor, auxiliary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, 64): the concept branch's velocity on the masked tokens (B, L), the auxiliary's elsewhere."""
+    return torch.where(mask.to(concept.device)[:, :, None], concept, auxiliary.to(concept.dtype))
 
 
 def image_guided(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:

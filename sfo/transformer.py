@@ -20,6 +20,9 @@ equals the stock ``FluxTransformer2DModel.forward``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
 
@@ -178,6 +181,33 @@ def _forward_target(transformer, latents, img_ids, text, timestep, guidance, joi
     return transformer.proj_out(hidden)
 
 
+_PROBE: ContextVar[list[torch.Tensor] | None] = ContextVar("reference_attention", default=None)
+
+
+@contextmanager
+def reference_attention() -> Iterator[list[torch.Tensor]]:
+    """Records, inside the block, what the target tokens read from the reference: for every block of a
+    ``flux_forward`` with cached reference keys (``ConditionCache``), each target token's attention mass
+    on the reference tokens, averaged over heads, appended as a (B, L) float32 tensor. Changes nothing
+    in the forward itself (DCI's concept mask, ``sfo.sampler.concept_mask``, is built from it)."""
+    probes: list[torch.Tensor] = []
+    token = _PROBE.set(probes)
+    try:
+        yield probes
+    finally:
+        _PROBE.reset(token)
+
+
+def reference_mass(q: torch.Tensor, k: torch.Tensor, reference_len: int) -> torch.Tensor:
+    """(B, L) softmax attention mass of queries ``q`` (B, L, H, Dh) on the last ``reference_len`` of keys
+    ``k`` (B, M, H, Dh), averaged over heads; one head at a time, so memory stays at one (B, L, M) map."""
+    total = torch.zeros(q.shape[0], q.shape[1], dtype=torch.float32, device=q.device)
+    for head in range(q.shape[2]):
+        scores = torch.einsum("bld,bmd->blm", q[:, :, head].float(), k[:, :, head].float()) * q.shape[-1] ** -0.5
+        total += scores.softmax(dim=-1)[..., -reference_len:].sum(dim=-1)
+    return total / q.shape[2]
+
+
 def _condition_mask(main_len: int, cond_len: int, device: torch.device) -> torch.Tensor:
     """(L, L) boolean mask, True = may attend, for the sequence [text + target | condition]."""
     total = main_len + cond_len
@@ -205,6 +235,9 @@ def _attention(q, k, v, rope, text_len, mask, extra_kv):
     if extra_kv is not None:
         k = torch.cat([k, extra_kv[0]], dim=1)
         v = torch.cat([v, extra_kv[1]], dim=1)
+        probes = _PROBE.get()
+        if probes is not None:  # inside reference_attention(): the target queries' mass on the reference keys
+            probes.append(reference_mass(q[:, text_len:].detach(), k.detach(), extra_kv[0].shape[1]))
     out = dispatch_attention_fn(q, k, v, attn_mask=mask)  # (B, L, H, Dh)
     return out.flatten(2, 3).to(q.dtype), own_kv
 

@@ -102,3 +102,106 @@ def test_image_guidance_one_is_off_zero_ignores_the_reference(tiny_flux):
     assert (strong - plain).abs().max() > 1e-3
     with pytest.raises(ValueError, match="sampler.image_guidance"):
         SamplerConfig(image_guidance=float("nan"))
+
+
+# Inference modes (issue 14): decoupled (EZIGen) and dual-branch (DCI).
+
+def _mode(**fields) -> SamplerConfig:
+    from sfo.sampler import SamplingMode
+
+    return SamplerConfig(steps=4, height=64, width=64, sampling=SamplingMode(**fields))
+
+
+def test_each_mode_equals_standard_where_it_should(tiny_flux):
+    """decoupled with switch 1 and one round; dual-branch with switch 1 (never blends) or mask threshold 0
+    (every token is the subject's, so the concept branch everywhere)."""
+    refs, prompts, seeds = [_reference(6), _reference(7)], ["a cat", "a dog"], [3, 4]
+    standard = sample_latents(tiny_flux, prompts, seeds, CFG, refs)
+    for config in (_mode(mode="decoupled", switch=1.0, min_rounds=1, max_rounds=1),
+                   _mode(mode="dual-branch", switch=1.0), _mode(mode="dual-branch", switch=0.9, mask_threshold=0.0)):
+        assert torch.equal(sample_latents(tiny_flux, prompts, seeds, config, refs), standard), config.sampling
+    for config in (_mode(mode="decoupled", switch=0.6, min_rounds=1, max_rounds=1),
+                   _mode(mode="dual-branch", switch=0.5, mask_threshold=0.5)):
+        assert (sample_latents(tiny_flux, prompts, seeds, config, refs) - standard).abs().max() > 1e-3, config.sampling
+
+
+def test_decoupled_layout_ignores_the_reference_and_the_appearance_pass_reads_it(tiny_flux):
+    from sfo.sampler import Sampler
+
+    config = _mode(mode="decoupled", switch=0.6, min_rounds=1, max_rounds=1)
+    a = Sampler(tiny_flux, ["a cat"], [5], config, [_reference(8)])
+    b = Sampler(tiny_flux, ["a cat"], [5], config, [_reference(9)])
+    assert 0 < a.switch_step() < 4 and all(float(s) > 0.6 for s in a.sigmas[:a.switch_step()])
+    assert torch.equal(a.layout(), b.layout())
+    assert (a.run() - b.run()).abs().max() > 1e-3
+
+
+def test_decoupled_rounds_stop_per_sample_and_are_deterministic(tiny_flux):
+    """tolerance 0: never converged, so max_rounds; a huge tolerance stops at min_rounds. A sample's
+    rounds and result do not depend on its batch."""
+    from sfo.sampler import Sampler, round_seed
+
+    refs, prompts = [_reference(10), _reference(11)], ["a cat", "a dog"]
+    never = Sampler(tiny_flux, prompts, [1, 2], _mode(mode="decoupled", switch=0.6, min_rounds=2, max_rounds=3,
+                                                      tolerance=0.0), refs)
+    result = never.run()
+    assert never.rounds == [3, 3]
+    at_once = Sampler(tiny_flux, prompts, [1, 2], _mode(mode="decoupled", switch=0.6, min_rounds=2, max_rounds=3,
+                                                        tolerance=1e9), refs)
+    at_once.run()
+    assert at_once.rounds == [2, 2]
+    alone = Sampler(tiny_flux, prompts[1:], [2], never.config, refs[1:])
+    assert_close(alone.run(), result[1:], rtol=1e-5, atol=1e-5)
+    one_round = sample_latents(tiny_flux, prompts, [1, 2], _mode(mode="decoupled", switch=0.6, min_rounds=1,
+                                                                  max_rounds=1), refs)
+    assert (one_round - result).abs().max() > 1e-3  # the extra rounds changed the image
+    assert round_seed(1, 2) != round_seed(1, 3) != round_seed(2, 2) and round_seed(1, 2) == round_seed(1, 2)
+    seen = []
+    sample_latents(tiny_flux, prompts, [1, 2], never.config, refs, progress=lambda i, n: seen.append((i, n)))
+    split = never.switch_step()
+    assert seen[-1] == (split + 3 * (4 - split),) * 2  # layout + three appearance passes
+
+
+def test_dual_branch_blends_the_branches_by_the_reference_attention(tiny_flux):
+    """With threshold above 1 no token is the subject's: before the switch the auxiliary branch (no
+    reference) drives every token, so the latent at the switch equals plain text-to-image's."""
+    from sfo.sampler import Sampler
+    from sfo.transformer import reference_attention
+
+    refs = [_reference(12)]
+    blended = Sampler(tiny_flux, ["a cat"], [7], _mode(mode="dual-branch", switch=0.01, mask_threshold=2.0), refs)
+    plain = Sampler(tiny_flux, ["a cat"], [7], CFG)
+    assert torch.equal(blended.run(), plain.run())  # switch below the last step: the auxiliary branch throughout
+    with reference_attention() as probes:
+        Sampler(tiny_flux, ["a cat"], [7], CFG, refs).velocity(plain.noise([7]), 0)
+    blocks = len(tiny_flux.transformer.transformer_blocks) + len(tiny_flux.transformer.single_transformer_blocks)
+    assert len(probes) == blocks and probes[0].shape == (1, 16)  # (B, L): 64 px = 4 x 4 tokens
+    assert all(((p > 0) & (p < 1)).all() for p in probes)  # a share of each token's attention
+    with reference_attention() as none:
+        plain.velocity(plain.noise([7]), 0)
+    assert none == []  # no reference, nothing recorded
+
+
+def test_concept_mask_and_blend_hand_worked():
+    from sfo.sampler import blend_velocities, concept_mask
+
+    mass = torch.tensor([[0.0, 0.25, 0.5], [0.5, 0.5, 1.0]])  # normalised: [0, .5, 1], [0, 0, 1]
+    assert concept_mask(mass, 0.5).tolist() == [[False, True, True], [False, False, True]]
+    assert concept_mask(mass, 0.0).all() and not concept_mask(mass, 1.5).any()
+    concept, auxiliary = torch.full((2, 3, 64), 1.0), torch.full((2, 3, 64), -1.0)
+    out = blend_velocities(concept, auxiliary, concept_mask(mass, 0.5))
+    assert out[:, :, 0].tolist() == [[-1.0, 1.0, 1.0], [-1.0, -1.0, 1.0]]
+
+
+def test_bad_modes_name_the_field(tiny_flux):
+    from sfo.sampler import SamplingMode
+
+    for fields, field in (({"mode": "fancy"}, "sampling.mode"), ({"switch": 0.0}, "sampling.switch"),
+                          ({"switch": 1.5}, "sampling.switch"), ({"min_rounds": 4, "max_rounds": 3}, "min_rounds"),
+                          ({"tolerance": float("nan")}, "sampling.tolerance"), ({"mask_threshold": -1}, "mask_threshold")):
+        with pytest.raises(ValueError, match=field):
+            SamplingMode(**fields)
+    with pytest.raises(ValueError, match="needs reference images"):
+        sample_latents(tiny_flux, ["a"], [0], _mode(mode="decoupled"))
+    with pytest.raises(ValueError, match="auxiliary_prompts"):
+        sample_latents(tiny_flux, ["a"], [0], _mode(mode="dual-branch"), [_reference(0)], auxiliary_prompts=["x", "y"])
