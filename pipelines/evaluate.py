@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, init_ray, ray_data_progress
 from pipelines.config import ConfigError, job_main
+from sfo.modes import SamplingMode
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 RUNNERS = ("ray", "local")
@@ -48,6 +49,7 @@ class MethodConfig:
     ref_adapter: str | None = None  # folder of the "ref" LoRA (sft job output)
     sfo_adapter: str | None = None  # folder of the "sfo" LoRA (sfo job output)
     active: list[str] = field(default_factory=list)  # adapters applied while sampling, e.g. [ref] or [ref, sfo]
+    sampling: SamplingMode | None = None  # this method's sampler mode (sfo.modes); null = the eval section's
 
     def __post_init__(self) -> None:
         for name in self.active:
@@ -68,6 +70,7 @@ class EvalSection:
     steps: int = 28  # paper Sec. 4.1
     guidance: float = 3.5
     image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off, as the paper's evaluation)
+    sampling: SamplingMode = field(default_factory=SamplingMode)  # standard | decoupled | dual-branch (sfo.modes)
     size: int = 512
     reference_index: int = 0  # which reference photo conditions the model (DINO/CLIP-I use all of them)
     batch_size: int = 4
@@ -119,6 +122,7 @@ class Benchmark:
     prompts: dict[str, list[tuple[int, str]]]
     condition: dict[str, object]  # subject -> PIL image the model is conditioned on
     references: dict[str, list]  # subject -> PIL images DINO / CLIP-I compare against
+    items: dict[str, str] = field(default_factory=dict)  # subject -> the words naming it in its prompts
 
 
 def load_benchmark(section: EvalSection) -> Benchmark:
@@ -131,7 +135,8 @@ def load_benchmark(section: EvalSection) -> Benchmark:
         if isinstance(section.subjects, list):
             triplets = {k: v for k, v in triplets.items() if k in section.subjects}
         return Benchmark({k: [(0, t.target_text)] for k, t in triplets.items()},
-                         {k: t.reference for k, t in triplets.items()}, {k: [t.reference] for k, t in triplets.items()})
+                         {k: t.reference for k, t in triplets.items()}, {k: [t.reference] for k, t in triplets.items()},
+                         {k: t.item for k, t in triplets.items()})
     from sfo.dreambench import load_dreambench
 
     bench = load_dreambench(section.dreambench)
@@ -144,12 +149,13 @@ def load_benchmark(section: EvalSection) -> Benchmark:
             raise ValueError(f"eval.subjects: unknown subject(s) {unknown}; DreamBench has {names}")
         names = list(section.subjects)
     prompts, condition, references = {}, {}, {}
+    items = {name: bench.subject_name(name, section.descriptive_names) for name in names}
     for name in names:
         cases = bench.cases(name, section.descriptive_names)[: section.prompts]
         prompts[name] = [(c.index, c.prompt) for c in cases]
         references[name] = bench.references(name, section.size)
         condition[name] = references[name][min(section.reference_index, len(references[name]) - 1)]
-    return Benchmark(prompts, condition, references)
+    return Benchmark(prompts, condition, references, items)
 
 
 def work_rows(config: EvaluateConfig, bench: Benchmark, method: str) -> list[dict]:
@@ -195,6 +201,13 @@ def method_groups(methods: list[str]) -> list[tuple[str, list[int]]]:
     return list(groups.items())
 
 
+def method_samplers(config, sampler) -> dict:
+    """Each method's sampler config: ``sampler`` with the method's ``sampling`` mode, else the eval section's."""
+    from dataclasses import replace
+
+    return {m.name: replace(sampler, sampling=m.sampling or config.eval.sampling) for m in config.methods}
+
+
 class Evaluator:
     """Work rows in, scored image rows out; model, every method's adapters and encoders loaded once per instance."""
 
@@ -206,11 +219,12 @@ class Evaluator:
         self.model, self._activate = load_methods(config, device)
         self.scorer = Scorer.load(config.eval.dino_encoder, config.eval.clip_encoder, device=self.model.device)
         e = config.eval
-        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size, width=e.size,
-                                     image_guidance=e.image_guidance)
+        self.samplers = method_samplers(config, SamplerConfig(steps=e.steps, guidance=e.guidance, height=e.size,
+                                                              width=e.size, image_guidance=e.image_guidance))
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """B work rows (dict of columns or ``pa.Table``) -> B rows of ``IMAGE_SCHEMA``."""
+        from sfo.degrade import generic_subject_text
         from sfo.records import encode_png
         from sfo.sampler import generate
 
@@ -221,8 +235,10 @@ class Evaluator:
         images = [None] * len(prompts)
         for method, rows in method_groups([str(m) for m in columns["method"]]):
             with self._activate(method):
-                made = generate(self.model, [prompts[i] for i in rows], [seeds[i] for i in rows], self.sampler,
-                                [self.bench.condition[subjects[i]] for i in rows])
+                made = generate(self.model, [prompts[i] for i in rows], [seeds[i] for i in rows], self.samplers[method],
+                                [self.bench.condition[subjects[i]] for i in rows],
+                                auxiliary_prompts=[generic_subject_text(prompts[i], self.bench.items.get(subjects[i], ""))
+                                                   for i in rows])
             for i, image in zip(rows, made):
                 images[i] = image
         dino, clip_i = [], []

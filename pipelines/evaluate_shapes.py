@@ -30,10 +30,11 @@ from pathlib import Path
 import pyarrow as pa
 
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance
-from pipelines.config import job_main
 from pipelines import evaluate
+from pipelines.config import job_main
 from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, load_methods, method_groups,
-                                run_local, run_ray)
+                                method_samplers, run_local, run_ray)
+from sfo.modes import SamplingMode
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",
               "size")
@@ -54,6 +55,7 @@ class WorldEvalSection:
     steps: int = 28  # paper Sec. 4.1
     guidance: float = 3.5  # ignored by the shapes model (no guidance embedding)
     image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off)
+    sampling: SamplingMode = field(default_factory=SamplingMode)  # standard | decoupled | dual-branch (sfo.modes)
     batch_size: int = 16
 
     def __post_init__(self) -> None:
@@ -98,10 +100,11 @@ class ShapesEvaluator:
         self.triplets = eval_triplets(config.eval)
         self.model, self._activate = load_methods(config, device)
         e = config.eval
-        self.sampler = SamplerConfig(steps=e.steps, guidance=e.guidance, height=SIZE, width=SIZE,
-                                     image_guidance=e.image_guidance)
+        self.samplers = method_samplers(config, SamplerConfig(steps=e.steps, guidance=e.guidance, height=SIZE,
+                                                              width=SIZE, image_guidance=e.image_guidance))
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
+        from sfo.degrade import generic_subject_text
         from sfo.records import encode_png
         from sfo.sampler import generate
         from sfo.shapes.oracle import judge, read_image
@@ -112,8 +115,11 @@ class ShapesEvaluator:
         images = [None] * len(triplets)
         for method, rows in method_groups([str(m) for m in columns["method"]]):
             with self._activate(method):
+                # dual-branch's auxiliary prompt drops the subject's words: the world has no generic noun
                 made = generate(self.model, [triplets[i].target_text for i in rows], [seeds[i] for i in rows],
-                                self.sampler, [triplets[i].reference for i in rows])
+                                self.samplers[method], [triplets[i].reference for i in rows],
+                                auxiliary_prompts=[generic_subject_text(triplets[i].target_text, triplets[i].subject.item, "")
+                                                   for i in rows])
             for i, image in zip(rows, made):
                 images[i] = image
         verdicts = [judge(read_image(image), t.subject, t.context) for image, t in zip(images, triplets)]

@@ -54,6 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SFO's configuration: 'world' (default for the shapes world: the 'sfo' LoRA on the reference "
                              "tokens only, the best found there; README) or 'paper' (the paper's recipe as written; "
                              "default for other models)")
+    parser.add_argument("--mode", choices=("standard", "decoupled", "dual-branch"), default="standard",
+                        help="how the reference enters sampling in the evaluation and the served request (sfo.modes): "
+                             "standard (default, the paper), decoupled (EZIGen) or dual-branch (DCI)")
+    parser.add_argument("--switch", type=float, default=0.7,
+                        help="decoupled / dual-branch: the time t in (0, 1] where the second phase begins (default 0.7)")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
     args = parser.parse_args(argv)
@@ -71,6 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "eval_seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.switch <= 1:
+        parser.error(f"--switch: a time in (0, 1] (1 = pure noise), got {args.switch}")
     if args.size < 16 or args.size % 16:
         parser.error("--size must be a positive multiple of 16")
     if args.out is not None and args.out.exists():
@@ -99,6 +106,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
 
     model = [f"model.source={args.model}"]
     shapes = args.model == "shapes"
+    modes = [f"eval.sampling.mode={args.mode}", f"eval.sampling.switch={args.switch}"]
     evaluation = (["eval.subjects=" + str(args.eval_subjects), f"eval.seeds={args.eval_seeds}", f"eval.steps={args.sample_steps}"]
                   if shapes else
                   [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
@@ -113,7 +121,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
         + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
         "pair_analysis": [],
         "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
-        "evaluate": model + evaluation + [evaluation_methods(runs, base=True)],  # the report's base-model row
+        "evaluate": model + evaluation + modes + [evaluation_methods(runs, base=True)],  # base: the report's floor row
     }
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
                "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}
@@ -174,7 +182,8 @@ def serve_request(args: argparse.Namespace, runs: Path) -> Path:
         serve.run(build_app({"model": args.model, "adapters": str(paths(runs)["adapters"])}),
                   name="sfo", route_prefix="/", blocking=False)
         body = {"prompt": row["target_text"], "image": base64.b64encode(row["reference_png"]).decode(),
-                "steps": args.sample_steps, "width": args.size, "height": args.size, "seed": 0, "adapter": "sfo"}
+                "steps": args.sample_steps, "width": args.size, "height": args.size, "seed": 0, "adapter": "sfo",
+                "mode": args.mode, "switch": args.switch}
         response = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=300)
         response.raise_for_status()
     finally:

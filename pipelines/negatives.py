@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance
 from sfo.degrade import CDNS_MODES, Degradation
+from sfo.modes import SamplingMode
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -45,6 +46,7 @@ class CdnsSection:
     steps: int = 28  # paper Sec. 4.1
     guidance: float = 3.5  # paper Sec. 4.1
     image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off, as the paper)
+    sampling: SamplingMode = field(default_factory=SamplingMode)  # standard (the paper) | decoupled | dual-branch
     size: int = 512  # negatives are size x size; references are resized to it
     batch_size: int = 4  # samples per model call (per actor)
     rows_per_file: int = 64  # rows per output file: a file is written as soon as its rows are generated, so a
@@ -133,7 +135,8 @@ class NegativeGenerator:
             self._adapters = lambda: adapters.use_adapters(transformer, [])
         s = self.section
         self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size,
-                                     image_guidance=s.image_guidance)
+                                     image_guidance=s.image_guidance, sampling=s.sampling)
+        self.generic_word = "" if config.model.source == "shapes" else "object"  # dual-branch's auxiliary prompt
         self.generated = 0  # rows this instance generated: a progress line every cdns.rows_per_file rows
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
@@ -148,7 +151,7 @@ class NegativeGenerator:
         """
         from PIL import Image
 
-        from sfo.degrade import degrade_condition
+        from sfo.degrade import degrade_condition, generic_subject_text
         from sfo.records import decode_png, encode_png
         from sfo.sampler import generate
 
@@ -166,8 +169,9 @@ class NegativeGenerator:
             prompts.append(prompt)
             clean.append(reference)
             references.append(degraded)
+        auxiliary = [generic_subject_text(p, str(row["item"]), self.generic_word) for p, row in zip(prompts, rows)]
         with self._adapters():
-            negatives = generate(self.model, prompts, seeds, self.sampler, references)
+            negatives = generate(self.model, prompts, seeds, self.sampler, references, auxiliary_prompts=auxiliary)
         d, s = self.degradation, self.section
         out = {f.name: list(columns[f.name]) for f in TRIPLET_SCHEMA}  # passed through unchanged
         out.update({

@@ -17,7 +17,7 @@ from PIL import Image
 from sfo.adapters import REF, SFO, adapter_fingerprint, load_adapter, ref_and_sfo, ref_only
 from sfo.models import load_flux
 from sfo.records import decode_png, encode_png
-from sfo.sampler import SamplerConfig, generate
+from sfo.sampler import SamplerConfig, SamplingMode, generate
 from serving.schema import Job
 
 ADAPTER_SETS = {"sfo": [REF, SFO], "ref": [REF]}  # request's adapter -> LoRAs applied
@@ -87,20 +87,22 @@ class Generator:
         for group in group_jobs(jobs, self.max_batch_images):
             first = jobs[group[0]]
             size = (first.width, first.height)
-            prompts, seeds, references, owners = [], [], [], []
+            prompts, seeds, references, owners, auxiliary = [], [], [], [], []
             for i in group:
                 reference = decode_png(jobs[i].image)
                 if reference.size != size:
                     reference = reference.resize(size, REFERENCE_RESAMPLE)
                 for seed in jobs[i].seeds:
                     prompts.append(jobs[i].prompt)
+                    auxiliary.append(jobs[i].auxiliary_prompt or jobs[i].prompt)
                     seeds.append(seed)
                     references.append(reference)
                     owners.append(i)
             config = SamplerConfig(steps=first.steps, guidance=first.guidance, height=first.height, width=first.width,
-                                   image_guidance=first.image_guidance)
+                                   image_guidance=first.image_guidance,
+                                   sampling=SamplingMode(mode=first.mode, switch=first.switch))
             with torch.inference_mode(), _CONTEXTS[first.adapter](self.model.transformer):
-                images = generate(self.model, prompts, seeds, config, references)
+                images = generate(self.model, prompts, seeds, config, references, auxiliary_prompts=auxiliary)
             for owner, image in zip(owners, images):
                 results[owner].append(encode_png(image))
         return results

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sfo.degrade import generic_subject_text
+
 PIXEL_MULTIPLE = 16  # FLUX: VAE 8x compression times 2x2 token packing (sfo.models.FluxModel.pixel_multiple)
 MAX_SEED = 2**32 - 1  # JSON-safe in every client; torch.Generator takes any of them
 # A request is one flat object; nesting is checked without recursion before the (recursive) parsers run,
@@ -33,6 +35,7 @@ MAX_JSON_DEPTH = 32
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a complete JSON string literal (unrolled loop)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 Adapter = Literal["sfo", "ref"]  # "sfo" = base + ref + sfo (the SFO policy), "ref" = base + ref (the SFT base)
+Mode = Literal["standard", "decoupled", "dual-branch"]  # sfo.modes.MODES
 
 
 class RequestError(ValueError):
@@ -100,6 +103,13 @@ class GenerateParams(BaseModel):
     height: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
     num_images: int = Field(1, description="images to return; more than one needs Accept: application/json")
     adapter: Adapter = Field("sfo", description='"sfo": base + ref + sfo LoRA; "ref": base + ref (SFT base)')
+    mode: Mode = Field("standard", description='how the reference enters sampling (sfo.modes): "standard" (every step), '
+                                               '"decoupled" (EZIGen: layout without it, then appearance rounds) or '
+                                               '"dual-branch" (DCI: reference branch on the subject\'s tokens early on)')
+    switch: float | None = Field(None, description="decoupled / dual-branch: the time t in (0, 1] where the second "
+                                                   "phase begins (default 0.7)")
+    subject: str | None = Field(None, description="dual-branch: the words naming the subject in the prompt; the "
+                                                  "auxiliary branch reads the prompt with them replaced by 'object'")
 
 
 class GenerateRequest(GenerateParams):
@@ -121,16 +131,20 @@ class Job:
     height: int
     adapter: str
     image_guidance: float = 1.0
+    mode: str = "standard"
+    switch: float = 0.7
+    auxiliary_prompt: str | None = None  # dual-branch: the prompt with the subject's words replaced
 
     @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one sampler call (same schedule, size and adapters)."""
-        return (self.width, self.height, self.steps, self.guidance, self.image_guidance, self.adapter)
+        return (self.width, self.height, self.steps, self.guidance, self.image_guidance, self.adapter, self.mode,
+                self.switch)
 
     def params(self) -> dict[str, Any]:
         """The resolved parameters, echoed back to the client."""
         return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance,
-                "image_guidance": self.image_guidance, "seeds": list(self.seeds),
+                "image_guidance": self.image_guidance, "mode": self.mode, "switch": self.switch, "seeds": list(self.seeds),
                 "width": self.width, "height": self.height, "num_images": len(self.seeds), "adapter": self.adapter}
 
 
@@ -296,10 +310,19 @@ def _resolve(params: GenerateParams, image: bytes, limits: Limits) -> Job:
     seed = random.SystemRandom().randrange(MAX_SEED - limits.max_num_images) if params.seed is None else params.seed
     if not 0 <= seed <= MAX_SEED - params.num_images + 1:
         raise RequestError("seed", f"must be in [0, {MAX_SEED - params.num_images + 1}], got {seed}")
+    switch = 0.7 if params.switch is None else params.switch
+    if not (math.isfinite(switch) and 0 < switch <= 1):
+        raise RequestError("switch", f"must be a time in (0, 1] (1 = pure noise), got {switch}")
+    auxiliary = None
+    if params.subject is not None:
+        if not params.subject.strip() or params.subject not in params.prompt:
+            raise RequestError("subject", "must be words of the prompt (those naming the subject)")
+        auxiliary = generic_subject_text(params.prompt, params.subject)
     check_image(image, limits)
     return Job(prompt=params.prompt, image=image, steps=steps, guidance=float(guidance),
                seeds=tuple(seed + i for i in range(params.num_images)), adapter=params.adapter,
-               image_guidance=float(image_guidance), **sides)
+               image_guidance=float(image_guidance), mode=params.mode, switch=float(switch),
+               auxiliary_prompt=auxiliary, **sides)
 
 
 def job_from_json(data: dict[str, Any], limits: Limits) -> Job:

@@ -81,6 +81,15 @@ def generic_text(item: str, template: str = GENERIC_TEMPLATE) -> str:
     return template.format(item=item)
 
 
+def generic_subject_text(text: str, item: str, word: str = "object") -> str:
+    """``text`` with its subject ``item`` replaced by a generic ``word`` (DCI's auxiliary prompt; "" drops
+    the subject, for a vocabulary without a generic noun such as the shapes world's): the context stays.
+    A text that does not name ``item`` comes back unchanged."""
+    if not item or item not in text:
+        return text
+    return " ".join(text.replace(item, word).split()).replace(" ,", ",")
+
+
 class Captioner(Protocol):
     """Produces a slightly incorrect caption (paper App. E asks GPT-4o for one)."""
 

@@ -20,40 +20,12 @@ from PIL import Image
 
 from sfo.latents import condition_ids, decode_tokens, encode_images, grid_ids, pack
 from sfo.models import FluxModel
+from sfo.modes import MODES, SamplingMode  # noqa: F401 - re-exported: the sampler config's mode
 from sfo.text import encode_prompts
 from sfo.transformer import Condition, encode_condition, flux_forward, reference_attention
 
 DEFAULT_STEPS = 28  # paper Sec. 4.1
 DEFAULT_GUIDANCE = 3.5  # paper Sec. 4.1 (FLUX.1-dev's guidance embedding)
-
-
-MODES = ("standard", "decoupled", "dual-branch")
-
-
-@dataclass(frozen=True)
-class SamplingMode:
-    """How the reference enters sampling (``Sampler``'s modes). ``switch`` is a time t in (0, 1] (1 = pure
-    noise): decoupled's layout pass and dual-branch's blending run while t > switch, so switch 1 is
-    ``standard`` (decoupled: with ``max_rounds`` 1)."""
-
-    mode: str = "standard"
-    switch: float = 0.7
-    min_rounds: int = 3  # decoupled: appearance passes per sample, at least ... (EZIGen: 3)
-    max_rounds: int = 10  # ... and at most (EZIGen: 10)
-    tolerance: float = 0.01  # decoupled: stop when the latent changes by less (mean |change|) between rounds
-    mask_threshold: float = 0.5  # dual-branch: a token is the subject's at this normalised attention to the reference
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"sampling.mode: unknown {self.mode!r}; use one of {list(MODES)}")
-        if not (np.isfinite(self.switch) and 0 < self.switch <= 1):
-            raise ValueError(f"sampling.switch: must be a time in (0, 1] (1 = pure noise), got {self.switch!r}")
-        if not 1 <= self.min_rounds <= self.max_rounds:
-            raise ValueError(f"sampling.min_rounds/max_rounds: need 1 <= min_rounds <= max_rounds, got "
-                             f"{self.min_rounds}, {self.max_rounds}")
-        for name in ("tolerance", "mask_threshold"):
-            if not (np.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"sampling.{name}: must be a finite number >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -303,7 +275,8 @@ def generate(
     config: SamplerConfig = SamplerConfig(),
     references: list[Image.Image] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    auxiliary_prompts: list[str] | None = None,
 ) -> list[Image.Image]:
     """Generates one RGB image per prompt (see ``sample_latents`` for the arguments)."""
-    latents = sample_latents(model, prompts, seeds, config, references, progress)
+    latents = sample_latents(model, prompts, seeds, config, references, progress, auxiliary_prompts)
     return decode_tokens(model, latents, config.height, config.width)

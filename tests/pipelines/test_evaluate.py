@@ -209,3 +209,16 @@ def test_one_model_for_all_methods_equals_each_method_alone(ref_adapter, tmp_pat
         alone = evaluate.Evaluator(replace(cfg, methods=[m for m in cfg.methods if m.name == method]))
         expected = alone(pa.Table.from_pylist([r for r in rows if r["method"] == method])).to_pylist()
         assert [r["image_png"] for r in mixed if r["method"] == method] == [r["image_png"] for r in expected]
+
+
+def test_cdns_samples_negatives_in_the_configured_mode(tmp_path):
+    pq.write_table(_triplets(2), tmp_path / "t.parquet")
+    made = {}
+    for mode in ("standard", "dual-branch"):
+        cfg = load_config(cdns.CdnsConfig, None, [f"data.input={tmp_path / 't.parquet'}", f"data.output={tmp_path / mode}",
+                                                  "cdns.size=32", "cdns.steps=2", f"cdns.sampling.mode={mode}",
+                                                  "cdns.sampling.switch=0.5", "runner=local"])
+        assert cdns.run(cfg)["written"] == 2
+        made[mode] = sorted((r["sample_id"], r["negative_png"]) for r in pq.read_table(tmp_path / mode).to_pylist())
+    assert [i for i, _ in made["standard"]] == [i for i, _ in made["dual-branch"]]
+    assert all(a != b for (_, a), (_, b) in zip(made["standard"], made["dual-branch"]))

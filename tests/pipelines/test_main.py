@@ -145,3 +145,14 @@ def test_the_world_preset_is_the_shapes_default_and_paper_one_flag_away(tmp_path
     paper = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b"), "--preset", "paper"]), tmp_path / "b")
     assert paper["sfo"].lora.scope == "all"
     assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "c")]).preset == "paper"
+
+
+def test_the_sampling_mode_reaches_the_evaluation(tmp_path):
+    args = main_job.parse_args(["--out", str(tmp_path / "a"), "--mode", "decoupled", "--switch", "0.5"])
+    sampling = main_job.stage_configs(args, tmp_path / "a")["evaluate"].eval.sampling
+    assert (sampling.mode, sampling.switch) == ("decoupled", 0.5)
+    default = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b")]), tmp_path / "b")
+    assert default["evaluate"].eval.sampling.mode == "standard" and default["cdns"].cdns.sampling.mode == "standard"
+    for bad in (["--mode", "fancy"], ["--switch", "0"], ["--switch", "1.5"]):
+        with pytest.raises(SystemExit):
+            main_job.parse_args(bad)

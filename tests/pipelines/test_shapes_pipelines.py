@@ -239,3 +239,23 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
                   "What separates the pairs", "Image guidance 2", "filtered by the oracles", "SFT strength",
                   "App. A", "Wall time", "Δ subject vs SFT"):
         assert title in report
+
+
+def test_evaluate_shapes_samples_each_method_in_its_own_mode(shapes_pretrained, tmp_path):
+    """A method's ``sampling`` overrides the eval section's: one evaluator holding a standard and a decoupled
+    method gives the decoupled one the images an evaluator whose section default is decoupled gives."""
+    import pyarrow as pa
+
+    common = ["eval.subjects=2", "eval.seeds=1", "eval.steps=4", "runner=local", f"output={tmp_path}"]
+    mixed = load_config(evaluate_shapes.ShapesEvaluateConfig, None, common + [
+        "methods=[{name: standard}, {name: decoupled, sampling: {mode: decoupled, switch: 0.6, max_rounds: 1, "
+        "min_rounds: 1}}]"])
+    section = load_config(evaluate_shapes.ShapesEvaluateConfig, None, common + [
+        "eval.sampling.mode=decoupled", "eval.sampling.switch=0.6", "eval.sampling.max_rounds=1",
+        "eval.sampling.min_rounds=1"])
+    rows = [r for m in ("standard", "decoupled") for r in evaluate_shapes.work_rows(mixed, m)]
+    out = evaluate_shapes.ShapesEvaluator(mixed)(pa.Table.from_pylist(rows)).to_pylist()
+    expected = evaluate_shapes.ShapesEvaluator(section)(pa.Table.from_pylist(evaluate_shapes.work_rows(section, "base")))
+    images = {m: [r["image_png"] for r in out if r["method"] == m] for m in ("standard", "decoupled")}
+    assert images["decoupled"] == expected["image_png"].to_pylist()
+    assert images["decoupled"] != images["standard"]

@@ -110,6 +110,17 @@ def test_bad_request_then_good(client, payload, content_type, field, status):
     assert client.post("/v1/generate", json=body()).status_code == 200  # still healthy
 
 
+def test_each_sampling_mode_is_served_and_a_bad_one_refused(client):
+    standard = client.post("/v1/generate", json=body()).content
+    for extra in ({"mode": "decoupled", "switch": 0.5}, {"mode": "dual-branch", "switch": 0.5, "subject": "red cube"}):
+        r = client.post("/v1/generate", json=body(**extra), headers={"Accept": "application/json"})
+        assert r.status_code == 200, r.text
+        assert r.json()["params"]["mode"] == extra["mode"]
+        assert base64.b64decode(r.json()["images"][0]) != standard  # the mode changed the image
+    r = client.post("/v1/generate", json=body(mode="fancy"))
+    assert r.status_code == 422 and r.json()["field"] == "mode"
+
+
 def test_concurrent_requests(server):
     def one(seed: int) -> tuple[int, bytes]:
         with httpx.Client(base_url=server, timeout=60) as c:

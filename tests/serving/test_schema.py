@@ -233,3 +233,17 @@ def test_image_guidance_defaults_off_and_is_range_checked():
     with pytest.raises(RequestError) as info:
         job_from_json(valid(image_guidance="lots"), LIMITS)
     assert info.value.field == "image_guidance"
+
+
+def test_mode_switch_and_subject_are_validated_and_echoed():
+    job = job_from_json(valid(), LIMITS)
+    assert (job.mode, job.switch, job.auxiliary_prompt) == ("standard", 0.7, None)
+    job = job_from_json(valid(mode="dual-branch", switch=0.5, subject="red cube"), LIMITS)
+    assert (job.mode, job.switch, job.auxiliary_prompt) == ("dual-branch", 0.5, "a photo of a object")
+    assert job.params()["mode"] == "dual-branch" and job.params()["switch"] == 0.5
+    assert job_from_json(valid(mode="decoupled"), LIMITS).batch_key != job_from_json(valid(), LIMITS).batch_key
+    for change, field in (({"mode": "fancy"}, "mode"), ({"mode": 1}, "mode"), ({"switch": 0}, "switch"),
+                          ({"switch": 1.5}, "switch"), ({"subject": "blue ball"}, "subject"), ({"subject": " "}, "subject")):
+        with pytest.raises(RequestError) as info:
+            job_from_json(valid(**change), LIMITS)
+        assert (info.value.field, info.value.status) == (field, 422), change

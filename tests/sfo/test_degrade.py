@@ -85,3 +85,12 @@ def test_custom_captioner_is_used():
 def test_bad_degradations_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Degradation(**kwargs)
+
+
+def test_generic_subject_text_keeps_the_context():
+    from sfo.degrade import generic_subject_text
+
+    assert generic_subject_text("a sks dog on the beach", "sks dog") == "a object on the beach"
+    assert generic_subject_text("a small red circle on the left, sand background", "red circle", "") == \
+        "a small on the left, sand background"
+    assert generic_subject_text("a photo of a cat", "dog") == "a photo of a cat"
