@@ -14,7 +14,7 @@ from pipelines.train_config import PRESETS  # what every SFO arm adds to the sfo
 from sfo.shapes.world import CDNS_BLUR_RADIUS as CDNS_RADIUS
 
 EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "filter", "sft-strength", "guidance",
-               "appA")
+               "modes", "appA")
 IMAGE_GUIDANCE = 2.0  # the "guidance" experiment's sampler image guidance (1 = off)
 ANCHOR_WEIGHTS = {"dpop": 5.0, "rpo": 1000.0, "sdpo": 1.0}  # rpo: Eq. 3's gradient carries beta * sigmoid ~ 500, so Eq. 1 needs ~beta to count
 
@@ -37,6 +37,8 @@ class Budget:
     anchors: tuple[str, ...] = ("dpop", "rpo", "sdpo")
     beta: float = 1000.0  # paper Sec. 4.1
     sft_multiples: tuple[int, ...] = (2, 4)  # the "sft-strength" experiment: SFT for sft_steps x each
+    mode_switches: tuple[float, ...] = (0.9, 0.6)  # the "modes" experiment: each mode at these switch times
+    mode_rounds: tuple[int, int] = (3, 5)  # decoupled's (min, max) appearance rounds (EZIGen: 3, 10)
 
 
 BUDGETS = {
@@ -47,7 +49,7 @@ BUDGETS = {
     # Checks the machinery (tests): every stage and arm runs, nothing is learned.
     "tiny": Budget(pretrain_steps=2, triplets=4, sft_steps=1, sfo_steps=1, batch_size=2, sample_steps=2,
                    eval_subjects=2, eval_seeds=1, blur_radii=(1.0, 2.0), betas=(100.0,), colour_steps=1, colour_every=1,
-                   colour_samples=4, anchors=("sdpo",), sft_multiples=(2,)),
+                   colour_samples=4, anchors=("sdpo",), sft_multiples=(2,), mode_switches=(0.6,), mode_rounds=(1, 2)),
 }
 
 
@@ -77,7 +79,7 @@ def plan(experiments: list[str], budget: Budget, preset: str = "paper") -> Plan:
         arm("sft-additional", None, ["sfo.variant=sft-additional"])
         p.negatives["self-play"] = {"cdns.mode": "self-play"}
         arm("sfo-self-play", "self-play", [])
-    if {"table4", "tableC", "guidance"} & set(experiments):
+    if {"table4", "tableC", "guidance", "modes"} & set(experiments):
         arm("sfo-cdns", cdns(CDNS_RADIUS), [])
     if "tableC" in experiments:
         arm("sfo-cdns-uniform", cdns(CDNS_RADIUS), ["sfo.scheme=uniform"])

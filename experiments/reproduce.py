@@ -14,6 +14,8 @@
      (``cdns.oracle_filter``).
    sft-strength: the SFT base trained 2x and 4x longer, evaluated beside it (no SFO).
    guidance: SFT and SFO (CDNS) sampled with image guidance 2 (``eval.image_guidance``; no training).
+   modes: SFT and SFO (CDNS) sampled in the decoupled and dual-branch modes at a few switch times
+     (``experiments.modes``; no training), with each mode's images per second; ``modes.svg`` plots them.
 4. App. A (Fig. A): share of a target colour under SFT (positives only) vs SFO (with negatives).
 
 Stages: pretrain (cached) -> prepare (shapes triplets) -> per training seed: sft -> cdns per
@@ -47,6 +49,8 @@ from experiments.plan import (  # noqa: F401 - the plan's names, re-exported for
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,6 +99,7 @@ class Stages:
 def run(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
+    from experiments import modes
     from pipelines import cdns, evaluate_shapes, prepare, pretrain, train
     from pipelines.cdns import CdnsConfig
     from pipelines.evaluate_shapes import ShapesEvaluateConfig
@@ -168,7 +173,17 @@ def run(args: argparse.Namespace) -> dict:
             stages(f"evaluate{suffix}", lambda: evaluate_shapes.run(guided))
             table = pa.concat_tables([table, evaluate_shapes.read_images(guided.output, [m.name for m in guided.methods])])
             names += [f"sft{suffix}", f"sfo-cdns{suffix}"]
-        results["methods"] = aggregate(table, args.seeds, names, RIVALS)
+        rivals = RIVALS
+        if "modes" in args.experiments:  # the same adapters and cells in each inference mode: one more evaluation
+            sweep = modes.sweep(budget.mode_switches, budget.mode_rounds)
+            moded = replace(evaluation, output=runs / "evaluate-modes", methods=modes.mode_methods(evaluation.methods, sweep))
+            stages("evaluate-modes", lambda: evaluate_shapes.run(moded))
+            table = pa.concat_tables([table, evaluate_shapes.read_images(moded.output, [m.name for m in moded.methods])])
+            names += modes.names(sweep)
+            rivals = {**RIVALS, **{n: ["sfo-cdns"] for n in modes.names(sweep) if n.startswith("sfo-cdns~")}}
+            results["mode_throughput"] = stages("modes throughput", lambda: modes.throughput(
+                "shapes", sweep, budget.sample_steps))
+        results["methods"] = aggregate(table, args.seeds, names, rivals)
     if "appA" in args.experiments:
         from experiments import colour_shift
 
@@ -180,6 +195,9 @@ def run(args: argparse.Namespace) -> dict:
     (runs / "results.json").write_text(json.dumps(results, indent=2))
     text = format_results(results)
     (runs / "report.md").write_text(text + "\n")
+    if results.get("mode_throughput") is not None:
+        sweep = modes.sweep(budget.mode_switches, budget.mode_rounds)
+        (runs / "modes.svg").write_text(modes.scatter_svg(modes.points(results["methods"], sweep)))
     print("\n" + text)
     print(f"\n[reproduce] everything is under {runs} (results.json, report.md)")
     return results
@@ -238,6 +256,7 @@ RIVALS = {"sfo-cdns": ["sfo-self-play", "sft-additional", "sfo-cdns-all", "sfo-c
 
 def format_results(results: dict) -> str:
     """The reproduction tables as Markdown."""
+    from experiments import modes
     from experiments.colour_shift import format_curves
 
     seeds = results.get("seeds", [results.get("seed", 0)])
@@ -283,6 +302,10 @@ def format_results(results: dict) -> str:
           ["sft"] + sorted((n for n in methods if n.startswith("sft-") and n[4:].isdigit()), key=lambda n: int(n[4:])))
     table(f"Image guidance {IMAGE_GUIDANCE:g} at sampling (Δ against SFT without it)",
           ["sft", "sfo-cdns", f"sft-ig{IMAGE_GUIDANCE:g}", f"sfo-cdns-ig{IMAGE_GUIDANCE:g}"])
+    if results.get("mode_throughput") is not None:
+        lines.extend(modes.format_table(methods, modes.sweep(tuple(results["budget"]["mode_switches"]),
+                                                             tuple(results["budget"]["mode_rounds"])),
+                                        results["mode_throughput"]))
     if results.get("pairs"):
         lines.extend(["## What separates the pairs (oracle readings of positive, negative and reference)", "",
                       "| negative set @ seed | pairs | context differs | coarse differs | fine differs | "

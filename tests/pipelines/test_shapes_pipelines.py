@@ -139,6 +139,24 @@ def test_plan_new_experiments():
     assert strength.sft_runs == {"sft-600": 600, "sft-1200": 1200} and not strength.arms
 
 
+def test_modes_experiment_names_and_samples_each_method_in_each_mode():
+    from experiments import modes
+    from pipelines.evaluate import MethodConfig
+
+    sweep = modes.sweep((0.9, 0.6), (3, 5))
+    assert [(s.mode, s.switch, s.min_rounds, s.max_rounds) for s in sweep] == [
+        ("decoupled", 0.9, 3, 5), ("decoupled", 0.6, 3, 5), ("dual-branch", 0.9, 3, 5), ("dual-branch", 0.6, 3, 5)]
+    methods = [MethodConfig("base"), MethodConfig("sft@0", ref_adapter="r", active=["ref"]),
+               MethodConfig("sfo-self-play@0", ref_adapter="r", sfo_adapter="s", active=["ref", "sfo"])]
+    moded = modes.mode_methods(methods, sweep)
+    assert [m.name for m in moded] == ["sft~decoupled0.9@0", "sft~decoupled0.6@0", "sft~dual-branch0.9@0",
+                                       "sft~dual-branch0.6@0"]
+    assert moded[3].sampling == sweep[3] and moded[3].ref_adapter == "r" and methods[1].sampling is None
+    assert reproduce.plan(["modes"], reproduce.BUDGETS["full"]).arms.keys() == {"sfo-cdns"}
+    svg = modes.scatter_svg({"sft": (0.66, 0.19), "sfo-cdns~decoupled0.6": (0.5, 0.3)})
+    assert svg.count("<circle") == 2 and ">0.190</text>" in svg and ">0.660</text>" in svg
+
+
 def test_seeds_are_parsed_and_checked():
     assert reproduce.parse_args(["--seeds", "0,1,2"]).seeds == [0, 1, 2]
     for bad in ("0,0", "a", ""):
@@ -225,11 +243,16 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
                                        "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition", "sfo-cdns-filtered", "sft-2",
-                                       "sft-ig2", "sfo-cdns-ig2"}
+                                       "sft-ig2", "sfo-cdns-ig2", "sft~decoupled0.6", "sft~dual-branch0.6",
+                                       "sfo-cdns~decoupled0.6", "sfo-cdns~dual-branch0.6"}
     assert all(m["images"] == 2 for m in results["methods"].values())
+    assert set(results["mode_throughput"]) == {"standard", "decoupled0.6", "dual-branch0.6"}
+    assert "sfo-cdns" in results["methods"]["sfo-cdns~decoupled0.6"]["paired_vs"]
+    assert (out / "modes.svg").read_text().count("<circle") == 6  # sft and sfo-cdns, each standard + 2 modes
     assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
             "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "evaluate-ig2",
-            "appA", "sft-2", "cdns cdns-r2-filtered", "sfo sfo-cdns-filtered"} <= set(results["seconds"])
+            "appA", "sft-2", "cdns cdns-r2-filtered", "sfo sfo-cdns-filtered", "evaluate-modes",
+            "modes throughput"} <= set(results["seconds"])
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
     assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
     assert results["pairs"]["oracle-fine@0"]["fine"] == 1.0 and results["pairs"]["oracle-fine@0"]["context"] == 0.0
@@ -237,7 +260,7 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     report = (out / "report.md").read_text()
     for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
                   "What separates the pairs", "Image guidance 2", "filtered by the oracles", "SFT strength",
-                  "App. A", "Wall time", "Δ subject vs SFT"):
+                  "App. A", "Wall time", "Δ subject vs SFT", "Inference modes", "](modes.svg)"):
         assert title in report
 
 
