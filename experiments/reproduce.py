@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> dict:
     runs = (args.out or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S")).resolve()
     runs.mkdir(parents=True)
     stages, the_plan = Stages(), plan(args.experiments, budget, args.preset)
-    model = ["model.source=shapes"]
+    common = ["model.source=shapes", f"scaling.torch_threads={os.cpu_count() or 1}"]  # one stage at a time: every core
     triplets = runs / "data" / "triplets"
     results: dict = {"budget": asdict(budget), "seeds": args.seeds, "experiments": args.experiments,
                      "preset": args.preset, "preset_overrides": PRESETS[args.preset]}
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> dict:
             root = runs / f"seed{seed}" if len(args.seeds) > 1 else runs
             tag = f" (seed {seed})" if len(args.seeds) > 1 else ""
             ref = root / "train" / "sft" / "adapters" / "ref"
-            train_common = model + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={seed}",
+            train_common = common + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={seed}",
                                     f"output.storage_path={root / 'train'}"]
             for name, steps in {"sft": budget.sft_steps, **the_plan.sft_runs}.items():
                 stages(f"{name}{tag}", lambda c=train_common, n=name, k=steps: train.run(load_config(
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
                     stages(f"negatives {name}{tag}", lambda o=out, s=seed: oracle_quadruplets(triplets, o, s))
                     continue
                 stages(f"cdns {name}{tag}", lambda o=overrides, d=out, r=ref, s=seed: cdns.run(load_config(
-                    CdnsConfig, CONFIGS / "cdns.yaml", model + [
+                    CdnsConfig, CONFIGS / "cdns.yaml", common + [
                         f"model.ref_adapter={r}", f"data.input={triplets}", f"data.output={d}", f"cdns.size={SIZE}",
                         f"cdns.steps={budget.sample_steps}", f"cdns.seed={s}", "cdns.batch_size=16",
                         *[f"{k}={v}" for k, v in o.items()]])))
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> dict:
                         for n in ("sft", *the_plan.sft_runs)]
             methods += [{"name": f"{n}@{seed}", "ref_adapter": str(ref), "active": ["ref", "sfo"],
                          "sfo_adapter": str(root / "train" / n / "adapters" / "sfo")} for n in the_plan.arms]
-        evaluation = load_config(ShapesEvaluateConfig, CONFIGS / "evaluate_shapes.yaml", model + [
+        evaluation = load_config(ShapesEvaluateConfig, CONFIGS / "evaluate_shapes.yaml", common + [
             f"output={runs / 'evaluate'}", f"eval.subjects={budget.eval_subjects}", f"eval.seeds={budget.eval_seeds}",
             f"eval.steps={budget.sample_steps}"])
         evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]

@@ -42,14 +42,28 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0  # used only with use_gpu
+    # torch's intra-op threads in each worker / actor; null = Ray's default, the whole CPUs the worker holds
+    # (at least 1: one thread for a fractional share). On a laptop where one worker at a time computes, the
+    # core count (what the main job and the reproduction set) runs it as fast as a plain loop.
+    torch_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"scaling.torch_threads: must be at least 1 or null (Ray's default), got {self.torch_threads}")
         if self.num_workers < 1:
             raise ValueError(f"scaling.num_workers: must be at least 1, got {self.num_workers}")
         if self.cpus_per_worker <= 0:
             raise ValueError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ValueError(f"scaling.gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
+
+
+def use_torch_threads(scaling: ScalingConfig) -> None:
+    """Applies ``scaling.torch_threads`` in this process (a worker or actor), when set."""
+    if scaling.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(scaling.torch_threads)
 
 
 def check_image_guidance(value: float, section: str) -> None:

@@ -25,7 +25,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, init_ray, ray_data_progress
+from pipelines.common import (ModelConfig, ScalingConfig, check_image_guidance, init_ray, ray_data_progress,
+                              use_torch_threads)
 from pipelines.config import ConfigError, job_main
 from sfo.modes import SamplingMode
 
@@ -215,6 +216,7 @@ class Evaluator:
         from sfo.metrics import Scorer
         from sfo.sampler import SamplerConfig
 
+        use_torch_threads(config.scaling)
         self.bench = load_benchmark(config.eval)
         self.model, self._activate = load_methods(config, device)
         self.scorer = Scorer.load(config.eval.dino_encoder, config.eval.clip_encoder, device=self.model.device)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
 from pipelines import evaluate
 from pipelines.config import job_main
 from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, load_methods, method_groups,
@@ -97,6 +97,7 @@ class ShapesEvaluator:
         from sfo.sampler import SamplerConfig
         from sfo.shapes.world import SIZE
 
+        use_torch_threads(config.scaling)
         self.triplets = eval_triplets(config.eval)
         self.model, self._activate = load_methods(config, device)
         e = config.eval

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -104,7 +105,9 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     from pipelines.train_config import PRESETS, SfoConfig, SftConfig
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
-    model = [f"model.source={args.model}"]
+    # One stage computes at a time on this one machine: its one worker may use every core (Ray's default
+    # would give a 0.5-CPU worker one thread).
+    common = [f"model.source={args.model}", f"scaling.torch_threads={os.cpu_count() or 1}"]
     shapes = args.model == "shapes"
     modes = [f"eval.sampling.mode={args.mode}", f"eval.sampling.switch={args.switch}"]
     evaluation = (["eval.subjects=" + str(args.eval_subjects), f"eval.seeds={args.eval_seeds}", f"eval.steps={args.sample_steps}"]
@@ -116,12 +119,12 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     world_batch = [f"train.batch_size={min(8, args.samples)}"] if shapes else []
     extra = {
         "prepare": [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={'shapes' if shapes else 'synthetic'}"],
-        "sft": model + [f"data.size={args.size}", f"train.steps={args.sft_steps}"] + world_batch,
-        "cdns": model + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"]
+        "sft": common + [f"data.size={args.size}", f"train.steps={args.sft_steps}"] + world_batch,
+        "cdns": common + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"]
         + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
         "pair_analysis": [],
-        "sfo": model + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
-        "evaluate": model + evaluation + modes + [evaluation_methods(runs, base=True)],  # base: the report's floor row
+        "sfo": common + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
+        "evaluate": common + evaluation + modes + [evaluation_methods(runs, base=True)],  # base: the report's floor row
     }
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
                "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}

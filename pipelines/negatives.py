@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.modes import SamplingMode
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA
@@ -122,6 +122,7 @@ class NegativeGenerator:
         from sfo.models import load_flux
         from sfo.sampler import SamplerConfig
 
+        use_torch_threads(config.scaling)
         self.section = config.cdns
         self.degradation = config.cdns.degradation()
         self.model = load_flux(config.model.source, device=device, dtype=config.model.dtype)

@@ -39,7 +39,7 @@ import ray
 import ray.train
 import torch
 
-from pipelines.common import init_ray, ray_data_progress
+from pipelines.common import init_ray, ray_data_progress, use_torch_threads
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
@@ -198,6 +198,7 @@ def disable_cpu_shm_comm() -> None:
 def train_loop(loop_config: dict) -> None:
     """The per-worker loop: model, DeepSpeed engine, resume, steps, checkpoints, export."""
     cfg: TrainConfig = loop_config["config"]
+    use_torch_threads(cfg.scaling)
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed

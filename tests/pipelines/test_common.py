@@ -51,3 +51,26 @@ def test_an_unreachable_address_fails_in_seconds_naming_it(monkeypatch):
     assert time.time() - started < common.REACHABLE_TIMEOUT_S + 2
     with pytest.raises(ConfigError, match="host:port"):
         common.check_reachable("somewhere")
+
+
+def test_torch_threads_apply_in_the_worker_and_are_checked(tmp_path):
+    import os
+
+    import pytest
+    import torch
+
+    from pipelines import main as main_job
+    from pipelines.common import ScalingConfig, use_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        use_torch_threads(ScalingConfig())  # null: Ray's default stays
+        assert torch.get_num_threads() == before
+        use_torch_threads(ScalingConfig(torch_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="scaling.torch_threads"):
+        ScalingConfig(torch_threads=0)
+    configs = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "run")]), tmp_path / "run")
+    assert {configs[s].scaling.torch_threads for s in ("sft", "cdns", "sfo", "evaluate")} == {os.cpu_count()}
