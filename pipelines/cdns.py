@@ -85,6 +85,32 @@ def _keep(batch: pa.Table, todo: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch["sample_id"], value_set=pa.array(todo, pa.string())))
 
 
+def cache_fits(config: CdnsConfig, files: list[Path]) -> bool:
+    """Whether the triplets carry encoder caches (``sfo.records.CACHE_FIELDS``) made with this job's model at
+    ``cdns.size``: then the output keeps them and adds the negatives' latents, so the sfo job runs no
+    encoder. Decided once, here; a cache that does not fit is dropped with one line saying why."""
+    from sfo.models import model_identity
+    from sfo.records import CACHE_COLUMNS
+
+    if not set(CACHE_COLUMNS) <= set(pq.read_schema(files[0]).names):
+        return False
+    table = pq.ParquetDataset(files).read(columns=["cache_model", "cache_size"])
+    made = set(zip(table["cache_model"].to_pylist(), table["cache_size"].to_pylist()))
+    wanted = (model_identity(config.model.source), config.cdns.size)
+    if config.cdns.mode == DPO_DINO_MODE or made != {wanted}:
+        why = (f"mode {DPO_DINO_MODE} does not carry caches" if config.cdns.mode == DPO_DINO_MODE else
+               f"they were made with (model, size) {sorted(made)}, not {wanted} (model.source, cdns.size)")
+        print(f"[cdns] data.input: dropping the cached latents/embeddings: {why}", flush=True)
+        return False
+    print(f"[cdns] data.input: keeping the cached latents/embeddings ({wanted[0]}, {wanted[1]} px) and adding the "
+          "negatives' latents", flush=True)
+    return True
+
+
+def generator_kwargs(config: CdnsConfig, files: list[Path]) -> dict:
+    return {"config": config} | ({"keep_cache": True} if cache_fits(config, files) else {})
+
+
 def generator_class(config: CdnsConfig) -> type[NegativeGenerator]:
     """``NegativeGenerator``, or ``pipelines.dpo_dino.DpoDinoGenerator`` for mode "dpo-dino"."""
     if config.cdns.mode == DPO_DINO_MODE:
@@ -95,7 +121,7 @@ def generator_class(config: CdnsConfig) -> type[NegativeGenerator]:
 def run_local(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str) -> None:
     """The plain loop: the same generator class as the Ray job, one Parquet file per model batch (at most
     ``rows_per_file`` rows)."""
-    generator = generator_class(config)(config)
+    generator = generator_class(config)(**generator_kwargs(config, files))
     table = _keep(pq.ParquetDataset(files).read(), todo)
     config.data.output.mkdir(parents=True, exist_ok=True)
     size = min(config.cdns.batch_size, config.cdns.rows_per_file)
@@ -123,7 +149,7 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
     ds = ds.repartition(target_num_rows_per_block=config.cdns.rows_per_file)
     ds = ds.map_batches(
         generator_class(config),
-        fn_constructor_kwargs={"config": config},
+        fn_constructor_kwargs=generator_kwargs(config, files),
         compute=ray.data.ActorPoolStrategy(size=scaling.num_workers),
         batch_size=min(config.cdns.batch_size, config.cdns.rows_per_file),  # a batch never spans two output files
         batch_format="numpy",

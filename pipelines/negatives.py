@@ -117,7 +117,7 @@ class NegativeGenerator:
         device: where to load the model; None = CUDA when available, else CPU.
     """
 
-    def __init__(self, config: CdnsConfig, device: str | None = None) -> None:
+    def __init__(self, config: CdnsConfig, device: str | None = None, keep_cache: bool = False) -> None:
         from sfo import adapters
         from sfo.models import load_flux
         from sfo.sampler import SamplerConfig
@@ -138,6 +138,7 @@ class NegativeGenerator:
         self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size,
                                      image_guidance=s.image_guidance, sampling=s.sampling)
         self.generic_word = "" if config.model.source == "shapes" else "object"  # dual-branch's auxiliary prompt
+        self.keep_cache = keep_cache  # pass the triplets' cache columns through and add the negatives' latents
         self.generated = 0  # rows this instance generated: a progress line every cdns.rows_per_file rows
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
@@ -188,7 +189,16 @@ class NegativeGenerator:
             "negative_guidance": [s.guidance] * len(rows),
             "negative_adapter_sha256": [self.adapter_sha] * len(rows),
         })
-        table = pa.Table.from_pydict(out, schema=QUADRUPLET_SCHEMA)
+        schema = QUADRUPLET_SCHEMA
+        if self.keep_cache:  # cdns.cache_fits decided it: same model and size as these negatives
+            from sfo.latents import encode_images
+            from sfo.records import CACHE_COLUMNS, CACHED_QUADRUPLET_SCHEMA, NEGATIVE_CACHE_FIELD, float32_bytes
+
+            latents = encode_images(self.model, negatives).float().cpu()  # (B, L, 64), as training encodes the PNGs
+            out.update({name: list(columns[name]) for name in CACHE_COLUMNS})
+            out[NEGATIVE_CACHE_FIELD.name] = [float32_bytes(x) for x in latents]
+            schema = CACHED_QUADRUPLET_SCHEMA
+        table = pa.Table.from_pydict(out, schema=schema)
         before, self.generated = self.generated, self.generated + len(rows)
         if self.generated // s.rows_per_file > before // s.rows_per_file:  # Ray forwards an actor's prints to the driver
             print(f"[cdns] generator {os.getpid()}: {self.generated} rows generated", flush=True)

@@ -19,9 +19,9 @@ stopped (``row_batches``), and the noise stream with the step.
 
 Data with cached encoder outputs (``sfo.records.CACHE_FIELDS``, from ``prepare`` with
 ``cache.enabled``) skips the VAE and text encoders for targets, references and prompts when the
-cache was made with this job's model and ``data.size`` (``use_cache``). Negatives are always
-encoded from PNG; cdns writes ``QUADRUPLET_SCHEMA`` without the cache columns, so the sfo job on
-its output encodes everything.
+cache was made with this job's model and ``data.size`` (``use_cache``). cdns keeps a fitting cache
+and adds the negatives' latents (``sfo.records.CACHED_QUADRUPLET_SCHEMA``), so the sfo job on its
+output runs no encoder; without them it encodes the negatives' PNGs.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from pipelines.train_config import TrainConfig
 from sfo.latents import encode_images
 from sfo.models import model_identity
 from sfo.objectives import batch_from_cache, encode_batch
-from sfo.records import CACHE_COLUMNS, decode_cache, decode_png
+from sfo.records import CACHE_COLUMNS, NEGATIVE_CACHE_FIELD, decode_cache, decode_png
 from sfo.timesteps import sample_timesteps
 
 SEED_BYTES = 8
@@ -27,7 +27,14 @@ SEED_BYTES = 8
 
 def _columns(cfg: TrainConfig, cached: bool = False) -> list[str]:
     cols = ["sample_id", "target_text"] + (CACHE_COLUMNS if cached else ["reference_png", "target_png"])
-    return cols + (["negative_png"] if cfg.needs_negatives else [])
+    if not cfg.needs_negatives:
+        return cols
+    return cols + ([NEGATIVE_CACHE_FIELD.name] if cached and negatives_cached(cfg) else ["negative_png"])
+
+
+def negatives_cached(cfg: TrainConfig) -> bool:
+    """Whether ``data.path``'s rows carry the negatives' latents (cdns on cached triplets)."""
+    return NEGATIVE_CACHE_FIELD.name in pads.dataset(cfg.data.path, format="parquet").schema.names
 
 
 def use_cache(cfg: TrainConfig) -> bool:
@@ -46,7 +53,9 @@ def use_cache(cfg: TrainConfig) -> bool:
         print(f"[{cfg.stage}] data.path: cached latents/embeddings were made with (model, size) {sorted(made)}, "
               f"not {wanted} (model.source, data.size); ignoring them and encoding the PNGs", flush=True)
         return False
-    print(f"[{cfg.stage}] data.path: using cached latents/embeddings ({wanted[0]}, {wanted[1]} px)", flush=True)
+    negatives = (" and the negatives' latents" if negatives_cached(cfg) else " (negatives: encoding their PNGs)"
+                 ) if cfg.needs_negatives else ""
+    print(f"[{cfg.stage}] data.path: using cached latents/embeddings ({wanted[0]}, {wanted[1]} px){negatives}", flush=True)
     return True
 
 
@@ -81,7 +90,9 @@ def build_batch(cfg: TrainConfig, model, rows: dict, cached: bool):
                                 _images(rows["negative_png"], size) if cfg.needs_negatives else None)
         tensors = {k: torch.from_numpy(v) for k, v in decode_cache(rows).items()}
         side = size // model.pixel_multiple
-        negative = encode_images(model, _images(rows["negative_png"], size)) if cfg.needs_negatives else None
+        negative = None
+        if cfg.needs_negatives:
+            negative = tensors["negative"] if "negative" in tensors else encode_images(model, _images(rows["negative_png"], size))
         return batch_from_cache(tensors["target"], tensors["reference"], tensors["prompt_embeds"], tensors["pooled"],
                                 grid=(side, side), device=model.device, dtype=model.dtype, negative=negative)
 

@@ -6,7 +6,8 @@ bodies all carry the same thing.
 - Triplet (paper Sec. 3.1): reference image, target text, target image (+ item name, sample id).
 - Quadruplet (Sec. 3.2): a triplet plus a negative target and how it was made (provenance).
 - Optional cache columns (``CACHE_FIELDS``): a triplet's VAE latents and prompt embeddings,
-  written by ``prepare`` with ``cache.enabled`` so training skips the frozen encoders.
+  written by ``prepare`` with ``cache.enabled`` so training skips the frozen encoders; cdns keeps them
+  and adds the negative's latents (``NEGATIVE_CACHE_FIELD``, ``CACHED_QUADRUPLET_SCHEMA``).
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ Decode a batch of rows with ``decode_cache``.
 """
 CACHE_COLUMNS = [f.name for f in CACHE_FIELDS]
 CACHE_DTYPE = np.dtype("<f4")
+NEGATIVE_CACHE_FIELD = pa.field("cache_negative_latents", pa.binary(), nullable=False)
+"""The cdns stage's addition to a cached triplet's columns: (L, 64) ``sfo.latents.encode_images`` of the
+negative image (as its PNG decodes), same model and size as the row's other cache columns."""
+CACHED_QUADRUPLET_SCHEMA = pa.schema(list(QUADRUPLET_SCHEMA) + CACHE_FIELDS + [NEGATIVE_CACHE_FIELD])
 
 
 def float32_bytes(array) -> bytes:
@@ -83,19 +88,23 @@ def decode_cache(columns: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
     Args:
         columns: column name -> N values (a Ray Data numpy batch, ``Table.to_pydict()``...).
     Returns:
-        {"target": (N, L, 64), "reference": (N, L, 64), "prompt_embeds": (N, Lt, D), "pooled": (N, P)}.
+        {"target": (N, L, 64), "reference": (N, L, 64), "prompt_embeds": (N, Lt, D), "pooled": (N, P)}, and
+        "negative": (N, L, 64) when the rows carry ``cache_negative_latents`` (cdns output).
     """
     tokens = {int(x) for x in columns["cache_latent_tokens"]}
     text_tokens = {int(x) for x in columns["cache_text_tokens"]}
     if len(tokens) != 1 or len(text_tokens) != 1:
         raise ValueError(f"cache: rows of one batch differ in token counts (latents {tokens}, text {text_tokens})")
     (latent_tokens,), (lt,) = tokens, text_tokens
-    return {
+    arrays = {
         "target": _stack(columns["cache_target_latents"], latent_tokens, -1),
         "reference": _stack(columns["cache_reference_latents"], latent_tokens, -1),
         "prompt_embeds": _stack(columns["cache_prompt_embeds"], lt, -1),
         "pooled": _stack(columns["cache_pooled"], -1),
     }
+    if NEGATIVE_CACHE_FIELD.name in columns:
+        arrays["negative"] = _stack(columns[NEGATIVE_CACHE_FIELD.name], latent_tokens, -1)
+    return arrays
 
 
 def check_schema(table: pa.Table | pa.Schema, schema: pa.Schema, what: str) -> None:

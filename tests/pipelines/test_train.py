@@ -198,6 +198,38 @@ def test_batch_from_cache_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
     assert cached.negative is None and len(cached) == 2
 
 
+def test_cdns_keeps_the_cache_and_the_sfo_batch_from_it_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
+    """cdns on cached triplets passes their cache through and adds the negatives' latents; the sfo batch
+    from those columns equals the batch encoded from the PNGs, negative included. A cache of another
+    size is dropped with one line."""
+    from pipelines import cdns
+    from pipelines.train import build_batch, use_cache
+    from sfo.records import CACHE_COLUMNS, CACHED_QUADRUPLET_SCHEMA
+
+    triplets = _cached_triplets(tmp_path / "cached")
+    negatives = tmp_path / "quadruplets"
+    common = [f"data.input={triplets}", f"cdns.size={SIZE}", "cdns.steps=2", "runner=local"]
+    assert cdns.run(load_config(cdns.CdnsConfig, None, common + [f"data.output={negatives}"]))["written"] == 2
+    assert "keeping the cached latents/embeddings" in capsys.readouterr().out
+    out, source = pq.read_table(negatives), pq.read_table(triplets)
+    assert out.schema.equals(CACHED_QUADRUPLET_SCHEMA)
+    by_id = {r["sample_id"]: r for r in source.to_pylist()}
+    assert all(r[c] == by_id[r["sample_id"]][c] for r in out.to_pylist() for c in CACHE_COLUMNS)
+    cfg = load_config(SfoConfig, None, [f"data.path={negatives}", f"data.size={SIZE}", f"output.storage_path={tmp_path}",
+                                        f"model.ref_adapter={tmp_path}"])
+    assert use_cache(cfg) and "and the negatives' latents" in capsys.readouterr().out
+    rows = _numpy_rows(str(negatives))
+    cached, encoded = build_batch(cfg, tiny_flux, rows, True), build_batch(cfg, tiny_flux, rows, False)
+    for a, b in [(cached.negative, encoded.negative), (cached.target, encoded.target),
+                 (cached.condition.tokens, encoded.condition.tokens), (cached.text.pooled, encoded.text.pooled)]:
+        torch.testing.assert_close(a, b)
+    other = tmp_path / "other-size"
+    cdns.run(load_config(cdns.CdnsConfig, None, [f"data.input={triplets}", "cdns.size=48", "cdns.steps=2", "runner=local",
+                                                 f"data.output={other}"]))
+    assert "dropping the cached latents/embeddings" in capsys.readouterr().out
+    assert pq.read_table(other).schema.equals(QUADRUPLET_SCHEMA)
+
+
 def test_cache_of_another_size_or_model_is_ignored_with_a_message(tmp_path, capsys):
     from pipelines.train import use_cache
 
