@@ -25,7 +25,7 @@ reproduce: $(STAMP)
 	$(PY) -m experiments.reproduce $(ARGS)
 
 bench: $(STAMP)
-	$(PY) benchmarks/sampler_speed.py $(ARGS)
+	$(PY) -m benchmarks.table $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs

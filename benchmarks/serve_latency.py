@@ -95,6 +95,52 @@ def _replicas(serve, app: str = "sfo", deployment: str = "FluxGenerator") -> dic
     return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
 
 
+def p50_ratio(size: int = 64, steps: int = 24, requests: int = 12) -> dict[str, float]:
+    """p50 latency of one client over HTTP (Serve) and of a direct ``Generator.run`` in this process, on the
+    same job; at the default size and steps the model work is about half a second on a 2-core CPU."""
+    import base64
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = _random_adapters(Path(tmp))
+        reference = _reference_png(size)
+        job = Job(prompt="a photo of a red cube", image=reference, steps=steps, guidance=3.5, seeds=(0,),
+                  width=size, height=size, adapter="sfo")
+        direct = Generator("tiny", str(adapters), device="cpu")
+        direct.run([job])  # warm-up
+        latencies = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            direct.run([job])
+            latencies.append(time.perf_counter() - t)
+        del direct
+        body = {"prompt": "a photo of a red cube", "image": base64.b64encode(reference).decode(), "steps": steps,
+                "width": size, "height": size}
+        started_ray = not ray.is_initialized()
+        if started_ray:
+            ray.init(address="local", num_cpus=4, include_dashboard=False)
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        try:
+            serve.start(http_options={"host": HOST, "port": port})
+            serve.run(build_app({"model": "tiny", "adapters": str(adapters), "max_side": max(size, 64),
+                                 "default_side": size}), name="sfo", route_prefix="/")
+            _http_phase(f"http://{HOST}:{port}", body, 1, 2)  # warm-up
+            http, _, failures = _http_phase(f"http://{HOST}:{port}", body, 1, requests)
+        finally:
+            serve.shutdown()
+            if started_ray:
+                ray.shutdown()
+    if failures:
+        raise RuntimeError(f"{failures} of {requests} HTTP requests failed")
+    return {"direct_p50_s": float(np.percentile(latencies, 50)), "http_p50_s": float(np.percentile(http, 50))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapters", default=None, help="folder with ref/ and sfo/ (default: random tiny ones)")

@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -47,28 +48,83 @@ def write_quadruplets(folder: Path, rows: int, size: int) -> str:
     return str(folder)
 
 
+def worker_rates(steps: int = 6, size: int = 32, rows: int = 16) -> dict[int, float]:
+    """Median samples/s of the sfo job's steps after the first, with 1 and 2 Ray Train workers."""
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)  # not a dev cluster left running
+    root = Path(tempfile.mkdtemp(prefix="sfo-throughput-"))
+    data = write_quadruplets(root / "quadruplets", rows, size)
+    common = [f"data.path={data}", f"data.size={size}", f"output.storage_path={root}"]
+    run(load_config(SftConfig, None, [*common, "train.steps=1", "output.name=sft"]))
+    rates = {}
+    for workers in (1, 2):
+        cfg = load_config(SfoConfig, None, [
+            *common, f"train.steps={steps}", f"scaling.num_workers={workers}", "train.optimizer=adamw",
+            "train.lr=1e-4", f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}", f"output.name=sfo-{workers}"])
+        run(cfg)
+        log = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+        rates[workers] = statistics.median(m["samples_per_s"] for m in log[1:] or log)
+    if started_ray:
+        ray.shutdown()
+    return rates
+
+
+def cached_vs_png(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str, float]:
+    """SFO samples/s of one training step (batch building + Eq. 3 forward and backward), in this process,
+    with the batch built from cached latents/embeddings (cdns on cached triplets) vs decoded and encoded
+    from the PNGs; same model, rows and noise."""
+    import numpy as np
+    import torch
+
+    from pipelines import cdns
+    from pipelines.prepare import PrepareConfig
+    from pipelines.prepare import run as prepare
+    from pipelines.train_data import build_batch
+    from sfo.adapters import REF, SFO, add_lora
+    from sfo.models import load_flux
+    from sfo.objectives import sfo_objective
+
+    root = Path(tempfile.mkdtemp(prefix="sfo-cache-bench-"))
+    triplets = prepare(load_config(PrepareConfig, None, [f"data.output={root / 't'}", f"data.limit={batch}",
+                                                         f"data.size={size}", "cache.enabled=true"]))
+    cdns.run(load_config(cdns.CdnsConfig, None, [f"data.input={triplets}", f"data.output={root / 'q'}", f"cdns.size={size}",
+                                                 "cdns.steps=2", "runner=local"]))
+    rows = {k: np.array(v, dtype=object) for k, v in pq.read_table(root / "q").to_pydict().items()}
+    cfg = load_config(SfoConfig, None, [f"data.path={root / 'q'}", f"data.size={size}", f"model.ref_adapter={root}",
+                                        f"output.storage_path={root}"])
+    model = load_flux("tiny", device="cpu")
+    for name in (REF, SFO):
+        add_lora(model.transformer, name, 4 if name == REF else 16)
+    rates = {}
+    for label, cached in (("png", False), ("cached", True)):
+        def step() -> None:
+            b = build_batch(cfg, model, rows, cached)
+            noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0))
+            loss, _ = sfo_objective(model.transformer, b, torch.full((len(b),), 0.5), noise, beta=1000.0)
+            loss.mean().backward()
+
+        step()  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        rates[label] = batch * repeats / (time.perf_counter() - started)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--rows", type=int, default=16, help="enough for steps x workers in one epoch")
     args = parser.parse_args()
-    ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)  # not a dev cluster left running
-    root = Path(tempfile.mkdtemp(prefix="sfo-throughput-"))
-    data = write_quadruplets(root / "quadruplets", args.rows, args.size)
-    common = [f"data.path={data}", f"data.size={args.size}", f"output.storage_path={root}"]
-    run(load_config(SftConfig, None, [*common, "train.steps=1", "output.name=sft"]))
-    rates = {}
-    for workers in (1, 2):
-        cfg = load_config(SfoConfig, None, [
-            *common, f"train.steps={args.steps}", f"scaling.num_workers={workers}", "train.optimizer=adamw",
-            "train.lr=1e-4", f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}", f"output.name=sfo-{workers}"])
-        run(cfg)
-        log = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rates[workers] = statistics.median(m["samples_per_s"] for m in log[1:] or log)
-        print(f"sfo, {workers} worker(s): {rates[workers]:.2f} samples/s (median of steps 2..{args.steps})", flush=True)
+    rates = worker_rates(args.steps, args.size, args.rows)
+    for workers, rate in rates.items():
+        print(f"sfo, {workers} worker(s): {rate:.2f} samples/s (median of steps 2..{args.steps})", flush=True)
     print(f"speed-up 2 vs 1 workers: {rates[2] / rates[1]:.2f}x")
-    ray.shutdown()
+    cache = cached_vs_png()
+    print(f"one sfo step in process, 64 px: {cache['png']:.2f} samples/s from PNGs, {cache['cached']:.2f} from the cache "
+          f"({cache['cached'] / cache['png']:.2f}x)")
 
 
 if __name__ == "__main__":
