@@ -112,6 +112,42 @@ def cached_vs_png(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str,
     return rates
 
 
+def stored_vs_live(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str, float]:
+    """SFO samples/s of one training step (Eq. 3 forward and backward on one encoded batch), in this process,
+    with the reference pass run in the step ("live") vs its errors given, as the cdns stage stores them with
+    ``cdns.score.draws`` ("stored"); same model, batch, t and noise."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sfo.adapters import REF, SFO, add_lora
+    from sfo.models import load_flux
+    from sfo.objectives import encode_batch, reference_errors, sfo_objective
+
+    model = load_flux("tiny", device="cpu")
+    for name in (REF, SFO):
+        add_lora(model.transformer, name, 4 if name == REF else 16)
+    rng = np.random.default_rng(0)
+    image = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
+    b = encode_batch(model, [image() for _ in range(batch)], ["a photo"] * batch, [image() for _ in range(batch)],
+                     [image() for _ in range(batch)])
+    t = torch.full((batch,), 0.5)
+    noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0))
+    stored = reference_errors(model.transformer, b, t, noise)
+    rates = {}
+    for label, extra in (("live", {}), ("stored", {"ref_errors": stored})):
+        def step() -> None:
+            loss, _ = sfo_objective(model.transformer, b, t, noise, beta=1000.0, **extra)
+            loss.mean().backward()
+
+        step()  # warm-up
+        started = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        rates[label] = batch * repeats / (time.perf_counter() - started)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
@@ -125,6 +161,9 @@ def main() -> None:
     cache = cached_vs_png()
     print(f"one sfo step in process, 64 px: {cache['png']:.2f} samples/s from PNGs, {cache['cached']:.2f} from the cache "
           f"({cache['cached'] / cache['png']:.2f}x)")
+    scores = stored_vs_live()
+    print(f"one sfo step in process, 64 px: {scores['live']:.2f} samples/s with the reference pass, {scores['stored']:.2f} "
+          f"with stored reference errors ({scores['stored'] / scores['live']:.2f}x)")
 
 
 if __name__ == "__main__":

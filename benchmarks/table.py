@@ -9,7 +9,8 @@ back on the same model, rows and cores (absolute numbers belong to a GPU run). R
   plain loop's, 1 actor at 0.5 CPU, with Ray's default torch threads (one) and with
   ``scaling.torch_threads`` = the core count.
 - sfo on Ray Train + DeepSpeed ZeRO-2: samples/s with 2 workers over 1.
-- sfo step: samples/s with the batch from cached latents (cdns on cached triplets) over from PNGs.
+- sfo step: samples/s with the batch from cached latents (cdns on cached triplets) over from PNGs; and with
+  the reference errors stored by cdns (``cdns.score.draws``) over running the reference pass.
 - Serve: HTTP p50 latency over a direct in-process call, at about half a second of model work.
 
 Prints numbers; asserts nothing (targets are the issue's, shown beside them).
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     cache = sfo_throughput.cached_vs_png()
     rows.append(("sfo step", "cached latents / PNGs, samples/s", cache["cached"] / cache["png"], "> 1",
                  f"{cache['cached']:.1f} vs {cache['png']:.1f} samples/s, 64 px, in process"))
+    print(rows[-1], flush=True)
+    scores = sfo_throughput.stored_vs_live()
+    rows.append(("sfo step", "stored reference errors / reference pass, samples/s", scores["stored"] / scores["live"],
+                 "1.25-1.35 expected", f"{scores['stored']:.1f} vs {scores['live']:.1f} samples/s, 64 px, in process"))
     print(rows[-1], flush=True)
     serve = serve_latency.p50_ratio()
     rows.append(("Serve", "HTTP p50 / direct p50", serve["http_p50_s"] / serve["direct_p50_s"], "<= 1.1",

@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def check_dtype(dtype: str | None, section: str) -> None:
@@ -64,6 +65,19 @@ def use_torch_threads(scaling: ScalingConfig) -> None:
         import torch
 
         torch.set_num_threads(scaling.torch_threads)
+
+
+def score_fingerprint(model_source: str, ref_adapter: str | Path, size: int, sampling) -> str:
+    """What stored reference errors (``sfo.records.SCORE_FIELDS``) hold for: the model, the "ref" adapter's
+    weight file (its bytes), the image size and the timestep scheme (``sfo.timesteps.TimestepSampling``)."""
+    import hashlib
+
+    from sfo.adapters import LORA_WEIGHTS
+    from sfo.models import model_identity
+
+    adapter = hashlib.sha256((Path(ref_adapter) / LORA_WEIGHTS).read_bytes()).hexdigest()
+    text = f"{model_identity(model_source)}|{adapter}|{size}|{sampling.scheme}|{sampling.mean:g}|{sampling.std:g}"
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def check_image_guidance(value: float, section: str) -> None:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, score_fingerprint, use_torch_threads
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.modes import SamplingMode
-from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA
+from sfo.timesteps import TimestepSampling
+from sfo.records import QUADRUPLET_SCHEMA, SCORE_FIELDS, TRIPLET_SCHEMA
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 SEED_BITS = 31  # per-sample seeds fit torch.Generator and int64 columns on every platform
@@ -39,6 +40,18 @@ class DataConfig:
 
 
 @dataclass
+class ScoreSection:
+    """Eq. 3's reference terms computed here, with the "ref" model the stage already holds (``sfo.records.SCORE_FIELDS``)."""
+
+    draws: int = 0  # K (timestep, noise) draws per row whose reference errors are stored; 0 = off (the sfo job runs them)
+    timesteps: TimestepSampling = field(default_factory=TimestepSampling)  # must equal the sfo job's (sfo.scheme/mean/std)
+
+    def __post_init__(self) -> None:
+        if self.draws < 0:
+            raise ValueError(f"cdns.score.draws: must be >= 0 (0 = off), got {self.draws}")
+
+
+@dataclass
 class CdnsSection:
     mode: str = "cdns"  # one of sfo.degrade.CDNS_MODES (paper Tables 4/5), or "dpo-dino" (Table 4)
     blur_radius: float | None = None  # override the mode's blur (paper Table B sweeps 2.5 / 5 / 10 / 20)
@@ -56,6 +69,7 @@ class CdnsSection:
     #                              accent (sfo.shapes.oracle.keeps_reference_details); a rerun regenerates and
     #                              drops them again (same seeds), as nothing is written for them
     dino_encoder: str = "tiny"  # dpo-dino only: a local DINO ViT-S/16 folder, or "tiny" (random weights)
+    score: ScoreSection = field(default_factory=ScoreSection)  # reference errors for the sfo job (off by default)
 
     def __post_init__(self) -> None:
         if self.mode not in CDNS_MODES and self.mode != DPO_DINO_MODE:
@@ -92,6 +106,9 @@ class CdnsConfig:
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
+        if self.cdns.score.draws and (self.model.ref_adapter is None or self.cdns.mode == DPO_DINO_MODE):
+            raise ValueError("cdns.score.draws: stores the 'ref' model's errors, so it needs model.ref_adapter (the sft "
+                             f"job's ref LoRA) and a mode other than {DPO_DINO_MODE}; or set cdns.score.draws=0")
         if self.cdns.oracle_filter:
             from sfo.shapes.world import SIZE
 
@@ -139,7 +156,39 @@ class NegativeGenerator:
                                      image_guidance=s.image_guidance, sampling=s.sampling)
         self.generic_word = "" if config.model.source == "shapes" else "object"  # dual-branch's auxiliary prompt
         self.keep_cache = keep_cache  # pass the triplets' cache columns through and add the negatives' latents
+        self.fingerprint = (score_fingerprint(config.model.source, config.model.ref_adapter, s.size, s.score.timesteps)
+                            if s.score.draws else None)
         self.generated = 0  # rows this instance generated: a progress line every cdns.rows_per_file rows
+
+    def reference_scores(self, rows: list[dict], negatives: list) -> dict[str, list]:
+        """``SCORE_FIELDS`` columns for ``rows`` and their generated ``negatives``: per draw j < K, the "ref"
+        model's errors on positive and negative at the draw's (t, noise), from the batch the sfo job would
+        build from these PNGs (``sfo.objectives.reference_errors``, the step's own code path)."""
+        import torch
+
+        from sfo.objectives import encode_batch, reference_errors
+        from sfo.records import decode_images
+        from sfo.timesteps import draw, draw_seed
+
+        s = self.section
+        with torch.no_grad():
+            batch = encode_batch(self.model, decode_images([r["reference_png"] for r in rows], s.size),
+                                 [str(r["target_text"]) for r in rows], decode_images([r["target_png"] for r in rows], s.size),
+                                 negatives)
+        shape = tuple(batch.target.shape[1:])
+        seeds = [[draw_seed(s.seed, str(r["sample_id"]), j) for j in range(s.score.draws)] for r in rows]
+        t_all, pos_all, neg_all = [], [], []
+        for j in range(s.score.draws):
+            pairs = [draw(row_seeds[j], s.score.timesteps, shape) for row_seeds in seeds]
+            t = torch.cat([p[0] for p in pairs]).to(self.model.device)
+            noise = torch.stack([p[1] for p in pairs]).to(self.model.device, self.model.dtype)
+            pos, neg = reference_errors(self.model.transformer, batch, t, noise)
+            t_all.append(t.float().cpu())
+            pos_all.append(pos.float().cpu())
+            neg_all.append(neg.float().cpu())
+        column = lambda parts: torch.stack(parts, dim=1).tolist()  # noqa: E731 - (B, K) as one list per row
+        return {"score_seeds": seeds, "score_t": column(t_all), "score_ref_err_pos": column(pos_all),
+                "score_ref_err_neg": column(neg_all), "score_fingerprint": [self.fingerprint] * len(rows)}
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """Generates one negative per row.
@@ -189,16 +238,19 @@ class NegativeGenerator:
             "negative_guidance": [s.guidance] * len(rows),
             "negative_adapter_sha256": [self.adapter_sha] * len(rows),
         })
-        schema = QUADRUPLET_SCHEMA
+        fields = list(QUADRUPLET_SCHEMA)
+        if s.score.draws:
+            out.update(self.reference_scores(rows, negatives))
+            fields += SCORE_FIELDS
         if self.keep_cache:  # cdns.cache_fits decided it: same model and size as these negatives
             from sfo.latents import encode_images
-            from sfo.records import CACHE_COLUMNS, CACHED_QUADRUPLET_SCHEMA, NEGATIVE_CACHE_FIELD, float32_bytes
+            from sfo.records import CACHE_COLUMNS, CACHE_FIELDS, NEGATIVE_CACHE_FIELD, float32_bytes
 
             latents = encode_images(self.model, negatives).float().cpu()  # (B, L, 64), as training encodes the PNGs
             out.update({name: list(columns[name]) for name in CACHE_COLUMNS})
             out[NEGATIVE_CACHE_FIELD.name] = [float32_bytes(x) for x in latents]
-            schema = CACHED_QUADRUPLET_SCHEMA
-        table = pa.Table.from_pydict(out, schema=schema)
+            fields += CACHE_FIELDS + [NEGATIVE_CACHE_FIELD]
+        table = pa.Table.from_pydict(out, schema=pa.schema(fields))
         before, self.generated = self.generated, self.generated + len(rows)
         if self.generated // s.rows_per_file > before // s.rows_per_file:  # Ray forwards an actor's prints to the driver
             print(f"[cdns] generator {os.getpid()}: {self.generated} rows generated", flush=True)

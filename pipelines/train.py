@@ -43,7 +43,8 @@ from pipelines.common import init_ray, ray_data_progress, use_torch_threads
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
-    _columns, build_batch, epoch_rows, micro_batches, row_batches, sample_seed, timesteps_and_noise, use_cache,
+    _columns, build_batch, epoch_rows, micro_batches, row_batches, sample_seed, stored_draws, timesteps_and_noise,
+    use_cache, use_scores,
 )
 from sfo import adapters as A
 from sfo.objectives import sfo_objective, sft_objective
@@ -64,9 +65,9 @@ def run(cfg: TrainConfig):
 
     cfg.check_inputs()
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
-    cached = use_cache(cfg)
+    cached, scored = use_cache(cfg), use_scores(cfg)
     ray_data_progress()
-    data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg, cached))
+    data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg, cached, scored))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
@@ -74,7 +75,7 @@ def run(cfg: TrainConfig):
     ingest.preserve_order = True  # the same shard order on every attempt, so a checkpoint's data position means one thing
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"config": cfg, "use_cache": cached},
+        train_loop_config={"config": cfg, "use_cache": cached, "use_scores": scored},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(name=cfg.output.name, storage_path=str(cfg.output.run_dir.parent),
@@ -104,8 +105,8 @@ def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:
     A.set_scope(transformer, name, cfg.lora.scope)
     if variant == "sft-additional":  # paper Table E: the extra LoRA trained with Eq. 1, no negatives
         return name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[A.REF, name])
-    return name, lambda b, t, n: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF, name],
-                                               reference=[A.REF], **anchor)
+    return name, lambda b, t, n, **stored: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF, name],
+                                                         reference=[A.REF], **anchor, **stored)
 
 
 def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], sharded: bool) -> torch.optim.Optimizer:
@@ -243,13 +244,18 @@ def train_loop(loop_config: dict) -> None:
 
     attempt = start_metrics_log(run_dir / "metrics.jsonl", start) if rank == 0 else 0
     stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank, position)
+    scored = loop_config.get("use_scores", False)
     for step in range(start + 1, cfg.train.steps + 1):
         began = time.perf_counter()
         sums: dict[str, float] = {"loss": 0.0, **dict.fromkeys(PAIR_STATS, 0.0), "samples": 0.0}
         for _ in range(cfg.train.grad_accum):
-            position, sample_ids, batch = next(stream)
-            t, noise = timesteps_and_noise(cfg, step, sample_ids, tuple(batch.target.shape[1:]))
-            loss, stats = objective(batch, t.to(device), noise.to(device, model.dtype))  # (N,)
+            position, sample_ids, batch, rows = next(stream)
+            shape, stored = tuple(batch.target.shape[1:]), {}
+            if scored:  # the cdns stage's draw for this epoch, with the reference's errors: no reference pass
+                t, noise, stored["ref_errors"] = stored_draws(cfg, rows, position[0], shape)
+            else:
+                t, noise = timesteps_and_noise(cfg, step, sample_ids, shape)
+            loss, stats = objective(batch, t.to(device), noise.to(device, model.dtype), **stored)  # (N,)
             engine.backward(loss.mean())
             engine.step()  # DeepSpeed steps the optimiser only at the accumulation boundary
             sums["loss"] += loss.detach().sum().item()

@@ -10,26 +10,70 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow.dataset as pads
 import ray
 import ray.train
 import torch
 
-from pipelines.train_config import TrainConfig
+from pipelines.common import score_fingerprint
+from pipelines.train_config import SfoConfig, TrainConfig
 from sfo.latents import encode_images
 from sfo.models import model_identity
 from sfo.objectives import batch_from_cache, encode_batch
-from sfo.records import CACHE_COLUMNS, NEGATIVE_CACHE_FIELD, decode_cache, decode_png
-from sfo.timesteps import sample_timesteps
+from sfo.records import CACHE_COLUMNS, NEGATIVE_CACHE_FIELD, SCORE_COLUMNS, decode_cache, decode_images
+from sfo.timesteps import draw, sample_timesteps
 
 SEED_BYTES = 8
 
 
-def _columns(cfg: TrainConfig, cached: bool = False) -> list[str]:
+def _columns(cfg: TrainConfig, cached: bool = False, scored: bool = False) -> list[str]:
     cols = ["sample_id", "target_text"] + (CACHE_COLUMNS if cached else ["reference_png", "target_png"])
     if not cfg.needs_negatives:
         return cols
-    return cols + ([NEGATIVE_CACHE_FIELD.name] if cached and negatives_cached(cfg) else ["negative_png"])
+    cols += [NEGATIVE_CACHE_FIELD.name] if cached and negatives_cached(cfg) else ["negative_png"]
+    return cols + (SCORE_COLUMNS if scored else [])
+
+
+def use_scores(cfg: TrainConfig) -> bool:
+    """Whether ``data.path`` carries reference errors (cdns ``score.draws``) made for this job: its model, "ref"
+    adapter, ``data.size`` and timestep scheme (``pipelines.common.score_fingerprint``). Decided once, in the
+    driver; stored errors that do not fit are reported (one line) and the job runs the reference pass."""
+    names = pads.dataset(cfg.data.path, format="parquet").schema.names
+    if not set(SCORE_COLUMNS) <= set(names):
+        return False
+    if not (isinstance(cfg, SfoConfig) and cfg.sfo.variant == "sfo"):
+        print(f"[{cfg.stage}] data.path: stored reference errors unused (they serve Eq. 3 with the ref model as "
+              "reference, sfo.variant=sfo)", flush=True)
+        return False
+    made = set(pads.dataset(cfg.data.path, format="parquet").to_table(columns=["score_fingerprint"])[
+        "score_fingerprint"].to_pylist())
+    wanted = score_fingerprint(cfg.model.source, cfg.model.ref_adapter, cfg.data.size, cfg.sampling)
+    if made != {wanted}:
+        print(f"[{cfg.stage}] data.path: stored reference errors were made for another model, ref adapter, size or "
+              "timestep scheme than this job's (model.source, model.ref_adapter, data.size, sfo.scheme/mean/std); "
+              "running the reference pass", flush=True)
+        return False
+    print(f"[{cfg.stage}] data.path: using the stored reference errors (the reference pass is skipped)", flush=True)
+    return True
+
+
+def stored_draws(cfg: TrainConfig, rows: dict, epoch: int, shape: tuple[int, ...]):
+    """(N,) t, (N, L, 64) noise and the reference's (N,) errors on positive and negative for draw
+    ``epoch mod K`` of each row (``sfo.records.SCORE_FIELDS``); the noise regenerated from the draw's seed."""
+    def matrix(name: str, dtype) -> np.ndarray:  # a list column (Ray Data: an object array of arrays) -> (N, K)
+        return np.stack([np.asarray(x, dtype=dtype) for x in rows[name]])
+
+    seeds = matrix("score_seeds", np.int64)
+    j = epoch % seeds.shape[1]
+    pairs = [draw(int(seed), cfg.sampling, shape) for seed in seeds[:, j]]
+    t = torch.cat([p[0] for p in pairs])
+    stored = torch.from_numpy(matrix("score_t", np.float32)[:, j])
+    if not torch.allclose(t, stored, atol=1e-6):
+        raise ValueError("data.path: score_t does not match the timesteps its seeds draw; the scores are corrupt "
+                         "or were made with another sfo.timesteps; regenerate them (cdns) or drop the score columns")
+    errors = tuple(torch.from_numpy(matrix(k, np.float32)[:, j]) for k in ("score_ref_err_pos", "score_ref_err_neg"))
+    return t, torch.stack([p[1] for p in pairs]), errors
 
 
 def negatives_cached(cfg: TrainConfig) -> bool:
@@ -75,24 +119,21 @@ def timesteps_and_noise(cfg: TrainConfig, step: int, sample_ids, shape: tuple[in
     return torch.cat(ts), torch.stack(noises)
 
 
-def _images(column, size: int) -> list:
-    images = [decode_png(bytes(b)) for b in column]
-    return [im if im.size == (size, size) else im.resize((size, size)) for im in images]
-
-
 def build_batch(cfg: TrainConfig, model, rows: dict, cached: bool):
     """One ``TrainBatch`` from a numpy batch of rows: from the cache columns, or by encoding the PNGs."""
     size = cfg.data.size
     with torch.no_grad():
         if not cached:
-            return encode_batch(model, _images(rows["reference_png"], size), [str(x) for x in rows["target_text"]],
-                                _images(rows["target_png"], size),
-                                _images(rows["negative_png"], size) if cfg.needs_negatives else None)
+            return encode_batch(model, decode_images(rows["reference_png"], size), [str(x) for x in rows["target_text"]],
+                                decode_images(rows["target_png"], size),
+                                decode_images(rows["negative_png"], size) if cfg.needs_negatives else None)
         tensors = {k: torch.from_numpy(v) for k, v in decode_cache(rows).items()}
         side = size // model.pixel_multiple
         negative = None
         if cfg.needs_negatives:
-            negative = tensors["negative"] if "negative" in tensors else encode_images(model, _images(rows["negative_png"], size))
+            negative = tensors.get("negative")
+            if negative is None:
+                negative = encode_images(model, decode_images(rows["negative_png"], size))
         return batch_from_cache(tensors["target"], tensors["reference"], tensors["prompt_embeds"], tensors["pooled"],
                                 grid=(side, side), device=model.device, dtype=model.dtype, negative=negative)
 
@@ -133,6 +174,7 @@ def row_batches(data, cfg: TrainConfig, rank: int = 0, position: tuple[int, int]
 
 
 def micro_batches(cfg: TrainConfig, model, cached: bool = False, rank: int = 0, position: tuple[int, int] = (0, 0)):
-    """Endless ``(position, sample_ids, batch)``: encoded micro-batches from this worker's Ray Data shard."""
+    """Endless ``(position, sample_ids, batch, rows)``: encoded micro-batches from this worker's Ray Data shard,
+    with their raw rows (``stored_draws`` reads the score columns from them)."""
     for after, rows in row_batches(ray.train.get_dataset_shard("train"), cfg, rank, position):
-        yield after, list(rows["sample_id"]), build_batch(cfg, model, rows, cached)
+        yield after, list(rows["sample_id"]), build_batch(cfg, model, rows, cached), rows

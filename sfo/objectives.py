@@ -131,33 +131,13 @@ def sft_objective(
     return err, {"flow_matching_error": err.detach()}
 
 
-def sfo_objective(
-    transformer,
-    batch: TrainBatch,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-    *,
-    beta: float,
-    policy: list[str] = (REF, SFO),
-    reference: list[str] = (REF,),
-    anchor: str = "none",
-    anchor_weight: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SFO loss per sample (paper Eq. 3; Fig. C), optionally with a positive anchor (``sfo.loss``).
-
-    Positive and negative share the noise epsilon and the timestep t (Fig. C lines 8-16), and go
-    through the model as one batch of 2N. The reference pass (``reference`` adapters) runs without
-    gradient; the policy pass (``policy`` adapters) carries it. ``anchor="sdpo"`` scales the
-    negative's gradient from the policy's residuals (``sdpo_loser_scale``, ``anchor_weight`` = mu).
-
-    Returns:
-        loss (N,) and stats (N,) tensors: implicit_accuracy, reward_margin, policy/ref errors.
-    """
+def _pair_pass(transformer, batch: TrainBatch, t: torch.Tensor, noise: torch.Tensor):
+    """Positive and negative as one batch of 2N sharing noise and t (Fig. C lines 8-16): returns
+    ``predict()`` (the model's (2N, L, 64) velocity with the adapters active when called) and the target
+    velocity."""
     if batch.negative is None:
         raise ValueError("batch.negative: SFO needs a negative target per sample (run the cdns stage first)")
-    check_anchor(anchor, anchor_weight)
-    n = len(batch)
-    guidance = _guidance(transformer, n, batch.target.device)
+    guidance = _guidance(transformer, len(batch), batch.target.device)
     x0 = torch.cat([batch.target, batch.negative])  # (2N, L, 64)
     x_t = noised(x0, noise.repeat(2, 1, 1), t.repeat(2))
     target_v = noise.repeat(2, 1, 1) - x0
@@ -171,8 +151,52 @@ def sfo_objective(
             cache = encode_condition(transformer, batch.condition, batch.text.pooled, guidance).repeat(2)
         return flux_forward(transformer, x_t, batch.img_ids, text2, t2, guidance2, cache)  # (2N, L, 64)
 
+    return predict, target_v
+
+
+def reference_errors(transformer, batch: TrainBatch, t: torch.Tensor, noise: torch.Tensor,
+                     reference: list[str] = (REF,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. 3's reference terms: the frozen ``reference`` adapters' (N,) flow-matching errors on the positive
+    and the negative for t (N,) and noise (N, L, 64), without gradient (what ``sfo_objective`` computes
+    first, and what the cdns stage can store beforehand)."""
+    predict, target_v = _pair_pass(transformer, batch, t, noise)
     with torch.no_grad(), use_adapters(transformer, list(reference)):
         ref_pos, ref_neg = flow_matching_error(predict(), target_v).chunk(2)
+    return ref_pos, ref_neg
+
+
+def sfo_objective(
+    transformer,
+    batch: TrainBatch,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    *,
+    beta: float,
+    policy: list[str] = (REF, SFO),
+    reference: list[str] = (REF,),
+    anchor: str = "none",
+    anchor_weight: float = 0.0,
+    ref_errors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SFO loss per sample (paper Eq. 3; Fig. C), optionally with a positive anchor (``sfo.loss``).
+
+    Positive and negative share the noise epsilon and the timestep t (Fig. C lines 8-16), and go
+    through the model as one batch of 2N. The reference pass (``reference`` adapters) runs without
+    gradient; the policy pass (``policy`` adapters) carries it. ``anchor="sdpo"`` scales the
+    negative's gradient from the policy's residuals (``sdpo_loser_scale``, ``anchor_weight`` = mu).
+    ``ref_errors``: the reference pass's (N,) errors on positive and negative for these very t and noise,
+    computed earlier (``reference_errors``, stored by the cdns stage): the reference pass is skipped.
+
+    Returns:
+        loss (N,) and stats (N,) tensors: implicit_accuracy, reward_margin, policy/ref errors.
+    """
+    check_anchor(anchor, anchor_weight)
+    predict, target_v = _pair_pass(transformer, batch, t, noise)
+    if ref_errors is None:
+        with torch.no_grad(), use_adapters(transformer, list(reference)):
+            ref_pos, ref_neg = flow_matching_error(predict(), target_v).chunk(2)
+    else:  # stored by the data stage for this very (t, noise): the reference pass is skipped
+        ref_pos, ref_neg = (e.to(target_v.device, torch.float32) for e in ref_errors)
     with use_adapters(transformer, list(policy)):
         pred = predict()
     pol_pos, pol_neg = flow_matching_error(pred, target_v).chunk(2)

@@ -72,6 +72,21 @@ NEGATIVE_CACHE_FIELD = pa.field("cache_negative_latents", pa.binary(), nullable=
 negative image (as its PNG decodes), same model and size as the row's other cache columns."""
 CACHED_QUADRUPLET_SCHEMA = pa.schema(list(QUADRUPLET_SCHEMA) + CACHE_FIELDS + [NEGATIVE_CACHE_FIELD])
 
+SCORE_FIELDS = [
+    # The cdns stage's ``score.draws`` = K: Eq. 3's reference terms computed with the model it already holds.
+    pa.field("score_seeds", pa.list_(pa.int64()), nullable=False),  # (K,) draw j's generator seed: its t, then its
+    #                                                                 noise (sfo.timesteps.draw; seeds: draw_seed)
+    pa.field("score_t", pa.list_(pa.float32()), nullable=False),  # (K,) draw j's timestep in (0, 1)
+    pa.field("score_ref_err_pos", pa.list_(pa.float32()), nullable=False),  # (K,) the "ref" model's flow-matching
+    pa.field("score_ref_err_neg", pa.list_(pa.float32()), nullable=False),  # error on positive / negative at draw j
+    pa.field("score_fingerprint", pa.string(), nullable=False),  # what they hold for (pipelines.common.score_fingerprint:
+    #                                                               model, "ref" adapter file, size, timestep scheme)
+]
+"""Optional quadruplet columns: the reference model's errors for K (t, noise) draws per row. The sfo job,
+when the fingerprint matches its own, uses draw ``epoch mod K`` for the row, regenerates its noise from
+the seed and skips the reference pass (``sfo.objectives.sfo_objective(ref_errors=...)``)."""
+SCORE_COLUMNS = [f.name for f in SCORE_FIELDS]
+
 
 def float32_bytes(array) -> bytes:
     """An array (any shape) as little-endian float32 bytes, C order (a ``CACHE_FIELDS`` cell)."""
@@ -136,6 +151,12 @@ def decode_png(data: bytes) -> Image.Image:
     except Exception as exc:
         raise ValueError(f"image: bytes are not a readable image ({exc})") from exc
     return image.convert("RGB")
+
+
+def decode_images(column, size: int) -> list[Image.Image]:
+    """PNG bytes -> RGB images of size x size (resized when they are not), as the training jobs read them."""
+    images = [decode_png(bytes(b)) for b in column]
+    return [im if im.size == (size, size) else im.resize((size, size)) for im in images]
 
 
 SUBJECTS200K_PADDING = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -32,3 +33,17 @@ def sample_timesteps(n: int, sampling: TimestepSampling, generator: torch.Genera
     if sampling.scheme == "logit_normal":
         return torch.sigmoid(sampling.mean + sampling.std * torch.randn(n, generator=generator))
     raise ValueError(f"timesteps.scheme: unknown scheme {sampling.scheme!r}; use one of {list(SCHEMES)}")
+
+
+def draw_seed(seed: int, sample_id: str, index: int) -> int:
+    """The generator seed of a row's stored draw ``index`` (the cdns stage's ``score.draws``), from the
+    stage's seed and the row's sample id: independent of batches and workers."""
+    digest = hashlib.sha256(f"score/{seed}/{sample_id}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def draw(seed: int, sampling: TimestepSampling, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1,) timestep and ``shape`` noise from one generator seeded ``seed``, t first (as training draws them):
+    the cdns stage stores the seed and the sfo job regenerates the same pair from it."""
+    generator = torch.Generator().manual_seed(int(seed))
+    return sample_timesteps(1, sampling, generator), torch.randn(shape, generator=generator)

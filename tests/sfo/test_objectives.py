@@ -86,3 +86,32 @@ def test_sft_is_the_flow_matching_error(sfo_model):
     loss, stats = sft_objective(sfo_model.transformer, batch, t, noise, adapters=[A.REF])
     assert loss.shape == (2,) and bool((loss > 0).all())
     assert_close(stats["flow_matching_error"], loss.detach())
+
+
+def test_stored_reference_errors_give_the_same_loss_and_gradients(sfo_model):
+    """Eq. 3 with the reference errors computed beforehand (as the cdns stage stores them) equals Eq. 3
+    computing them in the step: loss and every gradient."""
+    from sfo.objectives import reference_errors
+
+    transformer = sfo_model.transformer
+    with torch.no_grad():  # move "sfo" off zero so policy and reference differ
+        for name, p in transformer.named_parameters():
+            if ".sfo." in name and "lora_B" in name:
+                p.copy_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    batch = _batch(sfo_model)
+    t, noise = _noise_t(batch, seed=3)
+
+    def run(**extra):
+        transformer.zero_grad()
+        loss, stats = sfo_objective(transformer, batch, t, noise, beta=1000.0, **extra)
+        loss.mean().backward()
+        return loss.detach(), stats, {k: p.grad.clone() for k, p in transformer.named_parameters() if p.grad is not None}
+
+    in_step, stats, grads = run()
+    stored = reference_errors(transformer, batch, t, noise)
+    assert_close(stored[0], stats["ref_err_pos"]) and assert_close(stored[1], stats["ref_err_neg"])
+    given, _, given_grads = run(ref_errors=stored)
+    assert_close(given, in_step)
+    assert grads.keys() == given_grads.keys() and len(grads) > 0
+    for key in grads:
+        assert_close(given_grads[key], grads[key])
