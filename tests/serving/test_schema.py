@@ -247,3 +247,11 @@ def test_mode_switch_and_subject_are_validated_and_echoed():
         with pytest.raises(RequestError) as info:
             job_from_json(valid(**change), LIMITS)
         assert (info.value.field, info.value.status) == (field, 422), change
+
+
+def test_mode_fields_arrive_as_form_fields_too():
+    job = job_from_form({"prompt": "a photo of a red cube", "mode": "decoupled", "switch": "0.5"}, {"image": png()}, LIMITS)
+    assert (job.mode, job.switch) == ("decoupled", 0.5)
+    with pytest.raises(RequestError) as info:
+        job_from_form({"prompt": "a photo", "mode": "fancy"}, {"image": png()}, LIMITS)
+    assert info.value.field == "mode"
