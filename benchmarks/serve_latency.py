@@ -95,6 +95,21 @@ def _replicas(serve, app: str = "sfo", deployment: str = "FluxGenerator") -> dic
     return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
 
 
+def _start_app(adapters: Path, size: int) -> str:
+    """Serve's HTTP proxy on a free local port and the app on ``adapters`` (tiny model); returns its URL."""
+    from ray import serve
+
+    from serving.app import build_app
+
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": HOST, "port": port})
+    serve.run(build_app({"model": "tiny", "adapters": str(adapters), "max_side": max(size, 64), "default_side": size}),
+              name="sfo", route_prefix="/")
+    return f"http://{HOST}:{port}"
+
+
 def p50_ratio(size: int = 64, steps: int = 24, requests: int = 12) -> dict[str, float]:
     """p50 latency of one client over HTTP (Serve) and of a direct ``Generator.run`` in this process, on the
     same job; at the default size and steps the model work is about half a second on a 2-core CPU."""
@@ -102,8 +117,6 @@ def p50_ratio(size: int = 64, steps: int = 24, requests: int = 12) -> dict[str, 
 
     import ray
     from ray import serve
-
-    from serving.app import build_app
 
     with tempfile.TemporaryDirectory() as tmp:
         adapters = _random_adapters(Path(tmp))
@@ -123,15 +136,10 @@ def p50_ratio(size: int = 64, steps: int = 24, requests: int = 12) -> dict[str, 
         started_ray = not ray.is_initialized()
         if started_ray:
             ray.init(address="local", num_cpus=4, include_dashboard=False)
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
         try:
-            serve.start(http_options={"host": HOST, "port": port})
-            serve.run(build_app({"model": "tiny", "adapters": str(adapters), "max_side": max(size, 64),
-                                 "default_side": size}), name="sfo", route_prefix="/")
-            _http_phase(f"http://{HOST}:{port}", body, 1, 2)  # warm-up
-            http, _, failures = _http_phase(f"http://{HOST}:{port}", body, 1, requests)
+            url = _start_app(adapters, size)
+            _http_phase(url, body, 1, 2)  # warm-up
+            http, _, failures = _http_phase(url, body, 1, requests)
         finally:
             serve.shutdown()
             if started_ray:
@@ -156,8 +164,6 @@ def main() -> None:
 
     import ray
     from ray import serve
-
-    from serving.app import build_app
 
     with tempfile.TemporaryDirectory() as tmp:
         adapters = Path(args.adapters) if args.adapters else _random_adapters(Path(tmp))
@@ -184,14 +190,8 @@ def main() -> None:
         body = {"prompt": "a photo of a red cube", "image": base64.b64encode(reference).decode(),
                 "steps": args.steps, "width": args.size, "height": args.size}
         ray.init(address="local", num_cpus=4, include_dashboard=False)
-        with socket.socket() as s:
-            s.bind((HOST, 0))
-            port = s.getsockname()[1]
         try:
-            serve.start(http_options={"host": HOST, "port": port})
-            serve.run(build_app({"model": "tiny", "adapters": str(adapters), "max_side": max(args.size, 64), "default_side": args.size}),
-                      name="sfo", route_prefix="/")
-            url = f"http://{HOST}:{port}"
+            url = _start_app(adapters, args.size)
             _http_phase(url, body, 1, 2)  # warm-up
             for clients in args.clients:
                 lat, wall, failures = _http_phase(url, body, clients, requests)

@@ -70,6 +70,15 @@ def worker_rates(steps: int = 6, size: int = 32, rows: int = 16) -> dict[int, fl
     return rates
 
 
+def _samples_per_s(step, batch: int, repeats: int) -> float:
+    """``step()`` once to warm up, then ``repeats`` times timed: samples per second at ``batch`` per step."""
+    step()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return batch * repeats / (time.perf_counter() - started)
+
+
 def cached_vs_png(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str, float]:
     """SFO samples/s of one training step (batch building + Eq. 3 forward and backward), in this process,
     with the batch built from cached latents/embeddings (cdns on cached triplets) vs decoded and encoded
@@ -96,20 +105,14 @@ def cached_vs_png(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str,
     model = load_flux("tiny", device="cpu")
     for name in (REF, SFO):
         add_lora(model.transformer, name, 4 if name == REF else 16)
-    rates = {}
-    for label, cached in (("png", False), ("cached", True)):
-        def step() -> None:
-            b = build_batch(cfg, model, rows, cached)
-            noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0))
-            loss, _ = sfo_objective(model.transformer, b, torch.full((len(b),), 0.5), noise, beta=1000.0)
-            loss.mean().backward()
+    def step(cached: bool) -> None:
+        b = build_batch(cfg, model, rows, cached)
+        noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0))
+        loss, _ = sfo_objective(model.transformer, b, torch.full((len(b),), 0.5), noise, beta=1000.0)
+        loss.mean().backward()
 
-        step()  # warm-up
-        started = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        rates[label] = batch * repeats / (time.perf_counter() - started)
-    return rates
+    return {label: _samples_per_s(lambda c=cached: step(c), batch, repeats)
+            for label, cached in (("png", False), ("cached", True))}
 
 
 def stored_vs_live(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str, float]:
@@ -134,18 +137,12 @@ def stored_vs_live(size: int = 64, batch: int = 8, repeats: int = 5) -> dict[str
     t = torch.full((batch,), 0.5)
     noise = torch.randn(b.target.shape, generator=torch.Generator().manual_seed(0))
     stored = reference_errors(model.transformer, b, t, noise)
-    rates = {}
-    for label, extra in (("live", {}), ("stored", {"ref_errors": stored})):
-        def step() -> None:
-            loss, _ = sfo_objective(model.transformer, b, t, noise, beta=1000.0, **extra)
-            loss.mean().backward()
+    def step(extra: dict) -> None:
+        loss, _ = sfo_objective(model.transformer, b, t, noise, beta=1000.0, **extra)
+        loss.mean().backward()
 
-        step()  # warm-up
-        started = time.perf_counter()
-        for _ in range(repeats):
-            step()
-        rates[label] = batch * repeats / (time.perf_counter() - started)
-    return rates
+    return {label: _samples_per_s(lambda e=extra: step(e), batch, repeats)
+            for label, extra in (("live", {}), ("stored", {"ref_errors": stored}))}
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ per method x mode x switch; ``throughput`` times each mode's sampler on one batc
 
 from __future__ import annotations
 
-import html
 import time
 from dataclasses import replace
 
@@ -95,28 +94,8 @@ def format_table(methods: dict, modes: list[SamplingMode], speed: dict) -> list[
     return lines + ["", "![subject fidelity against text alignment](modes.svg)", ""]
 
 
-def scatter_svg(pts: dict[str, tuple[float, float]], width: int = 520, height: int = 360) -> str:
-    """Subject fidelity (y) against text alignment (x), one labelled point per method x mode, axes with
-    their value ranges."""
-    if not pts:
-        return ""
-    xs, ys = [x for x, _ in pts.values()], [y for _, y in pts.values()]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    left, top, plot_w, plot_h = 50, 10, width - 70, height - 50
-    sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * plot_w  # noqa: E731
-    sy = lambda y: top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-size="10">',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#000"/>',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#000"/>',
-             f'<text x="{left - 4}" y="{top + 8}" text-anchor="end">{y1:.3f}</text>',
-             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end">{y0:.3f}</text>',
-             f'<text x="{left}" y="{top + plot_h + 14}">{x0:.3f}</text>',
-             f'<text x="{left + plot_w}" y="{top + plot_h + 14}" text-anchor="end">{x1:.3f}</text>',
-             f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">text alignment</text>',
-             f'<text x="12" y="{top + plot_h / 2}" transform="rotate(-90 12 {top + plot_h / 2})" '
-             'text-anchor="middle">subject fidelity</text>']
-    for name, (x, y) in pts.items():
-        colour = "#d62728" if name.startswith("sfo") else "#1f77b4"
-        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>'
-                     f'<text x="{sx(x) + 5:.1f}" y="{sy(y) - 3:.1f}">{html.escape(name)}</text>')
-    return "".join(parts) + "</svg>"
+def scatter_svg(pts: dict[str, tuple[float, float]]) -> str:
+    """Subject fidelity (y) against text alignment (x), one labelled point per method x mode."""
+    from pipelines.report import scatter_chart
+
+    return scatter_chart(pts, "text alignment", "subject fidelity")

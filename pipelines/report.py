@@ -21,6 +21,7 @@ METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
 PALETTE = ("#8c8c8c", "#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 CHART_W, CHART_H = 480, 220
 THUMB = 128  # px per image in the grids
+PLOT_LEFT, PLOT_TOP = 50, 10  # the plot area's corner in the line and scatter charts
 
 
 def _img(image: Image.Image | bytes, side: int = THUMB) -> str:
@@ -99,27 +100,51 @@ def histogram_chart(pairs: dict) -> str:
                              f"&le; mid &lt; {high:.3f} &le; high: {pairs['counts']}</p>")
 
 
+def _axes(points: list[tuple[float, float]], width: int, height: int, x_label: str = "", y_format: str = ".3g",
+          x_format: str = "g"):
+    """An x/y frame around ``points``: (x -> px, y -> px, SVG parts of both axes with their value ranges)."""
+    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
+    y0, y1 = min(y for _, y in points), max(y for _, y in points)
+    left, top, plot_w, plot_h = PLOT_LEFT, PLOT_TOP, width - 60, height - 40
+    sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * plot_w  # noqa: E731
+    sy = lambda y: top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h  # noqa: E731
+    parts = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#000"/>',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#000"/>',
+             f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" font-size="10">{y1:{y_format}}</text>',
+             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" font-size="10">{y0:{y_format}}</text>',
+             f'<text x="{left}" y="{top + plot_h + 14}" font-size="10">{x_label}{x0:{x_format}}</text>',
+             f'<text x="{left + plot_w}" y="{top + plot_h + 14}" text-anchor="end" font-size="10">{x1:{x_format}}</text>']
+    return sx, sy, parts
+
+
+def scatter_chart(points: dict[str, tuple[float, float]], x_name: str, y_name: str, width: int = 520,
+                  height: int = 360) -> str:
+    """A standalone SVG: one labelled point per name at (x, y), both axes with their value ranges and names."""
+    if not points:
+        return ""
+    sx, sy, parts = _axes(list(points.values()), width, height, y_format=".3f", x_format=".3f")
+    parts.append(f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" font-size="10">{html.escape(x_name)}</text>'
+                 f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" text-anchor="middle" '
+                 f'font-size="10">{html.escape(y_name)}</text>')
+    for name, (x, y) in points.items():
+        colour = PALETTE[(1 if name.startswith("sft") else 2) % len(PALETTE)]
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{colour}"/>'
+                     f'<text x="{sx(x) + 5:.1f}" y="{sy(y) - 3:.1f}" font-size="10">{html.escape(name)}</text>')
+    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{"".join(parts)}</svg>'
+
+
 def line_chart(series: dict[str, list[tuple[float, float]]], label: str) -> str:
     """One SVG panel of training curves: a polyline per series (x = step), the y range written on the axis."""
     points = [pt for pts in series.values() for pt in pts]
     if not points:
         return ""
-    x0, x1 = min(x for x, _ in points), max(x for x, _ in points)
-    y0, y1 = min(y for _, y in points), max(y for _, y in points)
-    left, top, plot_w, plot_h = 50, 10, CHART_W - 60, CHART_H - 40
-    sx = lambda x: left + (x - x0) / ((x1 - x0) or 1) * plot_w  # noqa: E731
-    sy = lambda y: top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h  # noqa: E731
-    parts = [f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#000"/>',
-             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#000"/>',
-             f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" font-size="10">{y1:.3g}</text>',
-             f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" font-size="10">{y0:.3g}</text>',
-             f'<text x="{left}" y="{top + plot_h + 14}" font-size="10">step {x0:g}</text>',
-             f'<text x="{left + plot_w}" y="{top + plot_h + 14}" text-anchor="end" font-size="10">{x1:g}</text>']
+    sx, sy, parts = _axes(points, CHART_W, CHART_H, x_label="step ")
     for i, (name, pts) in enumerate(series.items()):
         colour = PALETTE[(i + 1) % len(PALETTE)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
         parts.append(f'<polyline fill="none" stroke="{colour}" points="{path}"/>')
-        parts.append(f'<text x="{left + 8}" y="{top + 12 + 12 * i}" font-size="10" fill="{colour}">{html.escape(name)}</text>')
+        parts.append(f'<text x="{PLOT_LEFT + 8}" y="{PLOT_TOP + 12 + 12 * i}" font-size="10" fill="{colour}">'
+                     f'{html.escape(name)}</text>')
     return (f'<figure><svg width="{CHART_W}" height="{CHART_H}" role="img" aria-label="{html.escape(label)}">'
             f'{"".join(parts)}</svg><figcaption>{html.escape(label)}</figcaption></figure>')
 
