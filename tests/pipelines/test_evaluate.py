@@ -33,8 +33,6 @@ def dataset(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ref_adapter(tmp_path_factory) -> Path:
     """A "ref" LoRA with non-zero weights saved from the tiny FLUX (stands in for the sft job's output)."""
-    import torch
-
     from sfo import adapters
     from sfo.models import load_flux
 
