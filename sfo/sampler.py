@@ -117,6 +117,7 @@ class Sampler:
       reference) elsewhere, on one shared latent; below, the concept branch alone.
     """
 
+    @torch.no_grad()
     def __init__(self, model: FluxModel, prompts: list[str], seeds: list[int], config: SamplerConfig,
                  references: list[Image.Image] | None = None, auxiliary_prompts: list[str] | None = None):
         n = len(prompts)
@@ -185,10 +186,12 @@ class Sampler:
         """The first step at or below the switch time: steps before it have t > ``sampling.switch``."""
         return int((self.sigmas[:-1] > self.config.sampling.switch).sum())
 
+    @torch.no_grad()
     def layout(self, tick=None) -> torch.Tensor:
         """Decoupled mode's layout pass: from the seeds' noise to the switch time, the text alone."""
         return self.denoise(self.noise(self.seeds), range(self.switch_step()), reference=False, tick=tick)
 
+    @torch.no_grad()
     def run(self, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         mode = self.config.sampling.mode
         steps = self.config.steps
