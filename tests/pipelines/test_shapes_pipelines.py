@@ -218,7 +218,7 @@ def test_cdns_oracle_filter_drops_the_pairs_whose_negative_kept_the_reference_de
                  for i, t in enumerate(world)}
     assert len(negatives) == 6  # target texts identify the rows
 
-    def fake_generate(model, prompts, seeds, config, references):
+    def fake_generate(model, prompts, seeds, config, references, auxiliary_prompts=None):
         return [negatives[p] for p in prompts]
 
     monkeypatch.setattr(sfo.sampler, "generate", fake_generate)
