@@ -122,7 +122,7 @@ def scatter_chart(points: dict[str, tuple[float, float]], x_name: str, y_name: s
     """A standalone SVG: one labelled point per name at (x, y), both axes with their value ranges and names."""
     if not points:
         return ""
-    sx, sy, parts = _axes(list(points.values()), width, height, y_format=".3f", x_format=".3f")
+    sx, sy, parts = _axes(list(points.values()), width - 150, height, y_format=".3f", x_format=".3f")  # room for labels
     parts.append(f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" font-size="10">{html.escape(x_name)}</text>'
                  f'<text x="12" y="{height / 2}" transform="rotate(-90 12 {height / 2})" text-anchor="middle" '
                  f'font-size="10">{html.escape(y_name)}</text>')
