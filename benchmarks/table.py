@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     rows: list[tuple[str, str, float, str, str]] = []
 
-    for threads, label in ((None, "Ray's default torch threads (1)"), (cores, f"scaling.torch_threads={cores}")):
+    for threads, label in ((None, "Ray's default torch threads"), (cores, f"scaling.torch_threads={cores}")):
         r = cdns_throughput.measure(rows=args.rows, torch_threads=threads)
         rows.append(("cdns", f"Ray Data steady / plain loop, {label}", r["ray_steady_rows_per_s"] / r["loop_rows_per_s"],
                      ">= 0.85", f"{r['ray_steady_rows_per_s']:.2f} vs {r['loop_rows_per_s']:.2f} rows/s; start-up "

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> dict:
     runs = (args.out or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S")).resolve()
     runs.mkdir(parents=True)
     stages, the_plan = Stages(), plan(args.experiments, budget, args.preset)
-    common = ["model.source=shapes", f"scaling.torch_threads={os.cpu_count() or 1}"]  # one stage at a time: every core
+    common = ["model.source=shapes"]
     triplets = runs / "data" / "triplets"
     results: dict = {"budget": asdict(budget), "seeds": args.seeds, "experiments": args.experiments,
                      "preset": args.preset, "preset_overrides": PRESETS[args.preset]}

@@ -43,9 +43,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0  # used only with use_gpu
-    # torch's intra-op threads in each worker / actor; null = Ray's default, the whole CPUs the worker holds
-    # (at least 1: one thread for a fractional share). On a laptop where one worker at a time computes, the
-    # core count (what the main job and the reproduction set) runs it as fast as a plain loop.
+    # torch's intra-op threads in each worker / actor; null = what Ray and torch choose. Measured on 2 cores
+    # (make bench, 2026-11-30): the default already runs cdns at the plain loop's speed, and 2 threads beside
+    # Ray Data's tasks were slower (0.68x); for machines where a worker's threads need pinning.
     torch_threads: int | None = None
 
     def __post_init__(self) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -105,9 +104,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     from pipelines.train_config import PRESETS, SfoConfig, SftConfig
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
-    # One stage computes at a time on this one machine: its one worker may use every core (Ray's default
-    # would give a 0.5-CPU worker one thread).
-    common = [f"model.source={args.model}", f"scaling.torch_threads={os.cpu_count() or 1}"]
+    common = [f"model.source={args.model}"]
     shapes = args.model == "shapes"
     modes = [f"eval.sampling.mode={args.mode}", f"eval.sampling.switch={args.switch}"]
     evaluation = (["eval.subjects=" + str(args.eval_subjects), f"eval.seeds={args.eval_seeds}", f"eval.steps={args.sample_steps}"]

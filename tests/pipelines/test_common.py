@@ -54,8 +54,6 @@ def test_an_unreachable_address_fails_in_seconds_naming_it(monkeypatch):
 
 
 def test_torch_threads_apply_in_the_worker_and_are_checked(tmp_path):
-    import os
-
     import pytest
     import torch
 
@@ -73,4 +71,4 @@ def test_torch_threads_apply_in_the_worker_and_are_checked(tmp_path):
     with pytest.raises(ValueError, match="scaling.torch_threads"):
         ScalingConfig(torch_threads=0)
     configs = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "run")]), tmp_path / "run")
-    assert {configs[s].scaling.torch_threads for s in ("sft", "cdns", "sfo", "evaluate")} == {os.cpu_count()}
+    assert {configs[s].scaling.torch_threads for s in ("sft", "cdns", "sfo", "evaluate")} == {None}  # measured: no gain
