@@ -70,6 +70,29 @@ def worker_rates(steps: int = 6, size: int = 32, rows: int = 16) -> dict[int, fl
     return rates
 
 
+def report_overhead(steps: int = 40, size: int = 32, rows: int = 16) -> dict[str, float]:
+    """Median wall seconds between consecutive steps (metrics.jsonl's ``time``, so the report call is inside) of
+    the sfo job reporting to Ray Train every step vs only at the end; one worker, same data and seed."""
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
+    root = Path(tempfile.mkdtemp(prefix="sfo-report-"))
+    data = write_quadruplets(root / "quadruplets", rows, size)
+    common = [f"data.path={data}", f"data.size={size}", f"output.storage_path={root}"]
+    run(load_config(SftConfig, None, [*common, "train.steps=1", "output.name=sft"]))
+    seconds = {}
+    for label, every in (("every step", 1), ("at the end", steps)):
+        cfg = load_config(SfoConfig, None, [
+            *common, f"train.steps={steps}", f"train.report_every={every}", "train.optimizer=adamw", "train.lr=1e-4",
+            f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}", f"output.name=sfo-{every}"])
+        run(cfg)
+        times = [json.loads(line)["time"] for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+        seconds[label] = statistics.median(b - a for a, b in zip(times[1:], times[2:]))  # steps 2.. (no start-up)
+    if started_ray:
+        ray.shutdown()
+    return seconds
+
+
 def _samples_per_s(step, batch: int, repeats: int) -> float:
     """``step()`` once to warm up, then ``repeats`` times timed: samples per second at ``batch`` per step."""
     step()
