@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.common import init_ray, ray_data_progress
+from pipelines.common import distinct_rows, init_ray, ray_data_progress
 from pipelines.config import ConfigError, job_main
 from pipelines.dpo_dino import DpoDinoGenerator
 from pipelines.negatives import (  # noqa: F401 - the job's config and generator, re-exported
@@ -94,8 +94,7 @@ def cache_fits(config: CdnsConfig, files: list[Path]) -> bool:
 
     if not set(CACHE_COLUMNS) <= set(pq.read_schema(files[0]).names):
         return False
-    table = pq.ParquetDataset(files).read(columns=["cache_model", "cache_size"])
-    made = set(zip(table["cache_model"].to_pylist(), table["cache_size"].to_pylist()))
+    made = distinct_rows(files, ["cache_model", "cache_size"])
     wanted = (model_identity(config.model.source), config.cdns.size)
     if config.cdns.mode == DPO_DINO_MODE or made != {wanted}:
         why = (f"mode {DPO_DINO_MODE} does not carry caches" if config.cdns.mode == DPO_DINO_MODE else

@@ -67,6 +67,16 @@ def use_torch_threads(scaling: ScalingConfig) -> None:
         torch.set_num_threads(scaling.torch_threads)
 
 
+def distinct_rows(source, columns: list[str]) -> set[tuple]:
+    """The distinct value tuples of ``columns`` over a Parquet file, folder or list of files (what a cache or
+    stored scores were made for: one tuple when they all fit one job)."""
+    import pyarrow.dataset as pads
+
+    table = pads.dataset(source if isinstance(source, (str, Path)) else [str(p) for p in source],
+                         format="parquet").to_table(columns=columns)
+    return set(zip(*(table[c].to_pylist() for c in columns)))
+
+
 def score_fingerprint(model_source: str, ref_adapter: str | Path, size: int, sampling) -> str:
     """What stored reference errors (``sfo.records.SCORE_FIELDS``) hold for: the model, the "ref" adapter's
     weight file (its bytes), the image size and the timestep scheme (``sfo.timesteps.TimestepSampling``)."""

@@ -18,8 +18,8 @@ import pyarrow as pa
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, score_fingerprint, use_torch_threads
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.modes import SamplingMode
-from sfo.timesteps import TimestepSampling
 from sfo.records import QUADRUPLET_SCHEMA, SCORE_FIELDS, TRIPLET_SCHEMA
+from sfo.timesteps import TimestepSampling
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 SEED_BITS = 31  # per-sample seeds fit torch.Generator and int64 columns on every platform

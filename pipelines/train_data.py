@@ -16,7 +16,7 @@ import ray
 import ray.train
 import torch
 
-from pipelines.common import score_fingerprint
+from pipelines.common import distinct_rows, score_fingerprint
 from pipelines.train_config import SfoConfig, TrainConfig
 from sfo.latents import encode_images
 from sfo.models import model_identity
@@ -46,10 +46,9 @@ def use_scores(cfg: TrainConfig) -> bool:
         print(f"[{cfg.stage}] data.path: stored reference errors unused (they serve Eq. 3 with the ref model as "
               "reference, sfo.variant=sfo)", flush=True)
         return False
-    made = set(pads.dataset(cfg.data.path, format="parquet").to_table(columns=["score_fingerprint"])[
-        "score_fingerprint"].to_pylist())
+    made = distinct_rows(cfg.data.path, ["score_fingerprint"])
     wanted = score_fingerprint(cfg.model.source, cfg.model.ref_adapter, cfg.data.size, cfg.sampling)
-    if made != {wanted}:
+    if made != {(wanted,)}:
         print(f"[{cfg.stage}] data.path: stored reference errors were made for another model, ref adapter, size or "
               "timestep scheme than this job's (model.source, model.ref_adapter, data.size, sfo.scheme/mean/std); "
               "running the reference pass", flush=True)
@@ -87,11 +86,9 @@ def use_cache(cfg: TrainConfig) -> bool:
     Decided once, in the driver: a cache made with another model or size is reported here (one
     line) and the job encodes the PNGs instead.
     """
-    dataset = pads.dataset(cfg.data.path, format="parquet")
-    if not set(CACHE_COLUMNS) <= set(dataset.schema.names):
+    if not set(CACHE_COLUMNS) <= set(pads.dataset(cfg.data.path, format="parquet").schema.names):
         return False
-    table = dataset.to_table(columns=["cache_model", "cache_size"])
-    made = set(zip(table["cache_model"].to_pylist(), table["cache_size"].to_pylist()))
+    made = distinct_rows(cfg.data.path, ["cache_model", "cache_size"])
     wanted = (model_identity(cfg.model.source), cfg.data.size)
     if made != {wanted}:
         print(f"[{cfg.stage}] data.path: cached latents/embeddings were made with (model, size) {sorted(made)}, "
