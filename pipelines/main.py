@@ -26,6 +26,7 @@ from pathlib import Path
 
 from cluster.chain import evaluation_methods, paths, stage_overrides
 from pipelines.config import load_config
+from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -54,11 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="SFO's configuration: 'world' (default for the shapes world: the 'sfo' LoRA on the reference "
                              "tokens only, the best found there; README) or 'paper' (the paper's recipe as written; "
                              "default for other models)")
-    parser.add_argument("--mode", choices=("standard", "decoupled", "dual-branch"), default="standard",
+    parser.add_argument("--mode", choices=MODES, default="standard",
                         help="how the reference enters sampling in the evaluation and the served request (sfo.modes): "
                              "standard (default, the paper), decoupled (EZIGen) or dual-branch (DCI)")
-    parser.add_argument("--switch", type=float, default=0.7,
-                        help="decoupled / dual-branch: the time t in (0, 1] where the second phase begins (default 0.7)")
+    parser.add_argument("--switch", type=float, default=DEFAULT_SWITCH,
+                        help="decoupled / dual-branch: the time t in (0, 1] where the second phase begins "
+                             f"(default {DEFAULT_SWITCH})")
     parser.add_argument("--num-cpus", type=int, default=4,
                         help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
     args = parser.parse_args(argv)
@@ -76,8 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "eval_seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 < args.switch <= 1:
-        parser.error(f"--switch: a time in (0, 1] (1 = pure noise), got {args.switch}")
+    try:
+        SamplingMode(mode=args.mode, switch=args.switch)  # sfo.modes' own checks
+    except ValueError as exc:
+        parser.error(f"--{str(exc).removeprefix('sampling.')}")
     if args.size < 16 or args.size % 16:
         parser.error("--size must be a positive multiple of 16")
     if args.out is not None and args.out.exists():

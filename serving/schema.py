@@ -26,6 +26,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sfo.degrade import generic_subject_text
+from sfo.modes import DEFAULT_SWITCH, SamplingMode
 
 PIXEL_MULTIPLE = 16  # FLUX: VAE 8x compression times 2x2 token packing (sfo.models.FluxModel.pixel_multiple)
 MAX_SEED = 2**32 - 1  # JSON-safe in every client; torch.Generator takes any of them
@@ -107,7 +108,7 @@ class GenerateParams(BaseModel):
                                                '"decoupled" (EZIGen: layout without it, then appearance rounds) or '
                                                '"dual-branch" (DCI: reference branch on the subject\'s tokens early on)')
     switch: float | None = Field(None, description="decoupled / dual-branch: the time t in (0, 1] where the second "
-                                                   "phase begins (default 0.7)")
+                                                   f"phase begins (default {DEFAULT_SWITCH})")
     subject: str | None = Field(None, description="dual-branch: the words naming the subject in the prompt; the "
                                                   "auxiliary branch reads the prompt with them replaced by 'object'")
 
@@ -132,7 +133,7 @@ class Job:
     adapter: str
     image_guidance: float = 1.0
     mode: str = "standard"
-    switch: float = 0.7
+    switch: float = DEFAULT_SWITCH
     auxiliary_prompt: str | None = None  # dual-branch: the prompt with the subject's words replaced
 
     @property
@@ -310,9 +311,11 @@ def _resolve(params: GenerateParams, image: bytes, limits: Limits) -> Job:
     seed = random.SystemRandom().randrange(MAX_SEED - limits.max_num_images) if params.seed is None else params.seed
     if not 0 <= seed <= MAX_SEED - params.num_images + 1:
         raise RequestError("seed", f"must be in [0, {MAX_SEED - params.num_images + 1}], got {seed}")
-    switch = 0.7 if params.switch is None else params.switch
-    if not (math.isfinite(switch) and 0 < switch <= 1):
-        raise RequestError("switch", f"must be a time in (0, 1] (1 = pure noise), got {switch}")
+    switch = DEFAULT_SWITCH if params.switch is None else params.switch
+    try:
+        SamplingMode(mode=params.mode, switch=switch)  # sfo.modes' own checks
+    except ValueError as exc:
+        raise RequestError("switch", str(exc).removeprefix("sampling.switch: ")) from None
     auxiliary = None
     if params.subject is not None:
         if not params.subject.strip() or params.subject not in params.prompt:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 
 MODES = ("standard", "decoupled", "dual-branch")
+DEFAULT_SWITCH = 0.7
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class SamplingMode:
     ``standard`` (decoupled: with ``max_rounds`` 1)."""
 
     mode: str = "standard"
-    switch: float = 0.7
+    switch: float = DEFAULT_SWITCH
     min_rounds: int = 3  # decoupled: appearance passes per sample, at least ... (EZIGen: 3)
     max_rounds: int = 10  # ... and at most (EZIGen: 10)
     tolerance: float = 0.01  # decoupled: stop when the latent changes by less (mean |change|) between rounds
