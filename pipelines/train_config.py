@@ -62,8 +62,10 @@ class TrainLoopConfig:
     grad_accum: int = 1
     max_grad_norm: float = 1.0  # 0 disables clipping
     checkpoint_every: int = 0  # 0: one checkpoint at the end only
-    report_every: int = 10  # ray.train.report every N steps (a round trip to the controller, ~1 s on a
-    #                         laptop); metrics.jsonl gets every step, the last step is always reported
+    report_every: int = 1  # ray.train.report at most every N steps and ...
+    report_interval_s: float = 2.0  # ... at most every S seconds: Ray Train's controller takes one report per poll
+    #   (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default), so a sooner one blocks the step until the next poll.
+    #   metrics.jsonl gets every step; the last step is always reported
     gradient_checkpointing: bool = False
     seed: int = 0
     shuffle_buffer: int = 1024  # rows of Ray Data's local shuffle buffer, reseeded every epoch from (seed, epoch,
@@ -76,6 +78,8 @@ class TrainLoopConfig:
         for name in ("steps", "batch_size", "grad_accum", "report_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if not self.report_interval_s >= 0:
+            raise ValueError(f"train.report_interval_s: must be >= 0 seconds, got {self.report_interval_s}")
         if self.checkpoint_every < 0:
             raise ValueError(f"train.checkpoint_every: must be >= 0, got {self.checkpoint_every}")
         if self.shuffle_buffer < 0:

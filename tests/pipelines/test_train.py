@@ -268,6 +268,7 @@ def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path):
     ("sfo.variant=bogus", "sfo.variant"),
     ("deepspeed.zero_stage=1", "deepspeed.zero_stage"),
     ("train.report_every=0", "train.report_every"),
+    ("train.report_interval_s=-1", "train.report_interval_s"),
     ("data.path=", "data.path"),
     ("scaling.num_workers=2", "train.optimizer"),  # prodigy + ZeRO sharding on CPU is refused
 ])
@@ -363,3 +364,21 @@ def test_metrics_log_keeps_each_step_once_across_attempts(tmp_path):
     assert start_metrics_log(log, 4) == 3 and _steps(tmp_path) == [1, 2, 3, 4]
     assert start_metrics_log(log, 0) == 3 and log.read_text() == ""
     assert start_metrics_log(tmp_path / "fresh" / "metrics.jsonl", 0) == 1
+
+
+def test_reports_are_due_every_n_steps_but_never_sooner_than_the_interval():
+    from pipelines.train import ReportCadence
+
+    now = [0.0]
+    cadence = ReportCadence(every=2, interval_s=2.0, clock=lambda: now[0])
+    assert not cadence.due(1)  # not a multiple of every
+    assert cadence.due(2)  # nothing reported yet: due at once
+    cadence.reported()
+    now[0] = 1.9
+    assert not cadence.due(4)  # the controller has not polled since: it would block
+    now[0] = 2.0
+    assert cadence.due(4) and not cadence.due(5)
+    cadence.reported()
+    now[0] = 100.0
+    assert cadence.due(6)
+    assert all(ReportCadence(every=1, interval_s=0.0, clock=lambda: 0.0).due(step) for step in range(1, 5))
