@@ -81,7 +81,7 @@ class Stage:
     def entrypoint(self) -> str:
         scaling = []
         if self.workers:
-            scaling = [f"scaling.use_gpu=true", f"scaling.num_workers={self.workers}",
+            scaling = ["scaling.use_gpu=true", f"scaling.num_workers={self.workers}",
                        f"scaling.gpus_per_worker={self.gpus_per_worker:g}",
                        f"scaling.cpus_per_worker={self.cpus_per_worker:g}"]
         parts = ["python", "-m", f"pipelines.{self.name}", "--config", f"pipelines/configs/{self.name}.yaml",
