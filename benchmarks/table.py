@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print(rows[-1], flush=True)
     serve = serve_latency.p50_ratio()
     rows.append(("Serve", "HTTP p50 / direct p50", serve["http_p50_s"] / serve["direct_p50_s"], "<= 1.1",
-                 f"{serve['http_p50_s'] * 1000:.0f} vs {serve['direct_p50_s'] * 1000:.0f} ms, 128 px, 24 steps"))
+                 f"{serve['http_p50_s'] * 1000:.0f} vs {serve['direct_p50_s'] * 1000:.0f} ms, 64 px, 80 steps"))
 
     print(f"\n{platform.processor() or platform.machine()}, {cores} cores, tiny model, CPU")
     print("| stage | ratio | measured | target | detail |\n|---|---|---|---|---|")
