@@ -95,19 +95,19 @@ def _replicas(serve, app: str = "sfo", deployment: str = "FluxGenerator") -> dic
     return {str(k): v for k, v in status.deployments[deployment].replica_states.items()}
 
 
-def _start_app(adapters: Path, size: int, steps: int = 50) -> str:
+def _start_app(adapters: Path, size: int, steps: int) -> str:
     """Serve's HTTP proxy on a free local port and the app on ``adapters`` (tiny model), accepting requests of
-    up to ``steps`` sampling steps; returns its URL."""
+    ``steps`` sampling steps; returns its URL."""
     from ray import serve
 
-    from serving.app import build_app
+    from serving.app import AppArgs, build_app
 
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": HOST, "port": port})
     serve.run(build_app({"model": "tiny", "adapters": str(adapters), "max_side": max(size, 64), "default_side": size,
-                         "max_steps": max(steps, 50)}),
+                         "max_steps": max(steps, AppArgs.model_fields["max_steps"].default)}),
               name="sfo", route_prefix="/")
     return f"http://{HOST}:{port}"
 
@@ -194,7 +194,7 @@ def main() -> None:
                 "steps": args.steps, "width": args.size, "height": args.size}
         ray.init(address="local", num_cpus=4, include_dashboard=False)
         try:
-            url = _start_app(adapters, args.size)
+            url = _start_app(adapters, args.size, args.steps)
             _http_phase(url, body, 1, 2)  # warm-up
             for clients in args.clients:
                 lat, wall, failures = _http_phase(url, body, clients, requests)

@@ -16,6 +16,7 @@ import json
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -48,25 +49,39 @@ def write_quadruplets(folder: Path, rows: int, size: int) -> str:
     return str(folder)
 
 
-def worker_rates(steps: int = 6, size: int = 32, rows: int = 16) -> dict[int, float]:
-    """Median samples/s of the sfo job's steps after the first, with 1 and 2 Ray Train workers."""
+@contextmanager
+def _sfo_runs(prefix: str, size: int, rows: int):
+    """Synthetic quadruplets and a one-step "ref" adapter (sft) on a local Ray, unless one is up; yields
+    ``sfo(name, *overrides)``, which runs the sfo job (adamw) on them and returns its metrics.jsonl lines."""
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)  # not a dev cluster left running
-    root = Path(tempfile.mkdtemp(prefix="sfo-throughput-"))
+    root = Path(tempfile.mkdtemp(prefix=prefix))
     data = write_quadruplets(root / "quadruplets", rows, size)
     common = [f"data.path={data}", f"data.size={size}", f"output.storage_path={root}"]
     run(load_config(SftConfig, None, [*common, "train.steps=1", "output.name=sft"]))
-    rates = {}
-    for workers in (1, 2):
-        cfg = load_config(SfoConfig, None, [
-            *common, f"train.steps={steps}", f"scaling.num_workers={workers}", "train.optimizer=adamw",
-            "train.lr=1e-4", f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}", f"output.name=sfo-{workers}"])
+
+    def sfo(name: str, *overrides: str) -> list[dict]:
+        cfg = load_config(SfoConfig, None, [*common, "train.optimizer=adamw", "train.lr=1e-4",
+                                            f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}",
+                                            f"output.name={name}", *overrides])
         run(cfg)
-        log = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
-        rates[workers] = statistics.median(m["samples_per_s"] for m in log[1:] or log)
-    if started_ray:
-        ray.shutdown()
+        return [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    try:
+        yield sfo
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def worker_rates(steps: int = 6, size: int = 32, rows: int = 16) -> dict[int, float]:
+    """Median samples/s of the sfo job's steps after the first, with 1 and 2 Ray Train workers."""
+    rates = {}
+    with _sfo_runs("sfo-throughput-", size, rows) as sfo:
+        for workers in (1, 2):
+            log = sfo(f"sfo-{workers}", f"train.steps={steps}", f"scaling.num_workers={workers}")
+            rates[workers] = statistics.median(m["samples_per_s"] for m in log[1:] or log)
     return rates
 
 
@@ -75,26 +90,14 @@ def report_overhead(steps: int = 60, size: int = 32, rows: int = 16, no_wait_ste
     start-up, no final checkpoint) of the sfo job, one worker, same data and seed, reporting to Ray Train:
     every step with no interval (the cause: each report waits for the controller's next poll), with the
     default cadence (``train.report_every=1``, ``train.report_interval_s=2``), and only at the end."""
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)
-    root = Path(tempfile.mkdtemp(prefix="sfo-report-"))
-    data = write_quadruplets(root / "quadruplets", rows, size)
-    common = [f"data.path={data}", f"data.size={size}", f"output.storage_path={root}"]
-    run(load_config(SftConfig, None, [*common, "train.steps=1", "output.name=sft"]))
     seconds = {}
     arms = (("every step, no interval", 1, 0.0, no_wait_steps), ("default cadence", 1, 2.0, steps),
             ("at the end", steps, 2.0, steps))
-    for label, every, interval, n in arms:
-        cfg = load_config(SfoConfig, None, [
-            *common, f"train.steps={n}", f"train.report_every={every}", f"train.report_interval_s={interval}",
-            "train.optimizer=adamw", "train.lr=1e-4", f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}",
-            f"output.name=sfo-{len(seconds)}"])
-        run(cfg)
-        times = [json.loads(line)["time"] for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
-        seconds[label] = (times[-2] - times[1]) / (len(times) - 3)
-    if started_ray:
-        ray.shutdown()
+    with _sfo_runs("sfo-report-", size, rows) as sfo:
+        for label, every, interval, n in arms:
+            times = [m["time"] for m in sfo(f"sfo-{len(seconds)}", f"train.steps={n}", f"train.report_every={every}",
+                                            f"train.report_interval_s={interval}")]
+            seconds[label] = (times[-2] - times[1]) / (len(times) - 3)
     return seconds
 
 
