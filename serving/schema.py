@@ -26,7 +26,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sfo.degrade import generic_subject_text
-from sfo.modes import DEFAULT_SWITCH, SamplingMode
+from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
 
 PIXEL_MULTIPLE = 16  # FLUX: VAE 8x compression times 2x2 token packing (sfo.models.FluxModel.pixel_multiple)
 MAX_SEED = 2**32 - 1  # JSON-safe in every client; torch.Generator takes any of them
@@ -36,7 +36,7 @@ MAX_JSON_DEPTH = 32
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a complete JSON string literal (unrolled loop)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 Adapter = Literal["sfo", "ref"]  # "sfo" = base + ref + sfo (the SFO policy), "ref" = base + ref (the SFT base)
-Mode = Literal["standard", "decoupled", "dual-branch"]  # sfo.modes.MODES
+Mode = Literal[MODES]  # sfo.modes.MODES: a tuple subscript is the same as listing them
 
 
 class RequestError(ValueError):
