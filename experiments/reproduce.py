@@ -21,7 +21,8 @@
 Stages: pretrain (cached) -> prepare (shapes triplets) -> per training seed: sft -> cdns per
 negative set -> sfo per arm; then evaluate_shapes (every method of every seed, one model, the same
 held-out cells) -> App. A. Each stage is the job ``python -m pipelines.<stage>`` runs, called in this
-driver on one local Ray. Each method is reported as its mean over seeds and its paired difference
+driver on one local Ray (`--cores`: one single-threaded sampling actor per core, that many torch threads
+in the one training worker). Each method is reported as its mean over seeds and its paired difference
 against the same seed's SFT base on the same cells (``sfo.stats``: a difference is claimed at >= 3
 standard errors). Prints the tables and the wall time of every stage; writes ``results.json`` and
 ``report.md`` under the run folder.
@@ -37,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -49,6 +51,7 @@ from experiments.plan import (  # noqa: F401 - the plan's names, re-exported for
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,9 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/reproduce-<date>-<time>)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds: each runs sft, cdns and sfo with "
                         "its seed; every method is evaluated on the same held-out cells (default 0)")
-    parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the local Ray (default 4)")
+    parser.add_argument("--cores", type=int, default=CORES,
+                        help="cores to use: the sampling stages (cdns, evaluation) run one single-threaded actor per core, "
+                             f"the one training worker runs this many torch threads (default: this machine's, {CORES})")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default: twice --cores, at least 4)")
     args = parser.parse_args(argv)
     args.experiments = [e for e in args.only.split(",") if e]
+    if args.cores < 1:
+        parser.error(f"--cores: must be at least 1, got {args.cores}")
+    args.num_cpus = args.num_cpus or max(4, 2 * args.cores)
     try:
         args.seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> dict:
             tag = f" (seed {seed})" if len(args.seeds) > 1 else ""
             ref = root / "train" / "sft" / "adapters" / "ref"
             train_common = common + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={seed}",
-                                    f"output.storage_path={root / 'train'}"]
+                                    f"output.storage_path={root / 'train'}", f"scaling.torch_threads={args.cores}"]
             for name, steps in {"sft": budget.sft_steps, **the_plan.sft_runs}.items():
                 stages(f"{name}{tag}", lambda c=train_common, n=name, k=steps: train.run(load_config(
                     SftConfig, CONFIGS / "sft.yaml", c + [f"data.path={triplets}", f"output.name={n}", f"train.steps={k}"])))
@@ -144,6 +154,7 @@ def run(args: argparse.Namespace) -> dict:
                     CdnsConfig, CONFIGS / "cdns.yaml", common + [
                         f"model.ref_adapter={r}", f"data.input={triplets}", f"data.output={d}", f"cdns.size={SIZE}",
                         f"cdns.steps={budget.sample_steps}", f"cdns.seed={s}", "cdns.batch_size=16",
+                        f"scaling.num_workers={args.cores}",
                         *[f"{k}={v}" for k, v in o.items()]])))
             for name in the_plan.negatives:
                 results["pairs"][f"{name}@{seed}"] = negative_pairs(root / "data" / name)
@@ -160,7 +171,7 @@ def run(args: argparse.Namespace) -> dict:
                          "sfo_adapter": str(root / "train" / n / "adapters" / "sfo")} for n in the_plan.arms]
         evaluation = load_config(ShapesEvaluateConfig, CONFIGS / "evaluate_shapes.yaml", common + [
             f"output={runs / 'evaluate'}", f"eval.subjects={budget.eval_subjects}", f"eval.seeds={budget.eval_seeds}",
-            f"eval.steps={budget.sample_steps}"])
+            f"eval.steps={budget.sample_steps}", f"scaling.num_workers={args.cores}"])
         evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]
         stages("evaluate", lambda: evaluate_shapes.run(evaluation))
         table = evaluate_shapes.read_images(evaluation.output, [m["name"] for m in methods])

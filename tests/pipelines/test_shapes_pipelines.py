@@ -164,6 +164,15 @@ def test_seeds_are_parsed_and_checked():
             reproduce.parse_args(["--seeds", bad])
 
 
+def test_cores_size_the_local_ray_unless_it_is_given():
+    assert reproduce.parse_args(["--cores", "3"]).num_cpus == 6  # one 0.5-CPU actor per core, room for Ray Data's tasks
+    assert reproduce.parse_args(["--cores", "1"]).num_cpus == 4
+    assert reproduce.parse_args(["--cores", "3", "--num-cpus", "8"]).num_cpus == 8
+    assert reproduce.parse_args([]).cores == reproduce.CORES >= 1
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--cores", "0"])
+
+
 def test_aggregate_pairs_each_seed_with_its_own_sft():
     """Two seeds, two cells each. subject: sft@0 = [1, 0], x@0 = [1, 1]; sft@1 = [0, 0], x@1 = [1, 0].
     Per-seed paired diffs: +0.5 (d = [0, 1]) and +0.5 (d = [1, 0]), each se 0.5 -> mean +0.5,
