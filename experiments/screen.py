@@ -62,6 +62,8 @@ ARMS: dict[str, Arm] = {
     # the world preset's placement (lora.scope=condition) with its rivals and the remedies left to try
     "sfo-self-play-cond": Arm(negatives="self-play", scope="condition"),
     "sfo-cdns-cond-dpop": Arm(scope="condition", anchor="dpop", anchor_weight=5.0),
+    "sfo-cdns-cond-dpop1": Arm(scope="condition", anchor="dpop", anchor_weight=1.0),  # the hinge's dose: 5 held the
+    "sfo-cdns-cond-dpop0.25": Arm(scope="condition", anchor="dpop", anchor_weight=0.25),  # positive and lost the gain
     "sfo-cdns-cond-filtered": Arm(scope="condition", oracle_filter=True),
     "sfo-cdns-cond-filtered-dpop": Arm(scope="condition", oracle_filter=True, anchor="dpop", anchor_weight=5.0),
 }

@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.sfo_diagnostics", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes", help="'shapes', 'tiny' or a local FLUX.1-dev folder")
-    parser.add_argument("--adapters", required=True, help="the sfo job's adapters folder (holding ref/ and sfo/)")
+    parser.add_argument("--adapters", required=True, help="the sfo job's adapters folder (holding sfo/, and ref/ "
+                        "unless --ref is given)")
+    parser.add_argument("--ref", default=None, help="the 'ref' adapter folder (default: ADAPTERS/ref)")
     parser.add_argument("--data", required=True, help="quadruplet Parquet (a cdns output)")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--draws", type=int, default=4, help="noises per row at each t (default 4)")
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--t", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     args = parser.parse_args(argv)
     model = load_flux(args.model, device="cpu")
-    for name in (A.REF, A.SFO):
-        A.load_adapter(model.transformer, f"{args.adapters}/{name}", name)
+    A.load_adapter(model.transformer, args.ref or f"{args.adapters}/{A.REF}", A.REF)
+    A.load_adapter(model.transformer, f"{args.adapters}/{A.SFO}", A.SFO)
     rows = pads.dataset(args.data, format="parquet").head(args.rows).to_pylist()
     for r in rows:
         for key in ("reference_png", "target_png", "negative_png"):
