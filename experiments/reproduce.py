@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, replace
@@ -263,6 +264,7 @@ def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[
     return out
 
 
+RADIUS_ARM = re.compile(r"sfo-cdns-r(\d+(?:\.\d+)?)")  # Table B's arms (not sfo-cdns-rpo, the RPO anchor)
 RIVALS = {"sfo-cdns": ["sfo-self-play", "sft-additional", "sfo-cdns-all", "sfo-cdns-condition", "sfo-cdns-filtered"]}
 
 
@@ -300,7 +302,7 @@ def format_results(results: dict) -> str:
     table("Table 4: negatives", ["base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns"])
     table("Table C: timesteps (SFO, CDNS)", ["sft", "sfo-cdns", "sfo-cdns-uniform"])
     table("Table B: blur radius of CDNS (world pixels; sfo-cdns is radius 2)",
-          ["sft"] + sorted((n for n in methods if n.startswith("sfo-cdns-r")), key=lambda n: float(n[len("sfo-cdns-r"):]))
+          ["sft"] + sorted((n for n in methods if RADIUS_ARM.fullmatch(n)), key=lambda n: float(RADIUS_ARM.fullmatch(n)[1]))
           + ["sfo-cdns"])
     table(f"beta (SFO, CDNS; sfo-cdns is beta {results['budget']['beta']:g})",
           ["sft"] + [n for n in methods if n.startswith("sfo-cdns-beta")] + ["sfo-cdns"])

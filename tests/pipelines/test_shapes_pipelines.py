@@ -173,6 +173,18 @@ def test_cores_size_the_local_ray_unless_it_is_given():
         reproduce.parse_args(["--cores", "0"])
 
 
+def test_report_keeps_blur_radii_and_anchors_apart():
+    """Table B and the anchors in one run: sfo-cdns-rpo is the RPO anchor, not a blur radius ("po")."""
+    entry = {"images": 512, "stderr": dict.fromkeys(("subject", "fine", "coarse", "text"), 0.01), "paired_vs_sft": {},
+             **dict.fromkeys(("subject", "fine", "coarse", "text"), 0.2)}
+    names = ["sft", "sfo-cdns", "sfo-cdns-r4", "sfo-cdns-r0.5", "sfo-cdns-rpo", "sfo-cdns-dpop"]
+    report = reproduce.format_results({"budget": {"beta": 1000.0}, "seconds": {}, "methods": dict.fromkeys(names, entry)})
+    table_b = report.split("## Table B")[1].split("##")[0]
+    assert [line.split(" | ")[0] for line in table_b.splitlines() if line.startswith("| sfo")] == [
+        "| sfo-cdns-r0.5", "| sfo-cdns-r4", "| sfo-cdns"]
+    assert "| sfo-cdns-rpo |" in report.split("## Positive anchors")[1]
+
+
 def test_aggregate_pairs_each_seed_with_its_own_sft():
     """Two seeds, two cells each. subject: sft@0 = [1, 0], x@0 = [1, 1]; sft@1 = [0, 0], x@1 = [1, 0].
     Per-seed paired diffs: +0.5 (d = [0, 1]) and +0.5 (d = [1, 0]), each se 0.5 -> mean +0.5,
