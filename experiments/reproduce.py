@@ -59,8 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
-                        help="full: the README's numbers (on 2 cores: --only table4 about 12 min per training seed, from the full run's stage times; every "
-                             "experiment in one run 79 min with --cores 2); tiny: machinery check (minutes)")
+                        help="full: the README's numbers (on 2 cores: every experiment in one run 79 min; --only table4 "
+                             "about 12 min per training seed, from that run's stage times); tiny: machinery check (minutes)")
     parser.add_argument("--only", default=",".join(EXPERIMENTS),
                         help=f"comma-separated experiments (default: all of {','.join(EXPERIMENTS)})")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="world",
