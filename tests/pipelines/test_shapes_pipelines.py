@@ -259,7 +259,8 @@ def test_cdns_oracle_filter_drops_the_pairs_whose_negative_kept_the_reference_de
 
 def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
     out = tmp_path / "run"
-    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--out", str(out)]) == 0
+    # --cores 1: the fixture's Ray has 4 logical CPUs, whatever this machine's cores (one 0.5-CPU actor per core)
+    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--cores", "1", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
