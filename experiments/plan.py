@@ -63,9 +63,10 @@ class Plan:
     sft_runs: dict[str, int] = field(default_factory=dict)  # extra SFT bases (name -> steps), evaluated beside "sft"
 
 
-def plan(experiments: list[str], budget: Budget, preset: str = "paper") -> Plan:
+def plan(experiments: list[str], budget: Budget, preset: str = "paper", overrides: list[str] = ()) -> Plan:
+    """The plan of ``experiments``: every SFO arm gets the preset's overrides, then ``overrides``, then its own."""
     p = Plan()
-    common = PRESETS[preset]
+    common = PRESETS[preset] + list(overrides)
 
     def cdns(radius: float) -> str:
         name = f"cdns-r{radius:g}"

@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="world",
                         help="world (default): the best configuration found here, the second LoRA on the reference "
                              "tokens only; paper: the paper's recipe as written")
+    parser.add_argument("--set", dest="sfo_set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of every SFO arm's config, after the preset's (an arm's own overrides win); "
+                             "repeatable, e.g. --set sfo.anchor=dpop --set sfo.anchor_weight=1")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/reproduce-<date>-<time>)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds: each runs sft, cdns and sfo with "
                         "its seed; every method is evaluated on the same held-out cells (default 0)")
@@ -88,9 +91,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.experiments) - set(EXPERIMENTS))
     if unknown or not args.experiments:
         parser.error(f"--only: unknown experiment(s) {unknown}; use some of {','.join(EXPERIMENTS)}")
+    try:
+        check_sfo_overrides(args.sfo_set)
+    except ValueError as err:
+        parser.error(f"--set: {err}")
     if args.out is not None and args.out.exists():
         parser.error(f"--out {args.out} exists already; pick a new folder")
     return args
+
+
+def check_sfo_overrides(overrides: list[str]) -> None:
+    """Raises ``ValueError`` naming the override when the sfo job's config would refuse it (before any stage runs)."""
+    from pipelines.train_config import SfoConfig
+
+    load_config(SfoConfig, CONFIGS / "sfo.yaml", ["data.path=unchecked", "model.ref_adapter=unchecked", *overrides])
 
 
 class Stages:
@@ -122,11 +136,11 @@ def run(args: argparse.Namespace) -> dict:
     budget = BUDGETS[args.budget]
     runs = (args.out or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S")).resolve()
     runs.mkdir(parents=True)
-    stages, the_plan = Stages(), plan(args.experiments, budget, args.preset)
+    stages, the_plan = Stages(), plan(args.experiments, budget, args.preset, args.sfo_set)
     common = ["model.source=shapes"]
     triplets = runs / "data" / "triplets"
     results: dict = {"budget": asdict(budget), "seeds": args.seeds, "experiments": args.experiments,
-                     "preset": args.preset, "preset_overrides": PRESETS[args.preset]}
+                     "preset": args.preset, "preset_overrides": PRESETS[args.preset] + args.sfo_set}
 
     stages("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=budget.pretrain_steps)))
     jobs = [e for e in args.experiments if e != "appA"]

@@ -164,6 +164,18 @@ def test_seeds_are_parsed_and_checked():
             reproduce.parse_args(["--seeds", bad])
 
 
+def test_set_overrides_every_sfo_arm_after_the_preset_and_is_checked_before_any_stage(capsys):
+    args = reproduce.parse_args(["--set", "sfo.anchor=dpop", "--set", "sfo.anchor_weight=1", "--only", "table4,anchor"])
+    assert args.sfo_set == ["sfo.anchor=dpop", "sfo.anchor_weight=1"]
+    arms = reproduce.plan(args.experiments, reproduce.BUDGETS["full"], "world", args.sfo_set).arms
+    assert arms["sfo-self-play"] == ["lora.scope=condition", "sfo.anchor=dpop", "sfo.anchor_weight=1"]
+    assert arms["sfo-cdns-rpo"][-2:] == ["sfo.anchor=rpo", "sfo.anchor_weight=1000.0"]  # the arm's own win
+    for bad, named in (["sfo.anchor=dpx"], "sfo.anchor"), (["sfo.anchr=dpop"], "anchr"), (["sfo.anchor"], "section.key=value"):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(["--set", *bad])
+        assert "--set" in (err := capsys.readouterr().err) and named in err
+
+
 def test_cores_size_the_local_ray_unless_it_is_given():
     assert reproduce.parse_args(["--cores", "3"]).num_cpus == 6  # one 0.5-CPU actor per core, room for Ray Data's tasks
     assert reproduce.parse_args(["--cores", "1"]).num_cpus == 4
