@@ -19,12 +19,13 @@
 4. App. A (Fig. A): share of a target colour under SFT (positives only) vs SFO (with negatives).
 
 Stages: pretrain (cached) -> prepare (shapes triplets) -> per training seed: sft -> cdns per
-negative set -> sfo per arm; then evaluate_shapes (every method of every seed, one model, the same
-held-out cells) -> App. A. Each stage is the job ``python -m pipelines.<stage>`` runs, called in this
-driver on one local Ray (`--cores`: one single-threaded sampling actor per core, that many torch threads
-in the one training worker). Each method is reported as its mean over seeds and its paired difference
-against the same seed's SFT base on the same cells (``sfo.stats``: a difference is claimed at >= 3
-standard errors). Prints the tables and the wall time of every stage; writes ``results.json`` and
+negative set -> longer SFT bases and sfo arms; then evaluate_shapes (every method of every seed, one
+model, the same held-out cells) -> App. A. Each stage is the job ``python -m pipelines.<stage>`` runs,
+called in this driver on one local Ray (`--cores`: one single-threaded sampling actor per core; the SFT
+base trains with that many torch threads, then a seed's other training jobs run side by side, one
+single-threaded job per core: ``experiments.stages``). Each method is reported as its mean over
+seeds and its paired difference against the same seed's SFT base on the same cells (``sfo.stats``: a
+difference is claimed at >= 3 standard errors). Prints the tables and the wall time of every stage; writes ``results.json`` and
 ``report.md`` under the run folder.
 
 Blur radii are in pixels of the 32-pixel world. The paper blurs 512-pixel images with radius 5,
@@ -49,6 +50,7 @@ from experiments.plan import (  # noqa: F401 - the plan's names, re-exported for
     ANCHOR_WEIGHTS, BUDGETS, CDNS_RADIUS, EXPERIMENTS, IMAGE_GUIDANCE, ORACLE, PRESETS, Budget, Plan, oracle_quadruplets,
     plan,
 )
+from experiments.stages import Stages
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
@@ -74,7 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "its seed; every method is evaluated on the same held-out cells (default 0)")
     parser.add_argument("--cores", type=int, default=CORES,
                         help="cores to use: the sampling stages (cdns, evaluation) run one single-threaded actor per core, "
-                             f"the one training worker runs this many torch threads (default: this machine's, {CORES})")
+                             "the SFT base trains with this many torch threads, the other training jobs run one per core, "
+                             f"single-threaded (default: this machine's, {CORES})")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of the local Ray (default: twice --cores, at least 4)")
     args = parser.parse_args(argv)
@@ -107,21 +110,6 @@ def check_sfo_overrides(overrides: list[str]) -> None:
     load_config(SfoConfig, CONFIGS / "sfo.yaml", ["data.path=unchecked", "model.ref_adapter=unchecked", *overrides])
 
 
-class Stages:
-    """Runs named stages, printing progress and recording each one's wall time."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str, fn):
-        print(f"\n[reproduce] {name} ...", flush=True)
-        started = time.time()
-        result = fn()
-        self.seconds[name] = round(time.time() - started, 1)
-        print(f"[reproduce] {name} done in {self.seconds[name]:.0f} s", flush=True)
-        return result
-
-
 def run(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
@@ -136,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
     budget = BUDGETS[args.budget]
     runs = (args.out or Path("runs") / time.strftime("reproduce-%Y%m%d-%H%M%S")).resolve()
     runs.mkdir(parents=True)
-    stages, the_plan = Stages(), plan(args.experiments, budget, args.preset, args.sfo_set)
+    started, stages, the_plan = time.time(), Stages(), plan(args.experiments, budget, args.preset, args.sfo_set)
     common = ["model.source=shapes"]
     triplets = runs / "data" / "triplets"
     results: dict = {"budget": asdict(budget), "seeds": args.seeds, "experiments": args.experiments,
@@ -157,9 +145,9 @@ def run(args: argparse.Namespace) -> dict:
             ref = root / "train" / "sft" / "adapters" / "ref"
             train_common = common + [f"data.size={SIZE}", f"train.batch_size={budget.batch_size}", f"train.seed={seed}",
                                     f"output.storage_path={root / 'train'}", f"scaling.torch_threads={args.cores}"]
-            for name, steps in {"sft": budget.sft_steps, **the_plan.sft_runs}.items():
-                stages(f"{name}{tag}", lambda c=train_common, n=name, k=steps: train.run(load_config(
-                    SftConfig, CONFIGS / "sft.yaml", c + [f"data.path={triplets}", f"output.name={n}", f"train.steps={k}"])))
+            sft = lambda c, n, k: train.run(load_config(SftConfig, CONFIGS / "sft.yaml", c + [  # noqa: E731
+                f"data.path={triplets}", f"output.name={n}", f"train.steps={k}"]))
+            stages(f"sft{tag}", lambda c=train_common: sft(c, "sft", budget.sft_steps))
             for name, overrides in the_plan.negatives.items():
                 out = root / "data" / name
                 if name == ORACLE:
@@ -173,13 +161,18 @@ def run(args: argparse.Namespace) -> dict:
                         *[f"{k}={v}" for k, v in o.items()]])))
             for name in the_plan.negatives:
                 results["pairs"][f"{name}@{seed}"] = negative_pairs(root / "data" / name)
+            # The other training jobs side by side, one single-threaded job per core, the longest first.
+            alone = train_common + ["scaling.torch_threads=1"]  # after train_common's: wins
+            jobs = {f"{name}{tag}": lambda n=name, k=steps: sft(alone, n, k)
+                    for name, steps in sorted(the_plan.sft_runs.items(), key=lambda item: -item[1])}
             for name, overrides in the_plan.arms.items():
                 negatives = the_plan.arm_negatives[name]
                 data = root / "data" / negatives if negatives else triplets
-                stages(f"sfo {name}{tag}", lambda o=overrides, n=name, d=data, c=train_common, r=ref: train.run(load_config(
-                    SfoConfig, CONFIGS / "sfo.yaml", c + [f"data.path={d}", f"model.ref_adapter={r}", f"output.name={n}",
-                                                          f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}",
-                                                          *o])))  # o last: wins
+                jobs[f"sfo {name}{tag}"] = lambda o=overrides, n=name, d=data, r=ref: train.run(load_config(
+                    SfoConfig, CONFIGS / "sfo.yaml", alone + [f"data.path={d}", f"model.ref_adapter={r}", f"output.name={n}",
+                                                              f"train.steps={budget.sfo_steps}", f"sfo.beta={budget.beta}",
+                                                              *o]))  # o last: wins
+            stages.together(f"training{tag}", jobs, slots=args.cores)
             methods += [{"name": f"{n}@{seed}", "ref_adapter": str(root / "train" / n / "adapters" / "ref"), "active": ["ref"]}
                         for n in ("sft", *the_plan.sft_runs)]
             methods += [{"name": f"{n}@{seed}", "ref_adapter": str(ref), "active": ["ref", "sfo"],
@@ -218,7 +211,7 @@ def run(args: argparse.Namespace) -> dict:
                                                 samples=budget.colour_samples, sample_steps=budget.sample_steps,
                                                 beta=budget.beta, seed=args.seeds[0])
         results["appA"] = stages("appA", lambda: colour_shift.run(config))
-    results["seconds"] = stages.seconds
+    results["seconds"], results["wall_seconds"] = stages.seconds, round(time.time() - started, 1)
     (runs / "results.json").write_text(json.dumps(results, indent=2))
     text = format_results(results)
     (runs / "report.md").write_text(text + "\n")
@@ -351,8 +344,11 @@ def format_results(results: dict) -> str:
         lines.append("")
     if "appA" in results:
         lines.extend(["## App. A: colour shift", "", "```", format_curves(results["appA"]), "```", ""])
-    lines.extend(["## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"])
+    lines.extend(["## Wall time per stage (s; a training group's jobs ran side by side within it)", "",
+                  "| stage | seconds |", "|---|---|"])
     lines.extend(f"| {name} | {seconds:.0f} |" for name, seconds in results["seconds"].items())
+    if "wall_seconds" in results:
+        lines.append(f"| **the whole run** | **{results['wall_seconds']:.0f}** |")
     return "\n".join(lines)
 
 

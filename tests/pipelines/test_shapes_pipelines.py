@@ -271,8 +271,8 @@ def test_cdns_oracle_filter_drops_the_pairs_whose_negative_kept_the_reference_de
 
 def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
     out = tmp_path / "run"
-    # --cores 1: the fixture's Ray has 4 logical CPUs, whatever this machine's cores (one 0.5-CPU actor per core)
-    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--cores", "1", "--out", str(out)]) == 0
+    # --cores 2, not the machine's: the fixture's Ray has 4 logical CPUs (two 0.5-CPU actors, two training jobs)
+    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--cores", "2", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
@@ -286,7 +286,8 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     assert {"pretrain", "prepare", "sft", "cdns self-play", "cdns cdns-r2", "cdns cdns-r1", "sfo sfo-cdns-uniform",
             "negatives oracle-fine", "cdns image-only-r2", "sfo sfo-cdns-condition", "evaluate", "evaluate-ig2",
             "appA", "sft-2", "cdns cdns-r2-filtered", "sfo sfo-cdns-filtered", "evaluate-modes",
-            "modes throughput"} <= set(results["seconds"])
+            "modes throughput", "training"} <= set(results["seconds"])  # "training": the jobs side by side
+    assert results["wall_seconds"] >= results["seconds"]["training"]
     assert [p["step"] for p in results["appA"]["sfo"]] == [0, 1]
     assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
     assert results["pairs"]["oracle-fine@0"]["fine"] == 1.0 and results["pairs"]["oracle-fine@0"]["context"] == 0.0
