@@ -352,6 +352,11 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def cores_that_fit(cores: int, cpus: float) -> int:
+    """``--cores`` within a Ray of ``cpus`` logical CPUs: two per core, as ``--num-cpus`` sizes a Ray of its own."""
+    return max(1, min(cores, int(cpus // 2)))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
@@ -359,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+    else:  # the caller's Ray: no more actors and training jobs than its CPUs hold
+        cores = cores_that_fit(args.cores, ray.cluster_resources().get("CPU", 0))
+        if cores < args.cores:
+            print(f"[reproduce] --cores {args.cores} -> {cores}: this Ray has {ray.cluster_resources().get('CPU', 0):g} "
+                  "logical CPUs (two per core: a 0.5-CPU actor or training job, room for Ray Data's tasks)", flush=True)
+        args.cores = cores
     try:
         run(args)
     finally:

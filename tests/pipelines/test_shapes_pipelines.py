@@ -183,6 +183,8 @@ def test_cores_size_the_local_ray_unless_it_is_given():
     assert reproduce.parse_args([]).cores == reproduce.CORES >= 1
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--cores", "0"])
+    # inside a Ray the caller started: two logical CPUs per core, at least one core
+    assert [reproduce.cores_that_fit(16, cpus) for cpus in (4, 5, 64, 1)] == [2, 2, 16, 1]
 
 
 def test_report_keeps_blur_radii_and_anchors_apart():
@@ -269,10 +271,12 @@ def test_cdns_oracle_filter_drops_the_pairs_whose_negative_kept_the_reference_de
         load_config(cdns.CdnsConfig, None, ["model.source=shapes", "cdns.oracle_filter=true", "cdns.size=64"])
 
 
-def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path):
+def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_local, tmp_path, capsys):
     out = tmp_path / "run"
-    # --cores 2, not the machine's: the fixture's Ray has 4 logical CPUs (two 0.5-CPU actors, two training jobs)
-    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--cores", "2", "--out", str(out)]) == 0
+    # --cores 8 in the fixture's Ray of 4 logical CPUs: 2 cores (two 0.5-CPU actors, two training jobs side by side)
+    assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--cores", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "--cores 8 -> 2" in printed and "training: 12 jobs, 2 at a time" in printed
     results = json.loads((out / "results.json").read_text())
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
