@@ -44,7 +44,7 @@ from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
     _columns, build_batch, epoch_rows, micro_batches, row_batches, sample_seed, stored_draws, timesteps_and_noise,
-    use_cache, use_scores,
+    training_dataset, use_cache, use_scores,
 )
 from sfo import adapters as A
 from sfo.objectives import sfo_objective, sft_objective
@@ -67,7 +67,7 @@ def run(cfg: TrainConfig):
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     cached, scored = use_cache(cfg), use_scores(cfg)
     ray_data_progress()
-    data = ray.data.read_parquet(cfg.data.path, columns=_columns(cfg, cached, scored))
+    data = training_dataset(cfg, _columns(cfg, cached, scored))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker

@@ -9,6 +9,7 @@ micro-batches. The data order is shuffled per epoch with a seeded local buffer (
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -25,6 +26,24 @@ from sfo.records import CACHE_COLUMNS, NEGATIVE_CACHE_FIELD, SCORE_COLUMNS, deco
 from sfo.timesteps import draw, sample_timesteps
 
 SEED_BYTES = 8
+
+
+def parquet_mib(path: str | Path) -> float:
+    """The MiB of the Parquet at ``path``: a file, or every ``*.parquet`` under a folder."""
+    path = Path(path)
+    files = [path] if path.is_file() else path.rglob("*.parquet")
+    return sum(f.stat().st_size for f in files) / 2**20
+
+
+def training_dataset(cfg: TrainConfig, columns: list[str]) -> ray.data.Dataset:
+    """The job's Ray ``Dataset`` of ``data.path``: materialised in file order when the Parquet is at most
+    ``data.in_memory_mib`` (each epoch after the first then reads the object store, with no read tasks to
+    start), otherwise streamed from the files every epoch."""
+    data = ray.data.read_parquet(cfg.data.path, columns=columns)
+    if parquet_mib(cfg.data.path) > cfg.data.in_memory_mib:
+        return data
+    data.context.execution_options.preserve_order = True  # this dataset's context: the rows stay in file order
+    return data.materialize()
 
 
 def _columns(cfg: TrainConfig, cached: bool = False, scored: bool = False) -> list[str]:

@@ -347,6 +347,32 @@ def test_a_stream_started_at_a_yielded_position_continues_it(ordered, tmp_path):
         assert take(straight[k - 1][0], 15 - k) == straight[k:]
 
 
+def test_small_parquet_is_read_once_in_file_order_and_large_parquet_streams(ray_local, tmp_path):
+    """``training_dataset``: under ``data.in_memory_mib`` the rows are materialised in file order (several files,
+    uneven sizes), so every epoch reads the same rows in the same order without re-reading the files."""
+    from ray.data.dataset import MaterializedDataset
+
+    from pipelines.train_data import parquet_mib, training_dataset
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    ids = [f"s-{i:03d}" for i in range(30)]
+    for k, (lo, hi) in enumerate([(0, 3), (3, 20), (20, 22), (22, 30)]):
+        pq.write_table(pa.table({"sample_id": ids[lo:hi]}), folder / f"part-{k}.parquet")
+    assert parquet_mib(folder) == pytest.approx(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
+    global_order = ray_local.data.DataContext.get_current().execution_options.preserve_order
+    small = training_dataset(_sft(tmp_path, "mem", str(folder)), ["sample_id"])
+    assert isinstance(small, MaterializedDataset)
+    assert [r["sample_id"] for r in small.take_all()] == ids
+    assert [r["sample_id"] for r in small.take_all()] == ids  # a second pass: the same rows, same order
+    assert ray_local.data.DataContext.get_current().execution_options.preserve_order == global_order  # untouched
+    streamed = training_dataset(_sft(tmp_path, "stream", str(folder), "data.in_memory_mib=0"), ["sample_id"])
+    assert not isinstance(streamed, MaterializedDataset)
+    assert sorted(r["sample_id"] for r in streamed.take_all()) == ids
+    with pytest.raises(ConfigError, match=r"data\.in_memory_mib"):
+        _sft(tmp_path, "bad", str(folder), "data.in_memory_mib=-1")
+
+
 def test_cpu_training_never_compiles_deepspeeds_shared_memory_op():
     """init_distributed on CPU would JIT-compile deepspeed_shm_comm (minutes of C++, and a lock that hangs
     later jobs when a compile is cut short); the train loop marks it unavailable first."""
