@@ -25,8 +25,8 @@ called in this driver on one local Ray (`--cores`: one single-threaded sampling 
 base trains with that many torch threads, then a seed's other training jobs run side by side, one
 single-threaded job per core: ``experiments.stages``). Each method is reported as its mean over
 seeds and its paired difference against the same seed's SFT base on the same cells (``sfo.stats``: a
-difference is claimed at >= 3 standard errors). Prints the tables and the wall time of every stage; writes ``results.json`` and
-``report.md`` under the run folder.
+difference is claimed at >= 3 standard errors). Prints the tables and the wall time of every stage;
+writes ``results.json`` and ``report.md`` under the run folder.
 
 Blur radii are in pixels of the 32-pixel world. The paper blurs 512-pixel images with radius 5,
 which removes details of a few pixels; the world's fine details are 2-pixel pattern cells, so the
