@@ -170,7 +170,14 @@ def run(config: CdnsConfig) -> dict:
         started = time.time()
         prefix = f"cdns-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
         (run_local if config.runner == "local" else run_ray)(config, files, todo, prefix)
-        written = len(set(todo) & done_sample_ids(config.data.output)[0])  # counted from the files: the filter drops rows
+        done = done_sample_ids(config.data.output)[0]  # moves a file cut short by a killed writer aside
+        missing = [i for i in todo if i not in done]
+        if missing and config.runner == "ray" and not config.cdns.oracle_filter:  # the filter's drops are not lost
+            print(f"[cdns] {len(missing)} sample(s) missing after the pass (a worker died while writing their file); "
+                  "generating them again", flush=True)
+            run_ray(config, files, missing, prefix + "-redo")
+            done = done_sample_ids(config.data.output)[0]
+        written = len(set(todo) & done)  # counted from the files: the filter drops rows
         dropped = len(todo) - written
         note = f", dropped {dropped} pair(s) whose negative kept the reference's details" if config.cdns.oracle_filter else ""
         print(f"[cdns] wrote {written} row(s) as {config.data.output}/{prefix}_*.parquet "

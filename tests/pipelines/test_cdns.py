@@ -165,3 +165,27 @@ def test_generators_report_progress_every_rows_per_file(triplets, tmp_path, caps
     run(config(triplets, tmp_path, "runner=local", "cdns.rows_per_file=2"))
     out = capsys.readouterr().out
     assert ": 2 rows generated" in out and ": 4 rows generated" in out and ": 3 rows generated" not in out
+
+
+def test_samples_whose_file_a_killed_writer_cut_short_are_generated_again(triplets, tmp_path, monkeypatch, capsys):
+    """A pass that leaves a truncated file (a worker killed while writing it, Ray retrying elsewhere): the job
+    moves it aside and generates its samples once more, so it ends with every sample exactly once."""
+    passes = []
+
+    def one_pass(cfg, files, todo, prefix):  # stands in for Ray Data: the first pass's second file is cut short
+        passes.append(list(todo))
+        cfg.data.output.mkdir(parents=True, exist_ok=True)
+        for k, ids in enumerate([todo[:2], todo[2:]]):
+            path = cfg.data.output / f"{prefix}_{k:06d}.parquet"
+            pq.write_table(pa.table({"sample_id": ids}), path)
+            if len(passes) == 1 and k == 1:
+                path.write_bytes(path.read_bytes()[:20])
+
+    monkeypatch.setattr(cdns, "run_ray", one_pass)
+    out = tmp_path / "out"
+    result = run(config(triplets, out, "runner=ray"))
+    ids = [f"synthetic-3-{i:06d}" for i in range(ROWS)]
+    assert passes == [ids, ids[2:]] and result["written"] == ROWS
+    assert sorted(read(out)["sample_id"].to_pylist()) == ids
+    assert "2 sample(s) missing after the pass" in capsys.readouterr().out
+    assert len(list(out.glob("*.incomplete"))) == 1  # kept aside, not deleted
