@@ -1,0 +1,86 @@
+"""The training jobs' data side (``pipelines.train_data``): the seeded shuffle, resuming at a data position,
+and small Parquet held in memory in file order."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import ConfigError
+from tests.pipelines.test_train import _sft
+
+
+@pytest.fixture
+def ordered(ray_local):
+    """Ray Data delivering blocks in order, as the jobs' ingest does (``preserve_order``): a loaded machine may
+    otherwise finish the blocks of ``ray.data.range`` out of order, which no seed controls."""
+    context = ray_local.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    yield
+    context.execution_options.preserve_order = before
+
+
+def test_shuffle_is_seeded_per_epoch_and_off_at_zero(ordered, tmp_path):
+    """Same (seed, epoch, rank): the same order; another epoch or seed: another order; buffer 0: file order."""
+    import ray
+
+    from pipelines.train import epoch_rows
+
+    data = ray.data.range(64, override_num_blocks=4)
+    cfg = lambda *o: _sft(tmp_path, "shuffle", str(tmp_path), "train.batch_size=8", *o)  # noqa: E731
+    order = lambda c, epoch: [int(i) for rows in epoch_rows(data, c, epoch) for i in rows["id"]]  # noqa: E731
+    seeded = cfg("train.shuffle_buffer=64", "train.seed=3")
+    first = order(seeded, 0)
+    assert sorted(first) == list(range(64)) and first != list(range(64))
+    assert order(seeded, 0) == first
+    assert order(seeded, 1) != first
+    assert order(cfg("train.shuffle_buffer=64", "train.seed=4"), 0) != first
+    assert order(cfg("train.shuffle_buffer=0"), 0) == list(range(64))
+
+
+def test_a_stream_started_at_a_yielded_position_continues_it(ordered, tmp_path):
+    """row_batches over 3 epochs of a 5-batch dataset (shuffled): restarting at each position it yields
+    gives exactly the rest of the uninterrupted stream (what a checkpoint's data position relies on)."""
+    import itertools
+
+    import ray
+
+    from pipelines.train import row_batches
+
+    data = ray.data.range(40, override_num_blocks=4)
+    cfg = _sft(tmp_path, "position", str(tmp_path), "train.batch_size=8", "train.shuffle_buffer=16", "train.seed=5")
+    take = lambda position, n: [(pos, [int(i) for i in rows["id"]])  # noqa: E731
+                                for pos, rows in itertools.islice(row_batches(data, cfg, 0, position), n)]
+    straight = take((0, 0), 15)
+    assert [pos for pos, _ in straight] == [(e, o) for e in range(3) for o in range(1, 6)]
+    assert [b for _, b in straight[:5]] != [b for _, b in straight[5:10]]  # each epoch its own order
+    for k in (1, 4, 5, 7):
+        assert take(straight[k - 1][0], 15 - k) == straight[k:]
+
+
+def test_small_parquet_is_read_once_in_file_order_and_large_parquet_streams(ray_local, tmp_path):
+    """``training_dataset``: under ``data.in_memory_mib`` the rows are materialised in file order (several files,
+    uneven sizes), so every epoch reads the same rows in the same order without re-reading the files."""
+    from ray.data.dataset import MaterializedDataset
+
+    from pipelines.train_data import parquet_mib, training_dataset
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    ids = [f"s-{i:03d}" for i in range(30)]
+    for k, (lo, hi) in enumerate([(0, 3), (3, 20), (20, 22), (22, 30)]):
+        pq.write_table(pa.table({"sample_id": ids[lo:hi]}), folder / f"part-{k}.parquet")
+    assert parquet_mib(folder) == pytest.approx(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
+    global_order = ray_local.data.DataContext.get_current().execution_options.preserve_order
+    small = training_dataset(_sft(tmp_path, "mem", str(folder)), ["sample_id"])
+    assert isinstance(small, MaterializedDataset)
+    assert [r["sample_id"] for r in small.take_all()] == ids
+    assert [r["sample_id"] for r in small.take_all()] == ids  # a second pass: the same rows, same order
+    assert ray_local.data.DataContext.get_current().execution_options.preserve_order == global_order  # untouched
+    streamed = training_dataset(_sft(tmp_path, "stream", str(folder), "data.in_memory_mib=0"), ["sample_id"])
+    assert not isinstance(streamed, MaterializedDataset)
+    assert sorted(r["sample_id"] for r in streamed.take_all()) == ids
+    with pytest.raises(ConfigError, match=r"data\.in_memory_mib"):
+        _sft(tmp_path, "bad", str(folder), "data.in_memory_mib=-1")
