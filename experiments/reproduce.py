@@ -365,9 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     if started_ray:
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
     else:  # the caller's Ray: no more actors and training jobs than its CPUs hold
-        cores = cores_that_fit(args.cores, ray.cluster_resources().get("CPU", 0))
+        cpus = ray.cluster_resources().get("CPU", 0)
+        cores = cores_that_fit(args.cores, cpus)
         if cores < args.cores:
-            print(f"[reproduce] --cores {args.cores} -> {cores}: this Ray has {ray.cluster_resources().get('CPU', 0):g} "
+            print(f"[reproduce] --cores {args.cores} -> {cores}: this Ray has {cpus:g} "
                   "logical CPUs (two per core: a 0.5-CPU actor or training job, room for Ray Data's tasks)", flush=True)
         args.cores = cores
     try:
