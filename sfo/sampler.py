@@ -9,6 +9,7 @@ image alone or inside any batch. The reference's keys/values are computed once p
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,6 +156,7 @@ class Sampler:
                 self.condition = encode_condition(transformer, self.condition, self.text.pooled, self.guidance)
         self.sigmas = flux_sigmas(model, config.steps, h_tok * w_tok)
         self.rounds: list[int] | None = None  # decoupled: the appearance passes each sample took
+        self.changes: list[list[float]] | None = None  # decoupled: each sample's mean |change| in rounds 2, 3, ...
 
     def noise(self, seeds: list[int]) -> torch.Tensor:
         return initial_noise(seeds, *self.latent_shape).to(self.model.device, self.model.dtype)  # (B, L, 64)
@@ -211,24 +213,43 @@ class Sampler:
         return self.denoise(self.noise(self.seeds), range(steps), tick=tick)
 
     def decoupled(self, tick=None) -> torch.Tensor:
+        """Each round after the first runs only the samples still changing (``subset``): a converged
+        sample costs nothing more, and the others' results are what they would be alone."""
         m, split = self.config.sampling, self.switch_step()
         appearance = range(split, self.config.steps)
         tau = float(self.sigmas[split])
         result = self.denoise(self.layout(tick), appearance, tick=tick)
         rounds = torch.ones(len(self.seeds), dtype=torch.long)
         active = torch.ones(len(self.seeds), dtype=torch.bool)
+        self.changes = [[] for _ in self.seeds]
         for r in range(2, m.max_rounds + 1):
-            if not active.any():
+            rows = active.nonzero().flatten()
+            if len(rows) == 0:
                 break
-            fresh = self.noise([round_seed(s, r) for s in self.seeds])
-            again = self.denoise(((1 - tau) * result.float() + tau * fresh.float()).to(self.model.dtype), appearance,
-                                 tick=tick)
-            change = (again.float() - result.float()).abs().flatten(1).mean(1).cpu()  # (B,)
-            result = torch.where(active.to(result.device)[:, None, None], again, result)
-            rounds += active.long()
-            active &= ~((change < m.tolerance) & (rounds >= m.min_rounds))
+            batch = self if len(rows) == len(self.seeds) else self.subset(rows.tolist())
+            fresh = batch.noise([round_seed(s, r) for s in batch.seeds])
+            previous = result[rows.to(result.device)]
+            again = batch.denoise(((1 - tau) * previous.float() + tau * fresh.float()).to(self.model.dtype),
+                                  appearance, tick=tick)
+            change = (again.float() - previous.float()).abs().flatten(1).mean(1).cpu()  # (active,)
+            result = result.index_copy(0, rows.to(result.device), again)
+            rounds[rows] += 1
+            for row, c in zip(rows.tolist(), change.tolist()):
+                self.changes[row].append(c)
+            active[rows] = ~((change < m.tolerance) & (rounds[rows] >= m.min_rounds))
         self.rounds = rounds.tolist()
         return result
+
+    def subset(self, index: list[int]) -> "Sampler":
+        """This sampler restricted to the samples at ``index`` (same schedule and settings)."""
+        part = copy.copy(self)
+        part.seeds = [self.seeds[i] for i in index]
+        part.text = self.text.select(index)
+        if self.guidance is not None:
+            part.guidance = self.guidance[index]
+        if self.condition is not None:
+            part.condition = self.condition.select(index)
+        return part
 
     def dual_branch(self, tick=None) -> torch.Tensor:
         m = self.config.sampling

@@ -54,6 +54,9 @@ class Condition:
     tokens: torch.Tensor
     ids: torch.Tensor
 
+    def select(self, index: list[int]) -> "Condition":
+        return Condition(self.tokens[index], self.ids)
+
 
 @dataclass
 class ConditionCache:
@@ -68,6 +71,10 @@ class ConditionCache:
     def repeat(self, n: int) -> "ConditionCache":
         """The batch repeated ``n`` times along dim 0, to pair one condition with several targets."""
         return ConditionCache([(k.repeat(n, 1, 1, 1), v.repeat(n, 1, 1, 1)) for k, v in self.kv])
+
+    def select(self, index: list[int]) -> "ConditionCache":
+        """The samples at ``index`` (dim 0)."""
+        return ConditionCache([(k[index], v[index]) for k, v in self.kv])
 
 
 def modulation_embedding(

@@ -162,6 +162,37 @@ def test_decoupled_rounds_stop_per_sample_and_are_deterministic(tiny_flux):
     assert seen[-1] == (split + 3 * (4 - split),) * 2  # layout + three appearance passes
 
 
+def test_decoupled_rounds_after_a_sample_stops_run_only_the_others(tiny_flux):
+    """A tolerance between two samples' round-2 changes stops one at round 2: round 3 then runs the
+    other alone (one row through the transformer), and both results equal each sample sampled alone."""
+    from sfo.sampler import Sampler
+
+    refs, prompts, seeds = [_reference(13), _reference(14)], ["a cat", "a dog"], [3, 4]
+    probe = Sampler(tiny_flux, prompts, seeds, _mode(mode="decoupled", switch=0.6, min_rounds=2, max_rounds=3,
+                                                     tolerance=0.0), refs)
+    probe.run()
+    assert [len(c) for c in probe.changes] == [2, 2]
+    first = [c[0] for c in probe.changes]
+    assert abs(first[0] - first[1]) > 1e-4
+    stops = int(first[1] < first[0])  # the sample with the smaller change stops at round 2
+    config = _mode(mode="decoupled", switch=0.6, min_rounds=2, max_rounds=3, tolerance=sum(first) / 2)
+    rows_seen = []
+    hook = tiny_flux.transformer.x_embedder.register_forward_hook(lambda m, args, out: rows_seen.append(out.shape[0]))
+    try:
+        mixed = Sampler(tiny_flux, prompts, seeds, config, refs)
+        result = mixed.run()
+    finally:
+        hook.remove()
+    assert mixed.rounds[stops] == 2 and mixed.rounds[1 - stops] == 3
+    split = mixed.switch_step()
+    # the target's embedding once per step (the condition's cache adds one call of its own, first)
+    assert rows_seen[1:] == [2] * (split + 2 * (4 - split)) + [1] * (4 - split)
+    for i in (0, 1):
+        alone = Sampler(tiny_flux, prompts[i:i + 1], seeds[i:i + 1], config, refs[i:i + 1])
+        assert_close(alone.run(), result[i:i + 1], rtol=1e-5, atol=1e-5)
+        assert alone.rounds == [mixed.rounds[i]]
+
+
 def test_dual_branch_blends_the_branches_by_the_reference_attention(tiny_flux):
     """With threshold above 1 no token is the subject's: before the switch the auxiliary branch (no
     reference) drives every token, so the latent at the switch equals plain text-to-image's."""
