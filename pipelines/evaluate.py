@@ -191,7 +191,7 @@ def load_methods(config, device: str | None = None):
                 adapters.load_adapter(model.transformer, folder, loaded[key])
             if role in spec.active:
                 active[spec.name].append(loaded[key])
-    return model, lambda method: adapters.use_adapters(model.transformer, active[method])
+    return model, lambda method: adapters.fused_adapters(model.transformer, active[method])
 
 
 def method_groups(methods: list[str]) -> list[tuple[str, list[int]]]:

@@ -133,6 +133,38 @@ def use_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[Non
             layer._active_adapter = active
 
 
+@contextlib.contextmanager
+def fused_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[None]:
+    """``use_adapters(names)`` for sampling: the ``all``-scoped adapters among ``names`` are folded into the
+    base weights for the block (W + scale B A: one matmul per layer at every step instead of three, and
+    no per-layer LoRA call), the condition-scoped ones applied as LoRA (they run once per image, in
+    ``encode_condition``). The original weights are put back as they were (kept, not subtracted), so
+    nothing drifts however often methods switch. Costs a copy of every adapted weight while it lasts.
+    Inference only: no gradient reaches a folded adapter."""
+    unknown = set(names) - set(adapter_names(transformer))
+    if unknown:
+        raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    fold = [n for n in names if adapter_scope(transformer, n) == "all"]
+    originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
+    try:
+        with torch.no_grad():
+            for layer in _tuner_layers(transformer) if fold else []:
+                mine = [n for n in fold if n in layer.lora_A]
+                if not mine:
+                    continue
+                base = layer.get_base_layer()
+                weight = base.weight.detach().clone()
+                for name in mine:
+                    weight += layer.get_delta_weight(name).to(weight.dtype)
+                originals.append((base, base.weight))
+                base.weight = torch.nn.Parameter(weight, requires_grad=False)
+        with use_adapters(transformer, [n for n in names if n not in fold]):
+            yield
+    finally:
+        for base, weight in originals:
+            base.weight = weight
+
+
 def set_scope(transformer: torch.nn.Module, name: str, scope: str) -> None:
     """Sets which tokens adapter ``name`` acts on: ``all`` or ``condition`` (reference tokens only)."""
     if scope not in SCOPES:

@@ -185,3 +185,27 @@ def test_condition_scope_is_saved_restored_and_refused_where_it_cannot_hold(fres
         A.save_merged(tr, [A.REF], tmp_path / "merged")
     with pytest.raises(ValueError, match="lora.scope"):
         A.set_scope(tr, A.REF, "target")
+
+
+def test_fused_adapters_sample_as_the_lora_layers_and_put_the_weights_back(two_adapters):
+    """The all-scoped "ref" is folded into the base weights, the condition-scoped "sfo" stays a LoRA layer;
+    the output equals the unfused one and every base weight is the same tensor, unchanged, afterwards."""
+    tr = two_adapters.transformer
+    A.set_scope(tr, A.SFO, "condition")
+    with A.use_adapters(tr, [A.REF, A.SFO]):
+        expected = _predict_with_reference(two_adapters)
+    to_q = tr.transformer_blocks[0].attn.to_q
+    weights = {name: (p, p.detach().clone()) for name, p in tr.named_parameters() if "base_layer" in name}
+    with A.fused_adapters(tr, [A.REF, A.SFO]):
+        assert A.active_adapters(tr) == [A.SFO]
+        assert not torch.equal(to_q.get_base_layer().weight, weights["transformer_blocks.0.attn.to_q.base_layer.weight"][1])
+        assert_close(_predict_with_reference(two_adapters), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inside"), A.fused_adapters(tr, [A.REF]):
+        raise RuntimeError("inside")
+    after = dict(tr.named_parameters())
+    assert all(after[name] is p and torch.equal(p, saved) for name, (p, saved) in weights.items())
+    assert A.active_adapters(tr) == [A.REF, A.SFO]
+    with A.fused_adapters(tr, [A.SFO]):  # nothing all-scoped: nothing folded
+        assert to_q.get_base_layer().weight is weights["transformer_blocks.0.attn.to_q.base_layer.weight"][0]
+    with pytest.raises(ValueError, match="unknown adapter"), A.fused_adapters(tr, ["nope"]):
+        pass
