@@ -5,6 +5,10 @@
 Prints numbers; asserts nothing. "off" runs the literal masked joint sequence
 [text, target, reference] through every block at every step (OminiControl's way); "on" computes the
 reference's keys/values once per image and attends to them from the text and target tokens.
+
+``fused_vs_lora`` (a row of ``make bench``): images/s of the shapes model with a rank-4 "ref" adapter
+folded into the base weights (``sfo.adapters.fused_adapters``, what evaluation and cdns sample with)
+over the same adapter applied as LoRA layers (``use_adapters``), one batch, back to back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,32 @@ def _seconds(fn, repeats: int) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return (time.perf_counter() - start) / repeats
+
+
+def fused_vs_lora(batch: int = 16, steps: int = 28, repeats: int = 2) -> dict[str, float]:
+    """Images/s of the world model sampling 32-px world triplets with a random rank-4 "ref" adapter,
+    ``fused`` and as ``lora`` layers, in this process."""
+    from sfo import adapters
+    from sfo.shapes.world import SIZE, world_triplets
+
+    model = load_flux("shapes", device="cpu")
+    adapters.add_lora(model.transformer, adapters.REF, adapters.REF_RANK)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.transformer.named_parameters():
+            if ".ref." in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+    triplets = world_triplets(batch, seed=1000)
+    cfg = SamplerConfig(steps=steps, height=SIZE, width=SIZE)
+
+    def sample():
+        sample_latents(model, [t.target_text for t in triplets], list(range(batch)), cfg, [t.reference for t in triplets])
+
+    rates = {}
+    for label, context in (("lora", adapters.use_adapters), ("fused", adapters.fused_adapters)):
+        with context(model.transformer, [adapters.REF]):
+            rates[label] = batch / _seconds(sample, repeats)
+    return rates
 
 
 def main() -> None:

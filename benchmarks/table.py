@@ -14,6 +14,8 @@ back on the same model, rows and cores (absolute numbers belong to a GPU run). R
 - sfo step: samples/s with the batch from cached latents (cdns on cached triplets) over from PNGs; and with
   the reference errors stored by cdns (``cdns.score.draws``) over running the reference pass.
 - Serve: HTTP p50 latency over a direct in-process call, at about half a second of model work.
+- sampling: images/s with the SFT adapter folded into the base weights over applied as LoRA layers
+  (evaluation and cdns sample folded), world model, one batch of 16, in process.
 
 Prints numbers; asserts nothing (targets are the issue's, shown beside them).
 """
@@ -24,7 +26,7 @@ import argparse
 import os
 import platform
 
-from benchmarks import cdns_throughput, serve_latency, sfo_throughput
+from benchmarks import cdns_throughput, sampler_speed, serve_latency, sfo_throughput
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     serve = serve_latency.p50_ratio()
     rows.append(("Serve", "HTTP p50 / direct p50", serve["http_p50_s"] / serve["direct_p50_s"], "<= 1.1",
                  f"{serve['http_p50_s'] * 1000:.0f} vs {serve['direct_p50_s'] * 1000:.0f} ms, 64 px, 80 steps"))
+
+    print(rows[-1], flush=True)
+    fused = sampler_speed.fused_vs_lora()
+    rows.append(("sampling", "adapter folded / LoRA layers, images/s", fused["fused"] / fused["lora"], "> 1",
+                 f"{fused['fused']:.2f} vs {fused['lora']:.2f} images/s, world model, 32 px, 28 steps, batch 16"))
 
     print(f"\n{platform.processor() or platform.machine()}, {cores} cores, tiny model, CPU")
     print("| stage | ratio | measured | target | detail |\n|---|---|---|---|---|")

@@ -29,9 +29,21 @@ class ModelConfig:
     source: str = "tiny"  # "tiny" (embedded) or the path of a local FLUX.1-dev folder (diffusers layout)
     dtype: str | None = None  # bf16 | fp32; default bf16 on GPU, fp32 on CPU
     ref_adapter: str | None = None  # folder holding the "ref" LoRA (the sft job's output)
+    # Sampling jobs (cdns, evaluate) fold the all-scoped adapters into a copy of the base weights while they
+    # sample (sfo.adapters.fused_adapters: 1.2x faster on the world model). The copy is the adapted layers'
+    # size, ~16 GB for FLUX.1-dev in bf16: set false on a GPU without that much free memory.
+    fuse_adapters: bool = True
 
     def __post_init__(self) -> None:
         check_dtype(self.dtype, "model")
+        if not isinstance(self.fuse_adapters, bool):
+            raise ValueError(f"model.fuse_adapters: must be true or false, got {self.fuse_adapters!r}")
+
+    def adapter_context(self):
+        """``sfo.adapters.fused_adapters`` or ``use_adapters``, as ``fuse_adapters`` says."""
+        from sfo import adapters
+
+        return adapters.fused_adapters if self.fuse_adapters else adapters.use_adapters
 
 
 @dataclass

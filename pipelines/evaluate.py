@@ -191,7 +191,8 @@ def load_methods(config, device: str | None = None):
                 adapters.load_adapter(model.transformer, folder, loaded[key])
             if role in spec.active:
                 active[spec.name].append(loaded[key])
-    return model, lambda method: adapters.fused_adapters(model.transformer, active[method])
+    applied = config.model.adapter_context()
+    return model, lambda method: applied(model.transformer, active[method])
 
 
 def method_groups(methods: list[str]) -> list[tuple[str, list[int]]]:

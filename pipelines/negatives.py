@@ -147,7 +147,8 @@ class NegativeGenerator:
         if config.model.ref_adapter is not None:
             adapters.load_adapter(transformer, config.model.ref_adapter, adapters.REF)
             self.adapter_sha = adapters.adapter_fingerprint(transformer, [adapters.REF])
-            self._adapters = lambda: adapters.fused_adapters(transformer, [adapters.REF])
+            applied = config.model.adapter_context()
+            self._adapters = lambda: applied(transformer, [adapters.REF])
         else:
             self.adapter_sha = NO_ADAPTER
             self._adapters = lambda: adapters.use_adapters(transformer, [])

@@ -38,6 +38,7 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' lo
 SCOPE_FILE = "sfo_adapter.json"  # {"scope": ...} beside the weights; absent = "all"
 SCOPES = ("all", "condition")
 _SCOPES_ATTR = "_sfo_adapter_scopes"
+_FOLDED_ATTR = "_sfo_folded_adapters"  # set by fused_adapters while it lasts
 
 # OminiControl's LoRA targets on FLUX: the image-stream projections of every block and the patch
 # embedding (its train config, `target_modules`). Text-stream projections are left alone.
@@ -122,6 +123,10 @@ def use_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[Non
     unknown = set(names) - set(adapter_names(transformer))
     if unknown:
         raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    folded = set(names) & set(getattr(transformer, _FOLDED_ATTR, ()))
+    if folded:
+        raise ValueError(f"adapters: {sorted(folded)} already folded into the weights by fused_adapters; applying "
+                         "them again would count them twice")
     layers = _tuner_layers(transformer)
     saved = [layer._active_adapter for layer in layers]
     try:
@@ -140,16 +145,21 @@ def fused_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[N
     no per-layer LoRA call), the condition-scoped ones applied as LoRA (they run once per image, in
     ``encode_condition``). The original weights are put back as they were (kept, not subtracted), so
     nothing drifts however often methods switch. Costs a copy of every adapted weight while it lasts.
-    Inference only: no gradient reaches a folded adapter."""
+    Inference only: no gradient reaches a folded adapter. Inside the block ``use_adapters`` refuses a
+    folded adapter (it would count twice), and the block does not nest."""
     unknown = set(names) - set(adapter_names(transformer))
     if unknown:
         raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    if getattr(transformer, _FOLDED_ATTR, ()):
+        raise ValueError(f"adapters: fused_adapters is already active ({getattr(transformer, _FOLDED_ATTR)} folded); "
+                         "it does not nest")
     fold = [n for n in names if adapter_scope(transformer, n) == "all"]
     originals: list[tuple[torch.nn.Module, torch.nn.Parameter]] = []
     try:
+        setattr(transformer, _FOLDED_ATTR, tuple(fold))
         with torch.no_grad():
             for layer in _tuner_layers(transformer) if fold else []:
-                mine = [n for n in fold if n in layer.lora_A]
+                mine = [n for n in fold if n in getattr(layer, "lora_A", {})]
                 if not mine:
                     continue
                 base = layer.get_base_layer()
@@ -163,6 +173,7 @@ def fused_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[N
     finally:
         for base, weight in originals:
             base.weight = weight
+        setattr(transformer, _FOLDED_ATTR, ())
 
 
 def set_scope(transformer: torch.nn.Module, name: str, scope: str) -> None:

@@ -209,6 +209,30 @@ def test_one_model_for_all_methods_equals_each_method_alone(ref_adapter, tmp_pat
         assert [r["image_png"] for r in mixed if r["method"] == method] == [r["image_png"] for r in expected]
 
 
+def test_folded_adapters_give_the_images_of_the_lora_layers(ref_adapter, tmp_path):
+    """model.fuse_adapters (default) samples with "ref" folded into the base weights; false applies it as LoRA
+    layers. The images agree to one PNG level and differ from the base model's."""
+    from sfo import adapters
+    from sfo.records import decode_png
+
+    images = {}
+    for fuse in (True, False):
+        cfg = config(tmp_path, "runner=local", "eval.seeds=1", f"model.fuse_adapters={str(fuse).lower()}")
+        assert cfg.model.adapter_context() is (adapters.fused_adapters if fuse else adapters.use_adapters)
+        cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter),
+                                                                            active=["ref"])]
+        bench = evaluate.load_benchmark(cfg.eval)
+        rows = [r for m in ("sft", "base") for r in evaluate.work_rows(cfg, bench, m)]
+        out = evaluate.Evaluator(cfg)(pa.Table.from_pylist(rows)).to_pylist()
+        images[fuse] = {m: np.stack([np.asarray(decode_png(r["image_png"]), dtype=np.int16) for r in out
+                                     if r["method"] == m]) for m in ("sft", "base")}
+    assert np.abs(images[True]["sft"] - images[False]["sft"]).max() <= 1
+    assert np.array_equal(images[True]["base"], images[False]["base"])
+    assert np.abs(images[True]["sft"] - images[True]["base"]).max() > 1
+    with pytest.raises(ConfigError, match="model.fuse_adapters"):
+        config(tmp_path, "model.fuse_adapters=maybe")
+
+
 def test_cdns_samples_negatives_in_the_configured_mode(tmp_path):
     pq.write_table(_triplets(2), tmp_path / "t.parquet")
     made = {}

@@ -200,6 +200,10 @@ def test_fused_adapters_sample_as_the_lora_layers_and_put_the_weights_back(two_a
         assert A.active_adapters(tr) == [A.SFO]
         assert not torch.equal(to_q.get_base_layer().weight, weights["transformer_blocks.0.attn.to_q.base_layer.weight"][1])
         assert_close(_predict_with_reference(two_adapters), expected, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="count them twice"), A.use_adapters(tr, [A.REF]):
+            pass
+        with pytest.raises(ValueError, match="does not nest"), A.fused_adapters(tr, [A.SFO]):
+            pass
     with pytest.raises(RuntimeError, match="inside"), A.fused_adapters(tr, [A.REF]):
         raise RuntimeError("inside")
     after = dict(tr.named_parameters())
