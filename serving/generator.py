@@ -14,14 +14,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from sfo.adapters import REF, SFO, adapter_fingerprint, load_adapter, ref_and_sfo, ref_only
+from sfo.adapters import REF, SFO, adapter_fingerprint, fused_adapters, load_adapter, use_adapters
 from sfo.models import load_flux
 from sfo.records import decode_png, encode_png
 from sfo.sampler import SamplerConfig, SamplingMode, generate
 from serving.schema import Job
 
 ADAPTER_SETS = {"sfo": [REF, SFO], "ref": [REF]}  # request's adapter -> LoRAs applied
-_CONTEXTS = {"sfo": ref_and_sfo, "ref": ref_only}
 REFERENCE_RESAMPLE = Image.Resampling.BICUBIC  # reference resized to the target size (OminiControl subject setting)
 
 
@@ -57,10 +56,13 @@ class Generator:
             (safetensors only; ``load_adapter`` reads nothing else).
         device, dtype: passed to ``load_flux`` (None = its defaults: CUDA+bf16 when available).
         max_batch_images: most images in one sampler call.
+        fuse_adapters: fold the all-scoped adapters into a copy of the base weights for each sampler call
+            (``sfo.adapters.fused_adapters``: 1.2x faster on the world model); the copy is the adapted
+            layers' size (~16 GB for FLUX.1-dev in bf16). False applies them as LoRA layers.
     """
 
     def __init__(self, model: str, adapters: str, *, device: str | None = None, dtype: str | None = None,
-                 max_batch_images: int = 8):
+                 max_batch_images: int = 8, fuse_adapters: bool = True):
         folder = Path(adapters)
         for name in (REF, SFO):
             if not (folder / name).is_dir():
@@ -70,6 +72,7 @@ class Generator:
         load_adapter(self.model.transformer, folder / REF, REF)
         load_adapter(self.model.transformer, folder / SFO, SFO)
         self.max_batch_images = max_batch_images
+        self._applied = fused_adapters if fuse_adapters else use_adapters
         self.info = {
             "base_model": str(model),
             "device": str(self.model.device),
@@ -101,7 +104,7 @@ class Generator:
             config = SamplerConfig(steps=first.steps, guidance=first.guidance, height=first.height, width=first.width,
                                    image_guidance=first.image_guidance,
                                    sampling=SamplingMode(mode=first.mode, switch=first.switch))
-            with torch.inference_mode(), _CONTEXTS[first.adapter](self.model.transformer):
+            with torch.inference_mode(), self._applied(self.model.transformer, ADAPTER_SETS[first.adapter]):
                 images = generate(self.model, prompts, seeds, config, references, auxiliary_prompts=auxiliary)
             for owner, image in zip(owners, images):
                 results[owner].append(encode_png(image))

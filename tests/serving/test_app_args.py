@@ -2,7 +2,7 @@
 
 ``build_app`` only binds deployments, so the bound Application is inspected directly: the Ingress's
 first init arg is the FluxGenerator Application, whose init args are (model, adapters, device, dtype,
-max_batch_images) and whose ``ray_actor_options`` carry the GPUs.
+max_batch_images, fuse_adapters) and whose ``ray_actor_options`` carry the GPUs.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _generator(args: dict):
 def test_args_alone_give_the_laptop_defaults():
     init_args, actor = _generator(ARGS)
     assert init_args[:2] == ("tiny", "/nowhere/adapters")
+    assert init_args[4:] == (8, True)  # max_batch_images, fuse_adapters
+    assert _generator({**ARGS, "fuse_adapters": False})[0][5] is False
     assert actor == GENERATOR_ACTOR_OPTIONS == {"num_cpus": 0.5}  # CPU only: no num_gpus key at all
 
 

@@ -53,6 +53,20 @@ def test_batched_equals_alone_and_adapters_differ(generator):
     assert len(set(together[2])) == 2
 
 
+def test_folded_adapters_serve_the_images_of_the_lora_layers(generator, adapters_dir):
+    """The default folds the adapters into the weights per call; fuse_adapters=False applies them as LoRA
+    layers: the same images to a PNG level, and the model's weights as they were afterwards."""
+    import torch
+
+    layered = Generator("tiny", str(adapters_dir), device="cpu", fuse_adapters=False)
+    weights = {n: p.detach().clone() for n, p in generator.model.transformer.named_parameters()}
+    jobs = [job((21, 22)), job((21,), adapter="ref")]
+    folded, plain = generator.run(jobs), layered.run(jobs)
+    for a, b in zip(folded, plain):
+        assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+    assert all(torch.equal(p, weights[n]) for n, p in generator.model.transformer.named_parameters())
+
+
 def test_missing_adapter_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="ref/"):
         Generator("tiny", str(tmp_path), device="cpu")
