@@ -68,6 +68,12 @@ def adapter_names(transformer: torch.nn.Module) -> list[str]:
     return list(getattr(transformer, "peft_config", {}) or {})
 
 
+def _check_known(transformer: torch.nn.Module, names: list[str]) -> None:
+    unknown = set(names) - set(adapter_names(transformer))
+    if unknown:
+        raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+
+
 def add_lora(
     transformer: FluxTransformer2DModel,
     name: str,
@@ -101,9 +107,7 @@ def add_lora(
 
 def set_trainable(transformer: torch.nn.Module, names: list[str]) -> None:
     """Makes exactly the LoRA weights of ``names`` trainable; the base and other adapters frozen."""
-    unknown = set(names) - set(adapter_names(transformer))
-    if unknown:
-        raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    _check_known(transformer, names)
     for param_name, param in transformer.named_parameters():
         param.requires_grad_(any(f".{n}." in param_name for n in names) and "lora_" in param_name)
 
@@ -120,9 +124,7 @@ def _activate(transformer: torch.nn.Module, names: list[str]) -> None:
 @contextlib.contextmanager
 def use_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[None]:
     """Within the block only ``names`` are applied (``[]`` = the base model); ``requires_grad`` untouched."""
-    unknown = set(names) - set(adapter_names(transformer))
-    if unknown:
-        raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    _check_known(transformer, names)
     folded = set(names) & set(getattr(transformer, _FOLDED_ATTR, ()))
     if folded:
         raise ValueError(f"adapters: {sorted(folded)} already folded into the weights by fused_adapters; applying "
@@ -147,9 +149,7 @@ def fused_adapters(transformer: torch.nn.Module, names: list[str]) -> Iterator[N
     nothing drifts however often methods switch. Costs a copy of every adapted weight while it lasts.
     Inference only: no gradient reaches a folded adapter. Inside the block ``use_adapters`` refuses a
     folded adapter (it would count twice), and the block does not nest."""
-    unknown = set(names) - set(adapter_names(transformer))
-    if unknown:
-        raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    _check_known(transformer, names)
     if getattr(transformer, _FOLDED_ATTR, ()):
         raise ValueError(f"adapters: fused_adapters is already active ({getattr(transformer, _FOLDED_ATTR)} folded); "
                          "it does not nest")
@@ -298,9 +298,7 @@ def save_merged(transformer: FluxTransformer2DModel, names: list[str], folder: s
     The live transformer is left as it was (merged, read out, unmerged). The result loads with
     ``FluxTransformer2DModel.from_pretrained(folder)`` and needs no peft.
     """
-    unknown = set(names) - set(adapter_names(transformer))
-    if unknown:
-        raise ValueError(f"adapters: unknown adapter(s) {sorted(unknown)}; the transformer has {adapter_names(transformer)}")
+    _check_known(transformer, names)
     scoped = [n for n in names if adapter_scope(transformer, n) != "all"]
     if scoped:
         raise ValueError(f"adapters: {scoped} act on condition tokens only and cannot be merged into shared weights")
