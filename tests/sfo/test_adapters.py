@@ -213,3 +213,26 @@ def test_fused_adapters_sample_as_the_lora_layers_and_put_the_weights_back(two_a
         assert to_q.get_base_layer().weight is weights["transformer_blocks.0.attn.to_q.base_layer.weight"][0]
     with pytest.raises(ValueError, match="unknown adapter"), A.fused_adapters(tr, ["nope"]):
         pass
+
+
+def test_lora_layers_are_found_once_per_adapter_set(fresh_flux, monkeypatch):
+    tr = fresh_flux.transformer
+    assert A.active_adapters(tr) == []  # no adapter yet: no LoRA layers (remembered for this empty set)
+    A.add_lora(tr, A.REF, A.REF_RANK)  # new adapter: the layers are looked up again
+    _randomise(tr, A.REF, seed=1)
+    assert A.active_adapters(tr) == [A.REF]
+    with A.use_adapters(tr, []):
+        base = _predict(fresh_flux)
+    walks = []
+    original = type(tr).modules
+    monkeypatch.setattr(type(tr), "modules", lambda self: walks.append(1) or original(self))
+    with A.use_adapters(tr, [A.REF]):
+        ref = _predict(fresh_flux)
+    assert not walks  # the same adapters: no walk over every module, in the context or the forward
+    assert (ref - base).abs().max() > 1e-4
+    A.add_lora(tr, A.SFO, A.SFO_RANK)
+    _randomise(tr, A.SFO, seed=2)
+    with A.use_adapters(tr, [A.SFO]):  # the new adapter's layers are switched too
+        sfo = _predict(fresh_flux)
+    assert walks and (sfo - ref).abs().max() > 1e-4
+    assert all(layer.active_adapters == [A.REF, A.SFO] for layer in A._tuner_layers(tr))
