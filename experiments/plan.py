@@ -7,6 +7,7 @@ removes details of a few pixels; the world's details are 2-pixel cells in 32 px)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,7 +110,27 @@ def plan(experiments: list[str], budget: Budget, preset: str = "paper", override
     if "scope" in experiments:  # the other placement than the preset's
         other = "all" if "lora.scope=condition" in common else "condition"
         arm(f"sfo-cdns-{other}", cdns(CDNS_RADIUS), [f"lora.scope={other}"])
+    share_reference_errors(p, budget)
     return p
+
+
+TIMESTEP_FIELDS = ("sfo.scheme=", "sfo.mean=", "sfo.std=")  # an arm with one of these draws its own timesteps
+
+
+def share_reference_errors(p: Plan, budget: Budget) -> None:
+    """A CDNS set that two or more SFO arms train on with the default timesteps stores Eq. 3's reference terms
+    (``cdns.score.draws``): one reference pass per row and draw in cdns instead of one per step in every
+    arm, which then skips it (``make bench``: 1.41x per SFO step). One draw per epoch an arm sees, so no
+    (t, noise) repeats within an arm. A set serving one arm keeps the arm's own reference pass."""
+    draws = math.ceil(budget.sfo_steps * budget.batch_size / budget.triplets)
+    users: dict[str, int] = {}
+    for name, negatives in p.arm_negatives.items():
+        own_timesteps = any(o.startswith(TIMESTEP_FIELDS) for o in p.arms[name])
+        if negatives is not None and negatives != ORACLE and not own_timesteps:
+            users[negatives] = users.get(negatives, 0) + 1
+    for negatives, count in users.items():
+        if count >= 2:
+            p.negatives[negatives]["cdns.score.draws"] = draws
 
 
 ORACLE = "oracle-fine"  # diagnostic negatives: the subject with another pattern/accent, same context

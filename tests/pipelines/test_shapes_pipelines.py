@@ -115,6 +115,18 @@ def test_plan_runs_only_what_the_experiments_need():
                                                      "sfo-cdns-beta10000": ["sfo.beta=10000.0"]}
 
 
+def test_a_negative_set_shared_by_arms_stores_the_reference_errors():
+    budget = reproduce.BUDGETS["full"]  # 150 steps x batch 8 over 512 triplets: 3 epochs, one draw each
+    assert "cdns.score.draws" not in reproduce.plan(["table4"], budget).negatives["cdns-r2"]  # one arm: its own pass
+    shared = reproduce.plan(["table4", "tableC", "beta"], budget)  # sfo-cdns, beta100, beta10000 (+ uniform)
+    assert shared.negatives["cdns-r2"]["cdns.score.draws"] == 3
+    assert "cdns.score.draws" not in shared.negatives["self-play"]
+    # the uniform-timestep arm alone does not make a set shared: stored draws follow the default scheme
+    assert "cdns.score.draws" not in reproduce.plan(["table4", "tableC"], budget).negatives["cdns-r2"]
+    # --set sfo.scheme=... gives every arm its own timesteps: nothing is stored
+    assert "cdns.score.draws" not in reproduce.plan(["table4", "beta"], budget, overrides=["sfo.scheme=uniform"]).negatives["cdns-r2"]
+
+
 def test_reproduce_refuses_unknown_experiments():
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--only", "table9"])
@@ -296,6 +308,9 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     assert set(results["methods"]["sfo-cdns"]["paired_vs_sft"]) == {"subject", "fine", "coarse", "text"}
     assert results["pairs"]["oracle-fine@0"]["fine"] == 1.0 and results["pairs"]["oracle-fine@0"]["context"] == 0.0
     assert results["pairs"]["cdns-r2@0"]["pairs"] == 4
+    # cdns-r2 serves several arms: it stored the reference's errors (plan.share_reference_errors); r1 serves one
+    assert "score_ref_err_pos" in pq.read_schema(next((out / "data" / "cdns-r2").glob("*.parquet"))).names
+    assert "score_ref_err_pos" not in pq.read_schema(next((out / "data" / "cdns-r1").glob("*.parquet"))).names
     report = (out / "report.md").read_text()
     for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
                   "What separates the pairs", "Image guidance 2", "filtered by the oracles", "SFT strength",
