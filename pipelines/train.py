@@ -39,6 +39,7 @@ import ray
 import ray.train
 import torch
 
+from pipelines import train_worker
 from pipelines.common import init_ray, ray_data_progress, use_torch_threads
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
@@ -74,7 +75,7 @@ def run(cfg: TrainConfig):
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same shard order on every attempt, so a checkpoint's data position means one thing
     trainer = TorchTrainer(
-        train_loop,
+        train_worker.train_loop,  # = train_loop below, imported only on the workers
         train_loop_config={"config": cfg, "use_cache": cached, "use_scores": scored},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),

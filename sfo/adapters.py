@@ -24,12 +24,14 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
-from peft import LoraConfig
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # diffusers and peft are imported where used: a job's config (this module's names) stays light
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
 REF = "ref"
 SFO = "sfo"
@@ -70,6 +72,8 @@ def _tuner_layers(transformer: torch.nn.Module) -> list[BaseTunerLayer]:
     names = tuple(adapter_names(transformer))
     cached = _LAYERS.get(transformer)
     if cached is None or cached[0] != names:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
         cached = names, [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
         _LAYERS[transformer] = cached
     return cached[1]
@@ -107,6 +111,8 @@ def add_lora(
         raise ValueError(f"lora.rank: must be a positive integer, got {rank!r} (the paper uses 4 for ref, 16 for sfo)")
     if name in adapter_names(transformer):
         raise ValueError(f"lora.name: the transformer already has an adapter {name!r}; pick another name")
+    from peft import LoraConfig
+
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, init_lora_weights=init,
                         target_modules=target_modules)
     with warnings.catch_warnings():  # peft warns that a second adapter is being added: that is the design
@@ -235,6 +241,8 @@ def adapter_state_dict(transformer: torch.nn.Module, name: str) -> dict[str, tor
     """The LoRA weights of one adapter, keys in peft's format (no adapter name, no prefix)."""
     if name not in adapter_names(transformer):
         raise ValueError(f"adapter: {name!r} is not on the transformer (it has {adapter_names(transformer)})")
+    from peft.utils import get_peft_model_state_dict
+
     return get_peft_model_state_dict(transformer, adapter_name=name)
 
 
@@ -248,6 +256,8 @@ def save_adapter(transformer: torch.nn.Module, name: str, folder: str | Path,
     Returns:
         The path of the weights file.
     """
+    from diffusers import FluxPipeline
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     weights = state_dict if state_dict is not None else adapter_state_dict(transformer, name)
@@ -268,6 +278,8 @@ def load_adapter(transformer: FluxTransformer2DModel, folder: str | Path, name: 
 
     Only ``*.safetensors`` is read, never a pickle.
     """
+    from diffusers import FluxPipeline
+
     path = Path(folder)
     if not (path / LORA_WEIGHTS).is_file():
         raise FileNotFoundError(f"adapter: no {LORA_WEIGHTS} in {str(path)!r}; pass the folder save_adapter wrote")
@@ -310,6 +322,8 @@ def save_merged(transformer: FluxTransformer2DModel, names: list[str], folder: s
     The live transformer is left as it was (merged, read out, unmerged). The result loads with
     ``FluxTransformer2DModel.from_pretrained(folder)`` and needs no peft.
     """
+    from safetensors.torch import save_file
+
     _check_known(transformer, names)
     scoped = [n for n in names if adapter_scope(transformer, n) != "all"]
     if scoped:
