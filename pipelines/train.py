@@ -65,6 +65,7 @@ def run(cfg: TrainConfig):
     from ray.train.torch import TorchTrainer
 
     cfg.check_inputs()
+    cfg = for_workers(cfg)
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     cached, scored = use_cache(cfg), use_scores(cfg)
     ray_data_progress()
@@ -85,6 +86,22 @@ def run(cfg: TrainConfig):
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     return trainer.fit()
+
+
+def for_workers(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with the local folders its workers read (``model.source``, ``model.ref_adapter``) made absolute
+    against this driver's working directory: Ray Train starts every worker in a working directory of its own
+    (its ``WorkingDirectorySetupCallback``), where a relative path such as sfo.yaml's default
+    ``runs/train/sft/adapters/ref`` would not exist."""
+    from dataclasses import replace
+
+    from sfo.models import SHAPES, TINY
+
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).expanduser().absolute()) if path is not None and Path(path).expanduser().exists() else path
+
+    source = cfg.model.source if cfg.model.source in (TINY, SHAPES) else absolute(cfg.model.source)
+    return replace(cfg, model=replace(cfg.model, source=source, ref_adapter=absolute(cfg.model.ref_adapter)))
 
 
 def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:

@@ -56,6 +56,24 @@ def test_ray_writes_a_file_per_rows_per_file_whatever_the_input_layout(ray_outpu
     assert [pq.read_metadata(f).num_rows for f in files] == [2, 2]
 
 
+def test_ray_output_keeps_the_input_order_whatever_actor_finishes_first(ray_local, triplets, tmp_path, monkeypatch):
+    """Training reads the files in name order: with two actors, the names must follow the input, or the same
+    negatives reach the sfo job in another order from run to run. The pipeline runs with Ray Data's
+    ``preserve_order`` (which actor finishes first is timing, so the flag is checked, then a real run's order)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    seen = []
+    monkeypatch.setattr(cdns, "_write_negatives", lambda *a: seen.append(context.execution_options.preserve_order))
+    before = context.execution_options.preserve_order
+    run(config(triplets, tmp_path / "flag", "runner=ray"))
+    assert seen and all(seen) and context.execution_options.preserve_order == before  # set for the write, restored
+    monkeypatch.undo()
+    out = tmp_path / "ordered"
+    run(config(triplets, out, "runner=ray", "cdns.rows_per_file=1", "scaling.num_workers=2"))
+    assert read(out).column("sample_id").to_pylist() == pq.read_table(triplets).column("sample_id").to_pylist()
+
+
 def test_ray_writes_quadruplets_with_provenance(ray_output, triplets):
     table = read(ray_output)
     check_schema(table, QUADRUPLET_SCHEMA, "cdns output")

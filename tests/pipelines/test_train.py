@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,9 +84,11 @@ def sfo_run(sft_run, data, tmp_path_factory):
     from pipelines.train import run
 
     sft_cfg, _ = sft_run
+    # relative to this process's working directory, as sfo.yaml's default: the workers start in another one
+    ref = os.path.relpath(sft_cfg.output.run_dir / "adapters" / "ref")
     cfg = load_config(SfoConfig, None, [
         f"data.path={data['quadruplets']}", f"data.size={SIZE}", "train.steps=2",
-        f"model.ref_adapter={sft_cfg.output.run_dir / 'adapters' / 'ref'}", "train.optimizer=adamw", "train.lr=1e-3",
+        f"model.ref_adapter={ref}", "train.optimizer=adamw", "train.lr=1e-3",
         "scaling.num_workers=2", "deepspeed.zero_stage=2", f"output.storage_path={tmp_path_factory.mktemp('sfo')}"])
     result = run(cfg)
     return cfg, result
@@ -275,6 +278,18 @@ def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path):
 def test_bad_configs_fail_naming_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(SfoConfig, CONFIGS / "sfo.yaml", [override])
+
+
+def test_the_workers_get_absolute_folders(tmp_path, monkeypatch):
+    from pipelines.train import for_workers
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ref").mkdir()
+    cfg = for_workers(load_config(SftConfig, None, ["model.source=tiny", "model.ref_adapter=ref"]))
+    assert cfg.model.ref_adapter == str(tmp_path / "ref") and cfg.model.source == "tiny"  # a preset name stays
+    (tmp_path / "flux").mkdir()
+    assert for_workers(load_config(SftConfig, None, ["model.source=flux"])).model.source == str(tmp_path / "flux")
+    assert for_workers(load_config(SftConfig, None, [])).model.ref_adapter is None
 
 
 def test_missing_data_path_fails_before_ray(tmp_path):
