@@ -23,7 +23,6 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,7 +63,8 @@ OMINICONTROL_TARGETS = (
 
 # transformer -> (its adapter names, its LoRA layers). LoRA layers appear and go only with adapters (peft
 # injects them when an adapter is added), so the names are the key: every forward pass asks for the layers
-# (``target_scope``), and walking every module each time cost ~5% of a sampling step on the world model.
+# (``target_scope``), and walking every module cost 1.2 ms per forward with two adapters loaded, 7.5 ms (~9% of
+# a world-model sampling step) with the evaluation's 35, whose modules all join the tree.
 _LAYERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
