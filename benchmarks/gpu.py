@@ -1,47 +1,72 @@
-"""GPU benchmark: FLUX.1-dev's transformer (the real config, random bf16 weights, no download) at 512x512
-target + 512x512 reference + 512 text tokens, the way this project runs it.
+"""GPU benchmark: FLUX.1-dev's transformer (its config ships in ``sfo/configs``; random bf16 weights made on the
+GPU, no download) at 512x512 target + 512x512 reference + 512 text tokens, the way this project runs it.
 
-    python -m benchmarks.gpu                     # on a GPU: one table, a few minutes
-    python -m benchmarks.gpu --shrink --device cpu   # the machinery on a CPU (tests run this; numbers mean nothing)
+    python -m benchmarks.gpu --json gpu.json          # on a GPU: one table, ~2-3 minutes on an H200
+    python -m benchmarks.gpu --compile                # + torch.compile rows, last
+    python -m benchmarks.gpu --shrink --device cpu    # the machinery on a CPU (tests run this; numbers mean nothing)
 
-Rows: CDNS sampling s/image (28 steps, guidance 3.5) at batch 1 and 4 with the reference's keys/values
-cached (``sfo.transformer.encode_condition``) and without (the masked joint sequence at every step),
-optionally with ``torch.compile``; the SFO step s/iteration at batch 4 with gradient checkpointing on/off
-and the reference pass run or given (``cdns.score.draws``). Each row: seconds, achieved TFLOP/s and MFU
-against the device's bf16 peak (FLOPs from the config: 2 x matmul parameters x tokens, plus attention
-4 x tokens^2 x inner dim per layer; backward counted as 2x forward), and peak memory. Text and VAE encoders
-are not run: random embeddings of the right shapes stand in for them.
+Rows (``--rows`` selects by id, shell patterns): CDNS sampling s/image (28 steps) at batch 1 and 4 with the
+reference's keys/values cached (``sfo.transformer.encode_condition``) and without (the masked joint sequence
+at every step), "ref" folded into the weights as the cdns and serve stages do (``fused_adapters``, once per
+row, untimed); a serving-latency row:
+batch 1 sampled ``--serve-repeats`` times, p50/p95 seconds per request (what one Serve replica's sampler
+spends, no HTTP); the SFO step s/iteration (``sfo.objectives.sfo_objective``) with gradient checkpointing
+on/off and the reference errors stored (``cdns.score.draws``) or run live; with ``--compile`` the cached
+sampling rows again under ``torch.compile``. Each row: seconds, achieved TFLOP/s and MFU against the device's
+dense bf16 peak (FLOPs of the passes actually run: 2 x matmul weights x tokens plus attention 4 x queries x
+keys x inner dim per block; a backward counts 1x its forward, as the frozen base computes no weight
+gradients; checkpointing adds a forward), the peak memory, and the memory plan's estimate
+(``sfo.memory.memory_plan``) beside it. A row that runs out of memory is reported as OOM and the next runs.
+Text and VAE encoders are not run: random embeddings of the right shapes stand in for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import gc
 import json
+import statistics
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-LAYOUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "flux1-layout" / "transformer" / "config.json"
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L40": 181.0, "A10G": 70.0, "4090": 165.0}
+from sfo.memory import FLUX1_DEV_CONFIG, GIB, memory_plan
+
+# Dense bf16 TFLOP/s by torch.cuda.get_device_name(): (name contains, and contains, peak); first match wins.
+PEAK_BF16_TFLOPS = (
+    ("H100", "PCIe", 756.0), ("H100", "NVL", 835.0), ("H100", "", 989.0), ("H200", "", 989.0),
+    ("A100", "", 312.0), ("L40S", "", 362.0), ("L40", "", 181.0), ("A10G", "", 70.0), ("4090", "", 165.0),
+)
 SHRUNK = {"num_layers": 1, "num_single_layers": 1, "num_attention_heads": 2, "attention_head_dim": 16,
           "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": [4, 6, 6]}
+INIT_STD = 0.02  # random weights: small enough that 57 blocks stay finite in bf16
+GUIDANCE = 3.5  # FLUX.1-dev sampling guidance (paper Sec. 4.1)
+TEXT_TOKENS = 512  # T5 tokens per prompt (FLUX.1-dev)
 
 
-def flux_config(path: Path = LAYOUT, shrink: bool = False) -> dict:
-    """The transformer config of the real FLUX.1 layout, as FLUX.1-dev (guidance embedding on); shrunk for CPUs."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--config: {path} does not exist; pass FLUX.1's transformer/config.json "
-                                "(../shared/data/flux1-layout has it)")
-    config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    config["guidance_embeds"] = True  # FLUX.1-dev distils guidance into an embedding (the layout file is schnell's shape)
+def peak_tflops(name: str) -> float | None:
+    """The dense bf16 peak of a device from its name ("NVIDIA H100 80GB HBM3" is SXM), or None when unknown."""
+    return next((peak for model, variant, peak in PEAK_BF16_TFLOPS if model in name and variant in name), None)
+
+
+def flux_config(path: Path = FLUX1_DEV_CONFIG, shrink: bool = False) -> dict:
+    """A transformer config.json (FLUX.1-dev's by default), without ``_`` keys; shrunk for CPUs."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--config: {path} does not exist; pass a FLUX transformer's config.json "
+                                f"(the repository ships FLUX.1-dev's: {FLUX1_DEV_CONFIG})")
+    config = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
     return config | (SHRUNK if shrink else {})
 
 
 def forward_flops(config: dict, target: int, reference: int, text: int, cached: bool) -> float:
     """One transformer forward's FLOPs for the target's velocity: 2 x matmul parameters x tokens through every
     block, plus attention 4 x (queries x keys) x inner dim per layer. With the reference cached, its tokens only
-    add keys (their own pass is counted once per image, not per step)."""
+    add keys (their own pass is ``condition_flops``, once per image, not per step)."""
     inner = config["num_attention_heads"] * config["attention_head_dim"]
     mlp = 4 * inner
     double = 4 * inner * inner + 2 * inner * mlp  # a token's stream (image or text): q, k, v, out; MLP in and out
@@ -53,119 +78,283 @@ def forward_flops(config: dict, target: int, reference: int, text: int, cached: 
     return 2 * per_token * queries + attention
 
 
-def _timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up (and compile)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - started) / repeats
+def condition_flops(config: dict, reference: int) -> float:
+    """The reference tokens' own pass (``encode_condition``): they attend only to themselves."""
+    return forward_flops(config, reference, 0, 0, cached=True)
 
 
-def run(shrink: bool, device: str, size: int, steps: int, repeats: int, compile_: bool, peak: float | None) -> list[dict]:
+def build_transformer(config: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    """FLUX's transformer made on the meta device and materialised on ``device`` in ``dtype`` (no fp32 copy on
+    the CPU): weights N(0, INIT_STD), biases 0, norm weights 1."""
     from diffusers import FluxTransformer2DModel
 
-    from sfo.adapters import REF, REF_RANK, SFO, SFO_RANK, add_lora
+    default = torch.get_default_dtype()
+    try:  # parameters made in ``dtype`` on the meta device: no memory, no fp32 copy anywhere
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    transformer = transformer.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif param.ndim == 1:  # RMSNorm weights of q/k
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, INIT_STD, generator=generator)
+    transformer.requires_grad_(False)
+    return transformer.eval()
+
+
+@dataclass
+class Row:
+    """One benchmark row: ``fn`` runs it once and returns a tensor that must be finite."""
+
+    id: str
+    what: str
+    fn: Callable[[], torch.Tensor]
+    flops: float  # per call
+    per: int  # calls' unit divisor: images per call for sampling rows, 1 for steps
+    estimate: float  # GiB, the memory plan
+    repeats: int
+    warmup: Callable[[], torch.Tensor] | None = None
+    latency: bool = False  # report p50 / p95 of the single calls
+    context: Callable[[], object] | None = None  # a context manager factory entered around the row (not timed)
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(row: Row, device: str, peak: float | None, weights_gib: float = 0.0) -> dict:
+    """Runs one row: warm-up, ``repeats`` timed calls, peak memory; an out-of-memory error becomes an OOM row."""
+    from sfo.memory import LiveTensorBytes
+
+    result = {"id": row.id, "what": row.what, "estimate_gib": row.estimate}
+    oom, began = False, time.perf_counter()
+    try:
+        if device == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        probe = LiveTensorBytes() if device != "cuda" else None  # the CPU has no allocator statistics
+        with probe if probe is not None else _null(), row.context() if row.context else _null():
+            out = (row.warmup or row.fn)()
+            times = []
+            for _ in range(row.repeats):
+                _sync(device)
+                started = time.perf_counter()
+                out = row.fn()
+                _sync(device)
+                times.append(time.perf_counter() - started)
+        finite = bool(torch.isfinite(out).all())
+        memory = (torch.cuda.max_memory_allocated() / GIB if device == "cuda"
+                  else weights_gib + probe.peak / GIB)
+        seconds = statistics.mean(times) / row.per
+        tflops = row.flops / statistics.mean(times) / 1e12
+        result |= {"status": "ok" if finite else "non-finite", "seconds": seconds, "tflops": tflops,
+                   "mfu": tflops / peak if peak else None, "peak_gib": memory}
+        if row.latency:
+            ordered = sorted(times)
+            result |= {"p50": statistics.median(ordered), "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]}
+    except torch.cuda.OutOfMemoryError:
+        oom = True  # the traceback holds the row's tensors: free them outside the except block
+    except Exception as exc:  # noqa: BLE001 - one broken row must not cost the rows after it on a rented GPU
+        oom = "out of memory" in str(exc) or "ALLOC_FAILED" in str(exc)  # cuBLAS / cuDNN workspace failures
+        if not oom:
+            traceback.print_exc()
+            result["status"] = f"error: {type(exc).__name__}: {str(exc)[:200]}"
+    if oom:
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        result |= {"status": "OOM", "peak_gib": torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None}
+    result["wall_s"] = time.perf_counter() - began  # the row's whole time, warm-up included
+    return result
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+HEADER = "| row | what | s | TFLOP/s | MFU | peak GiB | plan GiB |\n|---|---|---|---|---|---|---|"
+
+
+def markdown(result: dict) -> str:
+    def num(key: str, fmt: str) -> str:
+        value = result.get(key)
+        return format(value, fmt) if isinstance(value, (int, float)) else "-"
+
+    seconds = num("seconds", ".3f")
+    if "p50" in result:
+        seconds = f"p50 {result['p50']:.3f} / p95 {result['p95']:.3f}"
+    if result.get("status") == "OOM":
+        seconds = "OOM"
+    elif str(result.get("status")).startswith("error"):
+        seconds = result["status"].split(":")[0] + ": " + result["status"].split(":")[1].strip()
+    elif result.get("status") not in (None, "ok"):
+        seconds += f" ({result['status']})"
+    return (f"| {result['id']} | {result['what']} | {seconds} | {num('tflops', '.1f')} | {num('mfu', '.2f')} | "
+            f"{num('peak_gib', '.2f')} | {num('estimate_gib', '.2f')} |")
+
+
+def run_rows(rows: list[Row], device: str, peak: float | None, json_path: Path | None = None,
+             weights_gib: float = 0.0) -> list[dict]:
+    """Measures the rows in order, printing each row's table line as it finishes (header first) and rewriting
+    ``json_path`` after each, so a run cut short keeps what it measured."""
+    print(HEADER, flush=True)
+    results = []
+    for row in rows:
+        results.append(measure(row, device, peak, weights_gib))
+        print(markdown(results[-1]), flush=True)
+        if json_path is not None:
+            json_path.write_text(json.dumps(results, indent=1))
+    return results
+
+
+def selected(row_id: str, patterns: list[str] | None) -> bool:
+    return not patterns or any(fnmatch.fnmatch(row_id, p) for p in patterns)
+
+
+def build_rows(transformer, config: dict, args: argparse.Namespace, device: str, dtype: torch.dtype) -> list[Row]:
+    """The benchmark's rows, in order (``--compile`` rows last), on a transformer carrying "ref" and "sfo"."""
+    from sfo.adapters import REF, fused_adapters
     from sfo.latents import condition_ids, grid_ids
     from sfo.objectives import TrainBatch, reference_errors, sfo_objective
     from sfo.text import TextEmbeddings
     from sfo.transformer import Condition, encode_condition, flux_forward
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = flux_config(shrink=shrink)
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel.from_config(config).to(device, dtype)
-    add_lora(transformer, REF, REF_RANK, init="gaussian")
-    side = size // 16  # 8x VAE, 2x2 packing
-    tokens, text_tokens = side * side, 512 if not shrink else 16
+    side = args.size // 16  # 8x VAE, 2x2 packing
+    tokens, text_tokens = side * side, TEXT_TOKENS if not args.shrink else 16
     img_ids, ref_ids = grid_ids(side, side).to(device), condition_ids(side, side).to(device)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    peak = peak or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    on = dict(device=device, dtype=dtype)
+    plan = dict(image_size=args.size, text_tokens=text_tokens, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                zero_stage=0, optimizer="none", attention="flash")
 
     def inputs(n: int):
-        text = TextEmbeddings(torch.randn(n, text_tokens, config["joint_attention_dim"], device=device, dtype=dtype),
-                              torch.randn(n, config["pooled_projection_dim"], device=device, dtype=dtype),
-                              torch.zeros(text_tokens, 3, device=device, dtype=dtype))
-        latents = lambda: torch.randn(n, tokens, 64, device=device, dtype=dtype)  # noqa: E731
-        return text, latents, torch.full((n,), 3.5, device=device)
+        text = TextEmbeddings(torch.randn(n, text_tokens, config["joint_attention_dim"], **on),  # (n, Lt, 4096)
+                              torch.randn(n, config["pooled_projection_dim"], **on), torch.zeros(text_tokens, 3, **on))
+        return text, (lambda: torch.randn(n, tokens, config["in_channels"], **on))  # (n, L, 64) latents
 
-    rows = []
-
-    def row(what: str, seconds: float, flops: float) -> None:
-        memory = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        tflops = flops / seconds / 1e12
-        rows.append({"what": what, "seconds": seconds, "tflops": tflops,
-                     "mfu": tflops / peak if peak else float("nan"), "peak_gib": memory})
-        print(f"{what}: {seconds:.3f} s", flush=True)
-
-    forward = torch.compile(flux_forward) if compile_ else flux_forward
-    for batch in (1, 4):
-        text, latents, guidance = inputs(batch)
+    def sampler(batch: int, cached: bool, forward) -> Callable[[int], torch.Tensor]:
+        text, latents = inputs(batch)
+        guidance = torch.full((batch,), GUIDANCE, device=device)
         condition = Condition(latents(), ref_ids)
-        for cached in (True, False):
-            def sample() -> None:
-                with torch.no_grad():
-                    c = encode_condition(transformer, condition, text.pooled, guidance) if cached else condition
-                    x = latents()
-                    for i in range(steps):
-                        t = torch.full((batch,), 1 - i / steps, device=device)
-                        x = x - (1 / steps) * forward(transformer, x, img_ids, text, t, guidance, c, joint=not cached)
 
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds = _timed(sample, repeats, device)
-            flops = batch * steps * forward_flops(config, tokens, tokens, text_tokens, cached)
-            row(f"CDNS sampling, batch {batch}, {steps} steps, K/V cache {'on' if cached else 'off'}"
-                + (", compiled" if compile_ else ""), seconds / batch, flops / batch)
+        def sample(steps: int = args.steps) -> torch.Tensor:
+            with torch.no_grad():
+                c = encode_condition(transformer, condition, text.pooled, guidance) if cached else condition
+                x = latents()
+                for i in range(steps):  # Euler steps of the flow from t = 1 to 0
+                    t = torch.full((batch,), 1 - i / steps, device=device)
+                    x = x - (1 / steps) * forward(transformer, x, img_ids, text, t, guidance, c, joint=not cached)
+            return x
 
-    add_lora(transformer, SFO, SFO_RANK)
-    text, latents, _ = inputs(4)
-    batch = TrainBatch(latents(), text, Condition(latents(), ref_ids), img_ids, latents())
-    t, noise = torch.rand(4, device=device), latents()
-    stored = reference_errors(transformer, batch, t, noise)
-    for checkpointing in (False, True):
-        if checkpointing:
-            transformer.enable_gradient_checkpointing()
-        for given in (False, True):
-            def step() -> None:
-                loss, _ = sfo_objective(transformer, batch, t, noise, beta=1000.0,
-                                        **({"ref_errors": stored} if given else {}))
-                loss.mean().backward()
-                transformer.zero_grad(set_to_none=True)
+        return sample
 
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            seconds = _timed(step, repeats, device)
-            per_pass = 2 * 4 * forward_flops(config, tokens, tokens, text_tokens, True)  # positive + negative
-            flops = per_pass * (3 + (0 if given else 1) + (1 if checkpointing else 0))  # fwd + 2x bwd, ref, recompute
-            row(f"SFO step, batch 4, checkpointing {'on' if checkpointing else 'off'}, reference "
-                + ("stored" if given else "pass"), seconds, flops)
-    return rows
+    def sampling_row(batch: int, cached: bool, compiled: bool = False, serve: bool = False) -> Row:
+        forward = torch.compile(flux_forward) if compiled else flux_forward
+        sample = sampler(batch, cached, forward)
+        per_image = args.steps * forward_flops(config, tokens, tokens, text_tokens, cached)
+        per_image += condition_flops(config, tokens) if cached else 0
+        estimate = memory_plan(config, job="sample", batch_size=batch, kv_cache=cached, fused=True, **plan).total
+        kind = f"{'cache' if cached else 'nocache'}{'-compiled' if compiled else ''}"
+        what = (f"serving latency, batch 1, {args.steps} steps, K/V cache on, {args.serve_repeats} requests" if serve
+                else f"CDNS sampling s/image, batch {batch}, {args.steps} steps, K/V cache {'on' if cached else 'off'}"
+                + (", torch.compile" if compiled else ""))
+        # Warm-up: 2 steps load the kernels (and compile); a full trajectory would double the row's time.
+        return Row("serve-b1" if serve else f"cdns-b{batch}-{kind}", what, sample, batch * per_image,
+                   1 if serve else batch, estimate / GIB, args.serve_repeats if serve else args.sample_repeats,
+                   warmup=lambda: sample(min(2, args.steps)), latency=serve,
+                   # "ref" folded into the weights as the cdns and serve stages do (model.fuse_adapters), once per
+                   # row rather than per call (untimed, and torch.compile sees the same weights every call).
+                   context=lambda: fused_adapters(transformer, [REF]))
+
+    n = args.sfo_batch
+    text, latents = inputs(n)
+    batch = TrainBatch(latents(), text, Condition(latents(), ref_ids), img_ids, latents())  # positive, negative
+    t, noise = torch.rand(n, device=device), latents()
+    stored: list = []
+
+    def training_row(checkpointing: bool, live: bool, n_rows: int = n) -> Row:
+        def step() -> torch.Tensor:
+            transformer.gradient_checkpointing = checkpointing  # read by sfo.transformer._run
+            if not live and not stored:
+                stored.append(reference_errors(transformer, batch, t, noise))  # as cdns.score.draws stores them
+            loss, _ = sfo_objective(transformer, batch, t, noise, beta=1000.0, **({} if live else {"ref_errors": stored[0]}))
+            loss.mean().backward()
+            transformer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        policy = 2 * n * forward_flops(config, tokens, tokens, text_tokens, True) + n * condition_flops(config, tokens)
+        flops = policy * (2 + checkpointing) + (policy if live else 0)  # fwd + bwd (1x), recompute, reference pass
+        estimate = memory_plan(config, job="sfo", batch_size=n, gradient_checkpointing=checkpointing, **plan).total
+        what = (f"SFO step s/it, batch {n}, checkpointing {'on' if checkpointing else 'off'}, "
+                f"reference errors {'live' if live else 'stored'}")
+        return Row(f"sfo-b{n}-{'ckpt' if checkpointing else 'nockpt'}-{'live' if live else 'stored'}", what, step,
+                   flops, 1, estimate / GIB, args.repeats)
+
+    rows = [sampling_row(b, cached) for b in (1, 4) for cached in (True, False)]
+    rows.append(sampling_row(1, True, serve=True))
+    rows += [training_row(True, False), training_row(True, True), training_row(False, False), training_row(False, True)]
+    if args.compile:
+        rows += [sampling_row(b, True, compiled=True) for b in (1, 4)]
+    return [row for row in rows if selected(row.id, args.rows)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", type=Path, default=FLUX1_DEV_CONFIG, help="a FLUX transformer config.json "
+                        "(default: FLUX.1-dev's, shipped in sfo/configs)")
     parser.add_argument("--shrink", action="store_true", help="a tiny config: checks the machinery on a CPU")
     parser.add_argument("--size", type=int, default=512, help="target and reference side in pixels (default 512)")
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the transformer forward")
+    parser.add_argument("--steps", type=int, default=28, help="sampling steps (default 28, paper Sec. 4.1)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed SFO steps per training row (default 2)")
+    parser.add_argument("--sample-repeats", type=int, default=1, help="timed calls per sampling row (default 1)")
+    parser.add_argument("--serve-repeats", type=int, default=10, help="requests of the serving-latency row (default 10)")
+    parser.add_argument("--sfo-batch", type=int, default=4, help="SFO batch N (2N sequences; default 4, paper App. D.2)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile sampling rows (last)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
+    parser.add_argument("--rows", type=lambda s: s.split(","), default=None,
+                        help="comma-separated row ids or patterns, e.g. 'cdns-*,serve-b1' (default: all)")
+    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON here (after every row)")
     args = parser.parse_args(argv)
     if args.size % 16:
         parser.error(f"--size: a multiple of 16, got {args.size}")
-    rows = run(args.shrink, args.device, args.size, args.steps, args.repeats, args.compile, args.peak_tflops)
+    if min(args.steps, args.repeats, args.sample_repeats, args.serve_repeats, args.sfo_batch) < 1:
+        parser.error("--steps, --repeats, --sample-repeats, --serve-repeats, --sfo-batch: each at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible; pass --device cpu --shrink to check the machinery")
+
+    from sfo.adapters import REF, REF_RANK, SFO, SFO_RANK, add_lora
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    config = flux_config(args.config, shrink=args.shrink)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"\n{name}, FLUX.1-dev transformer{' (shrunk)' if args.shrink else ''}, {args.size}x{args.size} target + "
-          f"reference, {time.strftime('%Y-%m-%d')}")
-    print("| what | s | TFLOP/s | MFU | peak GiB |\n|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['what']} | {r['seconds']:.3f} | {r['tflops']:.1f} | {r['mfu']:.2f} | {r['peak_gib']:.1f} |")
+    peak = args.peak_tflops or peak_tflops(name)
+    started = time.perf_counter()
+    transformer = build_transformer(config, args.device, dtype)
+    add_lora(transformer, REF, REF_RANK, init="gaussian")
+    add_lora(transformer, SFO, SFO_RANK)  # trained by the SFO rows; sampling folds "ref" only
+    weights_gib = sum(p.numel() * p.element_size() for p in transformer.parameters()) / GIB
+    print(f"{name} (bf16 peak {peak or 'unknown'} TFLOP/s), {args.config.name}{' shrunk' if args.shrink else ''}, "
+          f"{args.size}x{args.size} target + reference, weights {weights_gib:.1f} GiB made in "
+          f"{time.perf_counter() - started:.1f} s, {time.strftime('%Y-%m-%d')}\n", flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+    rows = build_rows(transformer, config, args, args.device, dtype)
+    run_rows(rows, args.device, peak, args.json, weights_gib)
+    print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s", flush=True)
     return 0
 
 
