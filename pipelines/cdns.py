@@ -28,13 +28,8 @@ from pipelines.dpo_dino import DpoDinoGenerator
 from pipelines.negatives import (  # noqa: F401 - the job's config and generator, re-exported
     DPO_DINO_MODE, NO_ADAPTER, RUNNERS, SEED_BITS, CdnsConfig, CdnsSection, DataConfig, NegativeGenerator, sample_seed,
 )
+from pipelines.resume import done_keys, parquet_files  # noqa: F401 - parquet_files re-exported
 from sfo.records import TRIPLET_SCHEMA, check_schema
-
-def parquet_files(path: Path) -> list[Path]:
-    """The Parquet files of a file or folder, sorted (hidden and ``_``-prefixed files skipped)."""
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
 
 
 def check_inputs(config: CdnsConfig) -> list[Path]:
@@ -56,17 +51,8 @@ def check_inputs(config: CdnsConfig) -> list[Path]:
 
 def done_sample_ids(output: Path) -> tuple[set[str], list[Path]]:
     """Sample ids already in ``output``'s Parquet files; unreadable files are renamed ``*.incomplete``."""
-    done: set[str] = set()
-    moved = []
-    for path in parquet_files(output) if output.exists() else []:
-        try:
-            ids = pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()
-        except Exception:  # a file cut short by an interruption: redo its samples
-            path.rename(path.with_name(path.name + ".incomplete"))
-            moved.append(path)
-            continue
-        done.update(ids)
-    return done, moved
+    found, moved = done_keys(output, ["sample_id"])
+    return {key[0] for key in found}, moved
 
 
 def plan(config: CdnsConfig, files: list[Path]) -> tuple[list[str], int]:

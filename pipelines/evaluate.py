@@ -7,18 +7,25 @@ instance; the Ray Data job runs an actor pool of it, ``runner=local`` a plain lo
 
     python -m pipelines.evaluate --config pipelines/configs/evaluate.yaml [key=value ...]
 
-Writes ``<output>/images/<method>/*.parquet`` (method, subject, prompt, seed, image png, scores),
+Writes ``<output>/images/*.parquet`` (method, subject, prompt, seed, image png, scores),
 ``<output>/summary.json`` and ``summary.csv`` (per method overall and per subject), and prints the
-table. Re-running replaces a method's images. Without ``eval.dreambench`` it runs on the embedded
-synthetic subjects. Scores from the tiny random encoders carry ``metrics.RANDOM_ENCODERS_NOTE``.
+table. Without ``eval.dreambench`` it runs on the embedded synthetic subjects. Scores from the tiny
+random encoders carry ``metrics.RANDOM_ENCODERS_NOTE``.
+
+Re-running into the same ``output`` resumes (``pipelines.resume``): images already written are kept (a
+file cut short by a kill is moved aside as ``*.incomplete``), only the missing (method, subject, prompt,
+seed) are generated, and the summary is made from every image of the config, each once. The config is
+recorded in ``<output>/_evaluate.json``: a method may be added, but a rerun that would make other images
+(another model, size, steps, selection, a method's adapters or sampler) fails naming the field.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +34,8 @@ import pyarrow.parquet as pq
 
 from pipelines.common import (ModelConfig, ScalingConfig, check_image_guidance, init_ray, ray_data_progress,
                               use_torch_threads)
-from pipelines.config import ConfigError, job_main
+from pipelines.config import ConfigError, job_main, to_dict
+from pipelines.resume import check_same_config, done_keys, first_per_key, parquet_files, write_table_atomic
 from sfo.modes import SamplingMode
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -42,6 +50,9 @@ IMAGE_SCHEMA = pa.schema([
     pa.field("dino", pa.float32()), pa.field("clip_i", pa.float32()), pa.field("clip_t", pa.float32()),
     pa.field("random_encoders", pa.bool_()),
 ])
+IMAGE_KEY = ("method", "subject", "prompt_index", "seed")  # one image each: what a rerun skips when present
+# Fields that change how the work is cut or run, not what any image holds: a rerun may change them.
+EXECUTION_FIELDS = ("output", "runner", "scaling", "eval.batch_size", "model.ref_adapter")
 
 
 @dataclass
@@ -286,39 +297,136 @@ def check_config(config: EvaluateConfig) -> Benchmark:
         raise ConfigError(str(exc) if str(exc).startswith("eval.") else f"eval.dreambench: {exc}") from None
 
 
-def run_local(config, rows: list[dict], folder: Path, evaluator_class=None) -> None:
-    """Generates and scores ``rows`` (any methods) in this process, one Parquet file per batch."""
+def key_of(row: dict, key: tuple[str, ...]) -> tuple:
+    return tuple(row[c] for c in key)
+
+
+def only_keys(table: pa.Table, keys: list[tuple], key: tuple[str, ...]) -> pa.Table:
+    """The rows of ``table`` whose ``key`` columns are one of ``keys``."""
+    wanted = set(keys)
+    return table.filter(pa.array([k in wanted for k in zip(*(table.column(c).to_pylist() for c in key))], pa.bool_()))
+
+
+def run_local(config, rows: list[dict], folder: Path, evaluator_class=None, prefix: str = "part",
+              keep: list[tuple] | None = None, key: tuple[str, ...] = IMAGE_KEY) -> None:
+    """Generates and scores ``rows`` (any methods) in this process, batches of ``eval.batch_size`` rows in
+    order, one Parquet file per batch (``{prefix}_{index}.parquet``, each written whole); with ``keep``,
+    only the rows whose ``key`` is in it are written."""
     evaluator = (evaluator_class or Evaluator)(config)
     size = config.eval.batch_size
     for index, start in enumerate(range(0, len(rows), size)):
-        pq.write_table(evaluator(pa.Table.from_pylist(rows[start:start + size])), folder / f"part-{index:06d}.parquet")
+        out = evaluator(pa.Table.from_pylist(rows[start:start + size]))
+        write_table_atomic(out if keep is None else only_keys(out, keep, key), folder / f"{prefix}_{index:06d}.parquet")
         print(f"[evaluate] {min(start + size, len(rows))}/{len(rows)} images", flush=True)
 
 
-def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None) -> None:
-    """Generates and scores ``rows`` (every method's) on one Ray Data actor pool of ``evaluator_class``."""
+def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None, prefix: str | None = None,
+            keep: list[tuple] | None = None, key: tuple[str, ...] = IMAGE_KEY) -> None:
+    """Generates and scores ``rows`` (every method's) on one Ray Data actor pool of ``evaluator_class``.
+
+    Batches are ``rows`` cut every ``eval.batch_size`` rows, as the local loop cuts them (one block each: each
+    batch gets a file of its own, and a killed job keeps the files already written); files are named
+    ``{prefix}_{write uuid}_{task}.parquet`` when ``prefix`` is given; with ``keep``, only the rows whose
+    ``key`` is in it are written.
+    """
     import ray
+    from ray.data.datasource import FilenameProvider
 
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     scaling = config.scaling
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ray_data_progress()
-    ds = ray.data.from_items(rows).map_batches(
+    size = config.eval.batch_size
+    ds = ray.data.from_blocks([pa.Table.from_pylist(rows[i:i + size]) for i in range(0, len(rows), size)])
+    ds = ds.map_batches(
         evaluator_class or Evaluator, fn_constructor_kwargs={"config": config},
-        compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=config.eval.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=size,
         batch_format="numpy", num_cpus=scaling.cpus_per_worker, **gpus)
-    ds.write_parquet(str(folder))
+    if keep is not None:
+        ds = ds.map_batches(only_keys, fn_kwargs={"keys": keep, "key": key}, batch_format="pyarrow", batch_size=None,
+                            num_cpus=scaling.cpus_per_worker)
+    ds.write_parquet(str(folder), **({"filename_provider": FilenameProvider(prefix, "parquet")} if prefix else {}))
 
 
-def read_images(output: Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA) -> pa.Table:
-    """The scored images of ``methods`` under ``output/images``, read as ``schema``, in method order."""
+def batches_to_make(rows: list[dict], found: set[tuple], key: tuple[str, ...],
+                    size: int) -> tuple[list[dict], list | None]:
+    """The batches of ``rows`` (cut every ``size`` rows, as a straight run cuts them) that hold a row not in
+    ``found``, concatenated; and the keys of the rows to write (None: all of them).
+
+    Making whole batches gives each image the batch a straight run gave it: a batch's other rows change an
+    image's floats in their last bits (batched kernels), and a resumed run then differs from a straight one.
+    """
+    batches = [rows[i:i + size] for i in range(0, len(rows), size)]
+    todo = [b for b in batches if any(key_of(row, key) not in found for row in b)]
+    made = [row for b in todo for row in b]  # cut every `size` rows again: the same batches (only the last is short)
+    missing = [key_of(row, key) for row in made if key_of(row, key) not in found]
+    return made, (None if len(missing) == len(made) else missing)
+
+
+def recorded_fields(config) -> dict:
+    """What an evaluation's images depend on, as dotted field -> plain value (``EXECUTION_FIELDS`` left out):
+    the model and eval sections (selection included), and per method its active adapters, the sha256 of
+    their weight files and its effective sampler mode. Shared with ``pipelines.evaluate_shapes``."""
+    from sfo.adapters import LORA_WEIGHTS
+
+    plain = to_dict(config)
+    fields = {f"{section}.{name}": value for section in ("model", "eval") for name, value in plain[section].items()}
+    for name in ("model.source", "eval.dreambench", "eval.dino_encoder", "eval.clip_encoder"):
+        if isinstance(fields.get(name), str) and Path(fields[name]).exists():  # a local folder, not "tiny"
+            fields[name] = str(Path(fields[name]).resolve())
+    for method in config.methods:
+        key = f"methods[{method.name}]"
+        fields[f"{key}.active"] = list(method.active)
+        fields[f"{key}.sampling"] = to_dict(method.sampling or config.eval.sampling)
+        for role in ADAPTER_NAMES:
+            folder = getattr(method, f"{role}_adapter")
+            fields[f"{key}.{role}_adapter"] = None if folder is None else "sha256:" + hashlib.sha256(
+                (Path(folder) / LORA_WEIGHTS).read_bytes()).hexdigest()
+    return {k: v for k, v in fields.items() if not any(k == e or k.startswith(e + ".") for e in EXECUTION_FIELDS)}
+
+
+def generate_missing(config, rows: list[dict], key: tuple[str, ...], stage: str, evaluator_class=None) -> None:
+    """Generates and scores the ``rows`` not yet under ``<output>/images`` (keyed by ``key``); refuses an output
+    made with another config (``pipelines.resume.check_same_config``). Shared with ``pipelines.evaluate_shapes``."""
+    folder = config.output / "images"
+    tag = f"[{stage}]"
+    check_same_config(config.output, stage, recorded_fields(config), field_of_output="output",
+                      has_files=folder.is_dir() and bool(parquet_files(folder)),
+                      fresh_fix=f"pass a new output=... (or delete {str(folder)!r} yourself)")
+    found, moved = done_keys(folder, list(key))
+    for path in moved:
+        print(f"{tag} moved unreadable {path} aside (*.incomplete); its images are generated again", flush=True)
+    missing = sum(key_of(row, key) not in found for row in rows)
+    print(f"{tag} {len(rows) - missing} image(s) already in {folder} are kept, {missing} to generate", flush=True)
+    if not missing:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # never a kept file's name
+    for attempt in range(2 if config.runner == "ray" else 1):
+        made, keep = batches_to_make(rows, found, key, config.eval.batch_size)
+        if not made:
+            return
+        if attempt:
+            print(f"{tag} {len(keep or made)} image(s) missing after the pass (a worker died while writing their "
+                  "file); generating them again", flush=True)
+        (run_local if config.runner == "local" else run_ray)(config, made, folder, evaluator_class,
+                                                             prefix=prefix + ("-redo" if attempt else ""), keep=keep,
+                                                             key=key)
+        found = done_keys(folder, list(key))[0]  # moves a file cut short by a killed writer aside
+
+
+def read_images(output: Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA,
+                key: tuple[str, ...] = IMAGE_KEY) -> pa.Table:
+    """The scored images of ``methods`` under ``output/images``, read as ``schema``: in method order, then
+    sorted by ``key``, each ``key`` once (the same table however a resumed run split its files)."""
     import pyarrow.compute as pc
 
-    files = sorted((output / "images").rglob("*.parquet")) if (output / "images").is_dir() else []
+    folder = output / "images"
+    files = parquet_files(folder) if folder.is_dir() else []
     if not files:
         return schema.empty_table()
     table = pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
-    return pa.concat_tables([table.filter(pc.equal(table["method"], m)) for m in methods])
+    return pa.concat_tables([first_per_key(table.filter(pc.equal(table["method"], m)), list(key)) for m in methods])
 
 
 def summarize(table: pa.Table) -> dict:
@@ -372,12 +480,9 @@ def run(config: EvaluateConfig) -> dict:
     bench = check_config(config)
     started = time.time()
     rows = [row for method in config.methods for row in work_rows(config, bench, method.name)]
-    folder = config.output / "images"
-    shutil.rmtree(folder, ignore_errors=True)  # re-running replaces the images
-    folder.mkdir(parents=True)
     print(f"[evaluate] {len(config.methods)} method(s) x {len(rows) // len(config.methods)} images "
           f"({len(bench.prompts)} subjects, {config.runner}, one model for all methods)", flush=True)
-    (run_local if config.runner == "local" else run_ray)(config, rows, folder)
+    generate_missing(config, rows, IMAGE_KEY, "evaluate")
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     write_summary(summary, config.output)
     print(format_table(summary), flush=True)

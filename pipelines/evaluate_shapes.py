@@ -13,15 +13,15 @@ generated ``eval.seeds`` times per method from its reference and target text. Sa
 
     python -m pipelines.evaluate_shapes --config pipelines/configs/evaluate_shapes.yaml [key=value ...]
 
-Writes ``<output>/images/<method>/*.parquet`` (image, every attribute judged), ``summary.json``
-(per method: rate and standard error of each judgement) and prints the table.
+Writes ``<output>/images/*.parquet`` (image, every attribute judged), ``summary.json``
+(per method: rate and standard error of each judgement) and prints the table. Re-running into the same
+``output`` resumes as ``pipelines.evaluate`` does (record: ``<output>/_evaluate_shapes.json``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,8 +32,8 @@ import pyarrow as pa
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
 from pipelines import evaluate
 from pipelines.config import job_main
-from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, load_methods, method_groups,
-                                method_samplers, run_local, run_ray)
+from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, generate_missing, load_methods,
+                                method_groups, method_samplers)
 from sfo.modes import SamplingMode
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",
@@ -44,6 +44,8 @@ IMAGE_SCHEMA = pa.schema([
     pa.field("seed", pa.int64()), pa.field("image_png", pa.binary()),
     *[pa.field(name, pa.bool_()) for name in JUDGEMENTS],
 ])
+IMAGE_KEY = ("method", "sample_id", "seed")
+STAGE = "evaluate_shapes"
 
 
 @dataclass
@@ -133,7 +135,7 @@ class ShapesEvaluator:
 
 
 def read_images(output: Path, methods: list[str]) -> pa.Table:
-    return evaluate.read_images(output, methods, IMAGE_SCHEMA)
+    return evaluate.read_images(output, methods, IMAGE_SCHEMA, IMAGE_KEY)
 
 
 def summarize(table: pa.Table) -> dict:
@@ -163,12 +165,9 @@ def run(config: ShapesEvaluateConfig) -> dict:
     check_methods(config)
     started = time.time()
     rows = [row for method in config.methods for row in work_rows(config, method.name)]
-    folder = config.output / "images"
-    shutil.rmtree(folder, ignore_errors=True)  # re-running replaces the images
-    folder.mkdir(parents=True)
     print(f"[evaluate_shapes] {len(config.methods)} method(s) x {len(rows) // len(config.methods)} images "
           f"({config.runner}, one model for all methods)", flush=True)
-    (run_local if config.runner == "local" else run_ray)(config, rows, folder, ShapesEvaluator)
+    generate_missing(config, rows, IMAGE_KEY, STAGE, ShapesEvaluator)
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     (config.output / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(summary), flush=True)

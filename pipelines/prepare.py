@@ -17,6 +17,13 @@ Each pair gives one triplet: one panel is the reference, the other the target, d
 own description. Which panel is which is decided per pair by a hash of its id (or both ways with
 ``both_directions``), so reruns give the same file.
 
+Rows go to ``part-NNNNN.parquet`` files of ``data.rows_per_file`` rows, each written whole (a temporary
+name, then renamed). Re-running into the same ``data.output`` resumes (``pipelines.resume``): finished
+files are kept, only the missing sample ids are made (and encoded), none is written twice, and the files
+end as an uninterrupted run's; a finished output is left as it is. The config is recorded in
+``<output>/_prepare.json``: a rerun with other content (another source, size, limit, seed, cache...)
+fails naming the field. ``cache.batch_size`` and ``data.rows_per_file`` may change between runs.
+
 With ``cache.enabled`` the rows also carry the frozen encoders' outputs (``sfo.records.CACHE_FIELDS``:
 VAE latents of target and reference, T5 and pooled CLIP embeddings of the target text, and the
 model and size they were made with), which the sft/sfo jobs use instead of encoding the PNGs
@@ -30,7 +37,7 @@ import io
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +46,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.common import check_dtype
-from pipelines.config import job_main
+from pipelines.config import job_main, to_dict
+from pipelines.resume import check_same_config, done_keys, parquet_files, write_manifest, write_table_atomic
 from pipelines.synthetic import synthetic_triplets
 from sfo.shapes.world import SIZE as WORLD_SIZE, world_triplets
 from sfo.records import CACHE_FIELDS, TRIPLET_SCHEMA, decode_png, encode_png, float32_bytes, split_subjects200k_pair
@@ -48,6 +56,11 @@ SOURCES = ("shapes", "synthetic", "subjects200k")
 QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
 ROWS_PER_FILE = 1000
 DEFAULT_SYNTHETIC_ROWS = 16
+STAGE = "prepare"  # its record: <output>/_prepare.json
+# Fields that change how the work is cut, not what any row holds: a rerun may change them (a smaller
+# cache.batch_size after running out of memory). Batches of another size may move cached floats in their
+# last bits (conv reductions), nothing more.
+EXECUTION_FIELDS = ("data.output", "data.rows_per_file", "cache.batch_size")
 
 
 @dataclass
@@ -61,6 +74,7 @@ class DataConfig:
     padding: int = 8  # Subjects200K panel padding (0 for padding-free 1024x512 copies)
     min_quality: int = 5  # OminiControl's filter: every quality score >= 5
     both_directions: bool = False  # two triplets per pair (each panel as the reference once)
+    rows_per_file: int = ROWS_PER_FILE  # rows per output file: a kill loses at most the file being made
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
@@ -69,6 +83,8 @@ class DataConfig:
             raise ValueError("data.input: the subjects200k source needs the folder of pairs (data.input=PATH)")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit: must be at least 1, got {self.limit}")
+        if self.rows_per_file < 1:
+            raise ValueError(f"data.rows_per_file: must be at least 1, got {self.rows_per_file}")
         if self.size < 16 or self.size % 16:
             raise ValueError(f"data.size: must be a positive multiple of 16, got {self.size}")
         if self.source == "shapes" and self.size != WORLD_SIZE:
@@ -147,7 +163,9 @@ def passes_quality(quality: dict | None, minimum: int) -> bool:
     return quality is None or all((quality.get(key) or 0) >= minimum for key in QUALITY_KEYS)
 
 
-def subjects200k_rows(config: DataConfig, stats: dict) -> Iterator[dict]:
+def subjects200k_rows(config: DataConfig, stats: dict, skip: Set[str] = frozenset()) -> Iterator[dict]:
+    """The source's rows in order; a row whose sample id is in ``skip`` comes as ``{"sample_id": id}`` only
+    (no panel resized or encoded: a resumed run's finished rows)."""
     source = Path(config.input)
     if not source.exists():
         raise FileNotFoundError(f"data.input: {str(source)!r} does not exist")
@@ -160,13 +178,19 @@ def subjects200k_rows(config: DataConfig, stats: dict) -> Iterator[dict]:
         if not passes_quality(pair.quality, config.min_quality):
             stats["filtered"] += 1
             continue
-        panels = [p.resize((config.size, config.size), Image.BICUBIC)
-                  for p in split_subjects200k_pair(pair.image, padding=config.padding)]
         flip = int(hashlib.sha256(f"{config.seed}/{pair.pair_id}".encode()).hexdigest(), 16) % 2
         directions = [(0, 1), (1, 0)] if config.both_directions else [(flip, 1 - flip)]
+        panels = None
         for ref, tgt in directions:
+            sample_id = f"s200k-{pair.pair_id}-{tgt}"
+            if sample_id in skip:
+                yield {"sample_id": sample_id}
+                continue
+            if panels is None:
+                panels = [p.resize((config.size, config.size), Image.BICUBIC)
+                          for p in split_subjects200k_pair(pair.image, padding=config.padding)]
             yield {
-                "sample_id": f"s200k-{pair.pair_id}-{tgt}",
+                "sample_id": sample_id,
                 "item": pair.item,
                 "target_text": pair.descriptions[tgt],
                 "reference_png": encode_png(panels[ref]),
@@ -175,16 +199,18 @@ def subjects200k_rows(config: DataConfig, stats: dict) -> Iterator[dict]:
             }
 
 
-def synthetic_rows(config: DataConfig) -> Iterator[dict]:
+def synthetic_rows(config: DataConfig, skip: Set[str] = frozenset()) -> Iterator[dict]:
     for t in synthetic_triplets(config.limit or DEFAULT_SYNTHETIC_ROWS, config.size, config.seed):
-        yield {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
-               "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
+        yield {"sample_id": t.sample_id} if t.sample_id in skip else {
+            "sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
+            "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
 
 
-def shapes_rows(config: DataConfig) -> Iterator[dict]:
+def shapes_rows(config: DataConfig, skip: Set[str] = frozenset()) -> Iterator[dict]:
     for t in world_triplets(config.limit or DEFAULT_SYNTHETIC_ROWS, config.seed):
-        yield {"sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
-               "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "shapes"}
+        yield {"sample_id": t.sample_id} if t.sample_id in skip else {
+            "sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
+            "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "shapes"}
 
 
 class CacheEncoder:
@@ -223,45 +249,86 @@ class CacheEncoder:
         return out
 
 
+def recorded_fields(config: PrepareConfig) -> dict:
+    """What the rows depend on, as dotted field -> plain value (``EXECUTION_FIELDS`` left out; paths resolved)."""
+    fields = {f"{section}.{name}": value
+              for section, values in to_dict(config).items() for name, value in values.items()}
+    if fields["data.input"] is not None:
+        fields["data.input"] = str(Path(fields["data.input"]).resolve())
+    if Path(fields["cache.model"]).exists():  # a FLUX folder, not "tiny"
+        fields["cache.model"] = str(Path(fields["cache.model"]).resolve())
+    return {k: v for k, v in fields.items() if k not in EXECUTION_FIELDS}
+
+
+def free_name(output: Path, index: int) -> Path:
+    """``part-{index}.parquet``, or ``part-{index}-{k}.parquet`` with the first free k when a kept file has the name."""
+    path, k = output / f"part-{index:05d}.parquet", 0
+    while path.exists():
+        k += 1
+        path = output / f"part-{index:05d}-{k}.parquet"
+    return path
+
+
 def run(config: PrepareConfig) -> Path:
-    """Writes the triplet Parquet files; returns the output folder."""
+    """Writes the triplet Parquet files, or the ones an earlier run into ``data.output`` left missing; returns
+    the output folder."""
     data = config.data
     output = Path(data.output)
-    if output.exists() and any(output.glob("*.parquet")):
-        raise FileExistsError(f"data.output: {str(output)!r} already holds Parquet files; pick a new folder or delete it")
-    output.mkdir(parents=True, exist_ok=True)
+    manifest = check_same_config(output, STAGE, recorded_fields(config), field_of_output="data.output",
+                                 has_files=output.is_dir() and bool(parquet_files(output)),
+                                 fresh_fix=f"pick a new data.output (or delete {str(output)!r} yourself)")
+    found, moved = done_keys(output, ["sample_id"])
+    done = {key[0] for key in found}
+    for path in moved:
+        print(f"prepare: moved unreadable {path} aside (*.incomplete); its rows are made again", flush=True)
+    finished = manifest.get("finished")
+    if finished and not moved and len(done) == finished["rows"]:
+        print(f"prepare: {output} already holds all {len(done)} triplets of this config; nothing to do", flush=True)
+        return output
+    if done:
+        print(f"prepare: resuming: {len(done)} triplet(s) already in {output} are kept; making the rest", flush=True)
     stats = {"pairs": 0, "filtered": 0, "unscored": 0}
     sources = {"shapes": shapes_rows, "synthetic": synthetic_rows}
-    rows = sources[data.source](data) if data.source in sources else subjects200k_rows(data, stats)
-    encoder = CacheEncoder(config.cache, data.size) if config.cache.enabled else None
-    schema = pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS) if encoder else TRIPLET_SCHEMA
-    started, written, buffer, part = time.time(), 0, [], 0
+    rows = sources[data.source](data, done) if data.source in sources else subjects200k_rows(data, stats, done)
+    encoder = None  # loaded when the first row to encode comes: a rerun with little left skips the load
+    schema = pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS) if config.cache.enabled else TRIPLET_SCHEMA
+    started, total, written, chunk, part = time.time(), 0, 0, [], 0
 
     def flush():
-        nonlocal buffer, part
-        if buffer:
-            rows = encoder(buffer) if encoder else buffer
-            pq.write_table(pa.Table.from_pylist(rows, schema=schema), output / f"part-{part:05d}.parquet")
-            part += 1
-            buffer = []
+        """Writes the current file's missing rows (all of them unless a kept file holds some)."""
+        nonlocal encoder, chunk, part, written
+        missing = [row for row in chunk if row["sample_id"] not in done]
+        if missing:
+            if config.cache.enabled and encoder is None:
+                encoder = CacheEncoder(config.cache, data.size)
+            out = encoder(missing) if encoder else missing
+            write_table_atomic(pa.Table.from_pylist(out, schema=schema), free_name(output, part))
+            written += len(missing)
+            print(f"  prepare: {total} triplets, {written} new ({written / (time.time() - started):.1f}/s)", flush=True)
+        part += 1
+        chunk = []
 
     for row in rows:
-        buffer.append(row)
-        written += 1
-        if len(buffer) >= ROWS_PER_FILE:
+        chunk.append(row)
+        total += 1
+        if len(chunk) >= data.rows_per_file:
             flush()
-            print(f"  prepare: {written} triplets ({written / (time.time() - started):.1f}/s)", flush=True)
-        if data.limit is not None and written >= data.limit:
+        if data.limit is not None and total >= data.limit:
             break
-    flush()
-    if written == 0:
+    if chunk:
+        flush()
+    if total == 0:
         raise ValueError(f"data.input: no triplet survived (pairs read: {stats['pairs']}, "
                          f"below quality {data.min_quality}: {stats['filtered']})")
+    write_manifest(output, STAGE, manifest | {"finished": {"rows": total}})
     detail = "" if data.source in sources else (
         f" from {stats['pairs']} pairs ({stats['filtered']} dropped below quality {data.min_quality}, "
         f"{stats['unscored']} without scores kept)")
-    cached = f" with cached latents/embeddings ({encoder.identity}, {encoder.size} px)" if encoder else ""
-    print(f"prepare: wrote {written} triplets{detail}{cached} to {output} in {time.time() - started:.1f} s", flush=True)
+    cached = (f" with cached latents/embeddings ({encoder.identity}, {encoder.size} px)" if encoder else
+              " with cached latents/embeddings" if config.cache.enabled else "")
+    kept = f" ({total - written} kept from an earlier run)" if total > written else ""
+    print(f"prepare: wrote {written} triplets{kept}{detail}{cached} to {output} in {time.time() - started:.1f} s",
+          flush=True)
     return output
 
 

@@ -244,3 +244,79 @@ def test_cdns_samples_negatives_in_the_configured_mode(tmp_path):
         made[mode] = sorted((r["sample_id"], r["negative_png"]) for r in pq.read_table(tmp_path / mode).to_pylist())
     assert [i for i, _ in made["standard"]] == [i for i, _ in made["dual-branch"]]
     assert all(a != b for (_, a), (_, b) in zip(made["standard"], made["dual-branch"]))
+
+
+def _methods(cfg: EvaluateConfig, ref_adapter: Path) -> EvaluateConfig:
+    cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
+    return cfg
+
+
+def test_rerun_keeps_images_and_generates_only_the_missing_ones(local_run, dataset, ref_adapter, tmp_path, capsys):
+    """The local run's 16 images in 4 files (batches of 4): one file lost, one cut short by a kill, one holding
+    2 of its 4 rows. The rerun keeps the 6 images left, moves the cut file aside, generates the 10 missing ones
+    (the half-kept batch whole, writing only its 2 missing rows), and its images and summary equal the
+    uninterrupted run's, bit for bit."""
+    import shutil
+
+    from pipelines.resume import parquet_files
+
+    straight, summary = local_run
+    output = tmp_path / "eval"
+    shutil.copytree(straight, output)
+    files = parquet_files(output / "images")
+    assert len(files) == 4
+    files[1].unlink()
+    files[2].write_bytes(files[2].read_bytes()[:200])
+    pq.write_table(pq.read_table(files[3]).slice(0, 2), files[3])
+    kept = {p: p.stat().st_mtime_ns for p in (files[0], files[3])}
+    capsys.readouterr()
+    resumed = run(_methods(config(output, "runner=local", f"eval.dreambench={dataset}"), ref_adapter))
+    out = capsys.readouterr().out
+    assert "6 image(s) already in" in out and "10 to generate" in out and "moved unreadable" in out
+    assert files[2].with_name(files[2].name + ".incomplete").is_file()  # moved aside, not deleted
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    rows = [r for p in parquet_files(output / "images") for r in pq.read_table(p).to_pylist()]
+    keys = [tuple(r[c] for c in evaluate.IMAGE_KEY) for r in rows]
+    assert len(keys) == len(set(keys)) == 16  # each image once
+    assert read_images(output, ["base", "sft"]).to_pylist() == read_images(straight, ["base", "sft"]).to_pylist()
+    assert resumed == summary
+
+
+def test_finished_rerun_generates_nothing_and_an_added_method_only_its_images(local_run, dataset, ref_adapter,
+                                                                            tmp_path, monkeypatch, capsys):
+    import shutil
+
+    straight, summary = local_run
+    output = tmp_path / "eval"
+    shutil.copytree(straight, output)
+    monkeypatch.setattr(evaluate, "Evaluator", lambda *a, **k: pytest.fail("a finished rerun loaded the model"))
+    assert run(_methods(config(output, "runner=local", f"eval.dreambench={dataset}"), ref_adapter)) == summary
+    assert "16 image(s) already in" in capsys.readouterr().out
+    monkeypatch.undo()
+    cfg = _methods(config(output, "runner=local", f"eval.dreambench={dataset}"), ref_adapter)
+    cfg.methods.append(evaluate.MethodConfig("sft-again", ref_adapter=str(ref_adapter), active=["ref"]))
+    capsys.readouterr()
+    grown = run(cfg)
+    assert "16 image(s) already in" in capsys.readouterr().out and grown["methods"]["sft-again"]["images"] == 8
+    assert {k: grown["methods"][k] for k in ("base", "sft")} == summary["methods"]
+    assert grown["methods"]["sft-again"] == summary["methods"]["sft"]  # the same adapter: the same images
+
+
+def test_rerun_with_another_config_names_the_field_and_changes_nothing(local_run, dataset, ref_adapter, tmp_path):
+    import shutil
+
+    from sfo import adapters
+
+    straight, _ = local_run
+    output = tmp_path / "eval"
+    shutil.copytree(straight, output)
+    before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match=r"^eval\.steps: .*another config.*new output="):
+        run(_methods(config(output, "runner=local", f"eval.dreambench={dataset}", "eval.steps=3"), ref_adapter))
+    other = tmp_path / "other-ref"
+    shutil.copytree(ref_adapter, other)
+    weights = other / adapters.LORA_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 1]))  # retrained, say
+    with pytest.raises(ConfigError, match=r"^methods\[sft\]\.ref_adapter: "):
+        run(_methods(config(output, "runner=local", f"eval.dreambench={dataset}"), other))
+    assert {p: p.read_bytes() for p in output.rglob("*") if p.is_file()} == before

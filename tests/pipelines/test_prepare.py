@@ -1,5 +1,6 @@
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,9 +139,64 @@ def test_bad_configs_name_the_field(tmp_path, overrides, field):
         _config(tmp_path, *overrides)
 
 
-def test_refuses_to_overwrite_and_missing_input(tmp_path):
-    run(_config(tmp_path, "data.limit=1", "data.size=16"))
-    with pytest.raises(FileExistsError, match="data.output"):
+def _rows(folder: Path) -> dict:
+    """sample id -> row over the output's Parquet files (each id must come once)."""
+    from pipelines.resume import parquet_files
+
+    rows = [row for path in parquet_files(folder) for row in pq.read_table(path).to_pylist()]
+    ids = [row["sample_id"] for row in rows]
+    assert len(ids) == len(set(ids)), "a sample id written twice"
+    return {row["sample_id"]: row for row in rows}
+
+
+def test_rerun_after_lost_and_cut_files_makes_only_the_missing_rows(tmp_path, capsys):
+    """10 rows in files of 3 (3+3+3+1). One finished file lost, one cut short by a kill: the rerun keeps the
+    other two, moves the cut one aside, makes its 3 + the lost file's 3 rows, and ends as a straight run."""
+    args = ("data.limit=10", "data.size=16", "data.rows_per_file=3")
+    output = run(_config(tmp_path, *args))
+    straight = _rows(output)
+    assert len(straight) == 10 and sorted(p.name for p in output.glob("*.parquet")) == [
+        f"part-{i:05d}.parquet" for i in range(4)]
+    kept = {p: p.stat().st_mtime_ns for p in (output / "part-00000.parquet", output / "part-00003.parquet")}
+    (output / "part-00001.parquet").unlink()
+    cut = output / "part-00002.parquet"
+    cut.write_bytes(cut.read_bytes()[:100])
+    capsys.readouterr()
+    run(_config(tmp_path, *args))
+    out = capsys.readouterr().out
+    assert "resuming: 4 triplet(s) already" in out and "wrote 6 triplets (4 kept from an earlier run)" in out
+    assert (output / "part-00002.parquet.incomplete").is_file()  # moved aside, not deleted
+    assert _rows(output) == straight  # same ids, same content, each once
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # finished files untouched
+
+
+def test_finished_rerun_is_a_no_op_that_says_so(tmp_path, capsys, monkeypatch):
+    from pipelines import prepare
+
+    output = run(_config(tmp_path, "data.limit=2", "data.size=16"))
+    before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
+    monkeypatch.setattr(prepare, "synthetic_rows", lambda *a: pytest.fail("a finished rerun read its source"))
+    capsys.readouterr()
+    assert run(_config(tmp_path, "data.limit=2", "data.size=16", "data.rows_per_file=1")) == output
+    assert "already holds all 2 triplets of this config; nothing to do" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in output.iterdir()} == before
+
+
+@pytest.mark.parametrize("override,field", [("data.size=32", "data.size"), ("data.limit=3", "data.limit"),
+                                            ("data.seed=1", "data.seed"), ("cache.enabled=true", "cache.enabled")])
+def test_rerun_with_another_config_names_the_field(tmp_path, override, field):
+    output = run(_config(tmp_path, "data.limit=2", "data.size=16"))
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+    with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: .*made with another config.*new data\.output"):
+        run(_config(tmp_path, "data.limit=2", "data.size=16", override))
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before
+
+
+def test_files_without_a_record_and_missing_input_are_refused(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    pq.write_table(pa.table({"sample_id": ["x"]}), folder / "old.parquet")
+    with pytest.raises(ConfigError, match=r"data\.output: .*no record of the config.*new data\.output"):
         run(_config(tmp_path, "data.limit=1", "data.size=16"))
     with pytest.raises(FileNotFoundError, match="data.input"):
         run(_config(tmp_path / "x", "data.source=subjects200k", f"data.input={tmp_path / 'nope'}"))
