@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import cdns
+from pipelines.common import start_local_ray
 from pipelines.config import load_config
 from pipelines.synthetic import synthetic_triplets
 from sfo.records import TRIPLET_SCHEMA, encode_png
@@ -79,7 +80,7 @@ def measure(rows: int = 256, size: int = 64, steps: int = 28, batch: int = 4, ac
 
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(address="local", num_cpus=4, include_dashboard=False)  # a private local Ray
+            start_local_ray(num_cpus=4)  # a private local Ray
         watcher = threading.Thread(target=watch, args=(tmp / "ray",), daemon=True)
         start = time.perf_counter()
         watcher.start()

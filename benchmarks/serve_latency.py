@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import torch
 
+from pipelines.common import start_local_ray
 from serving.generator import Generator
 from serving.schema import Job
 
@@ -138,7 +139,7 @@ def p50_ratio(size: int = 64, steps: int = 80, requests: int = 12) -> dict[str, 
                 "width": size, "height": size}
         started_ray = not ray.is_initialized()
         if started_ray:
-            ray.init(address="local", num_cpus=4, include_dashboard=False)
+            start_local_ray(num_cpus=4)
         try:
             url = _start_app(adapters, size, steps)
             _http_phase(url, body, 1, 2)  # warm-up
@@ -192,7 +193,7 @@ def main() -> None:
 
         body = {"prompt": "a photo of a red cube", "image": base64.b64encode(reference).decode(),
                 "steps": args.steps, "width": args.size, "height": args.size}
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
+        start_local_ray(num_cpus=4)
         try:
             url = _start_app(adapters, args.size, args.steps)
             _http_phase(url, body, 1, 2)  # warm-up

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from pipelines.common import start_local_ray
 from pipelines.config import load_config
 from pipelines.synthetic import synthetic_triplets
 from pipelines.train import run
@@ -55,7 +56,7 @@ def _sfo_runs(prefix: str, size: int, rows: int):
     ``sfo(name, *overrides)``, which runs the sfo job (adamw) on them and returns its metrics.jsonl lines."""
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address="local", num_cpus=RAY_CPUS, include_dashboard=False)  # not a dev cluster left running
+        start_local_ray(num_cpus=RAY_CPUS)  # not a dev cluster left running
     root = Path(tempfile.mkdtemp(prefix=prefix))
     data = write_quadruplets(root / "quadruplets", rows, size)
     common = [f"data.path={data}", f"data.size={size}", f"output.storage_path={root}"]

@@ -51,6 +51,7 @@ from experiments.plan import (  # noqa: F401 - the plan's names, re-exported for
     plan,
 )
 from experiments.stages import Stages
+from pipelines.common import start_local_ray
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        start_local_ray(args.num_cpus)
     else:  # the caller's Ray: no more actors and training jobs than its CPUs hold
         cpus = ray.cluster_resources().get("CPU", 0)
         cores = cores_that_fit(args.cores, cpus)

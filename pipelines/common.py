@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import socket
@@ -154,16 +156,101 @@ def check_reachable(address: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> Non
                           "that cluster, or leave --address and RAY_ADDRESS unset for a fresh local Ray") from None
 
 
-def init_ray() -> None:
-    """Connects this process to ``ray_address()`` once (checked reachable first, so a dead address fails in seconds)."""
+def free_port() -> int:
+    """A TCP port nobody on this host listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+LOCAL_START_TRIES = 3  # a free port can be taken between choosing it and Ray binding it
+
+
+def own_cluster_env(gcs_address: str) -> dict:
+    """The job-wide ``runtime_env`` that makes every process of a job find the cluster it runs on.
+
+    Ray Train V2's PlacementGroupCleaner (one per run) asks the state API, with no address, whether its
+    controller lives. With no address, the state client takes ``RAY_ADDRESS``, else the host's newest
+    ``ray start`` cluster, else any GCS it finds: with a second Ray on the host it asks the wrong cluster,
+    which answers "no such actor", and the cleaner removes the live run's placement group, killing its
+    workers (README, Notes for Ray). Every task and actor of a job inherits the job's ``env_vars``, the
+    cleaner included; so ``RAY_ADDRESS`` set to the job's own GCS address there keeps its questions home.
+
+    Returns ``{}`` when the job's submitter already set ``RAY_ADDRESS`` for its workers (Ray refuses two
+    values for one variable) or the address is not a GCS ``host:port`` (``auto``, ``ray://``).
+    """
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    if gcs_address == "auto" or "://" in gcs_address:
+        return {}
+    submitted = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR) or "{}")
+    if "RAY_ADDRESS" in ((submitted.get("runtime_env") or {}).get("env_vars") or {}):
+        return {}
+    return {"env_vars": {"RAY_ADDRESS": gcs_address}}
+
+
+def start_local_ray(num_cpus: int | None = None) -> str:
+    """Starts a fresh Ray of this process's own (never joins another) whose processes find only it.
+
+    The GCS and the dashboard get free ports chosen here, so the GCS address is known before the start and
+    goes into the job's ``runtime_env`` (``own_cluster_env``). The dashboard is on (a free port, loopback
+    only) because Ray Train's cleaner asks its state API: without one, Ray's state client falls back to
+    ``127.0.0.1:8265``, which may be another cluster's dashboard. Returns the GCS address.
+
+    Raises:
+        RuntimeError: Ray started on another GCS address than the one chosen (a Ray version that no longer
+            reads ``RAY_GCS_SERVER_PORT``): the pin would point elsewhere, so the job does not run.
+    """
+    import ray
+
+    for attempt in range(LOCAL_START_TRIES):
+        gcs = f"{ray.util.get_node_ip_address()}:{free_port()}"
+        try:
+            with _environ(RAY_GCS_SERVER_PORT=gcs.rsplit(":", 1)[1]):  # read by the head node as it starts
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                         dashboard_port=free_port(), runtime_env=own_cluster_env(gcs))
+        except (ConnectionError, RuntimeError):
+            if attempt + 1 == LOCAL_START_TRIES:
+                raise
+            continue
+        started = ray.get_runtime_context().gcs_address
+        if started != gcs:
+            ray.shutdown()
+            raise RuntimeError(f"the local Ray started at {started}, not at the chosen {gcs}: this Ray version "
+                               "ignores RAY_GCS_SERVER_PORT, so its processes could not be pinned to it")
+        return gcs
+    raise AssertionError("unreachable")
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Connects this process to ``ray_address()`` once (checked reachable first, so a dead address fails in
+    seconds), with every process of the job pinned to that cluster (``own_cluster_env``).
+
+    Args:
+        num_cpus: logical CPUs of a fresh local Ray (ignored when joining a cluster).
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = ray_address()
-    if address == "local":  # a Ray of this job's own: no dashboard (nobody submits to it; it slows start-up)
-        ray.init(address="local", include_dashboard=False)
+    if address == "local":
+        start_local_ray(num_cpus)
         return
     if address != "auto":
         check_reachable(address)
-    ray.init(address=address)
+    ray.init(address=address, runtime_env=own_cluster_env(address) or None)

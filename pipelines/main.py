@@ -25,6 +25,7 @@ import traceback
 from pathlib import Path
 
 from cluster.chain import evaluation_methods, paths, stage_overrides
+from pipelines.common import start_local_ray
 from pipelines.config import load_config
 from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     # address="local": a Ray of its own, even when another cluster runs on this machine.
     started_ray = not ray.is_initialized()
     if started_ray:
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)
+        start_local_ray(args.num_cpus)
     p = paths(runs)
     results: dict = {}
     evaluation = evaluate_shapes if args.model == "shapes" else evaluate

@@ -25,9 +25,10 @@ def write_triplets(path: Path, rows: int, size: int, seed: int) -> list:
     return triplets
 
 
-def start_job(module: str, args: list[str], log: Path) -> subprocess.Popen:
-    """``python -m module args`` in its own session (a fresh local Ray: RAY_ADDRESS unset), output to ``log``."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+def start_job(module: str, args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``python -m module args`` in its own session (a fresh local Ray: RAY_ADDRESS unset), output to ``log``;
+    ``env`` adds variables."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (env or {})
     return subprocess.Popen([sys.executable, "-m", module, *args], start_new_session=True, env=env,
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT)
 

@@ -13,6 +13,8 @@ def ray_local(_hermetic_cache):
     """
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False)  # never join a cluster another process started
+    from pipelines.common import start_local_ray
+
+    start_local_ray(num_cpus=4)  # never join a cluster another process started; its workers find only it
     yield ray
     ray.shutdown()

@@ -45,11 +45,12 @@ def server(adapters_dir, _hermetic_cache):
     import ray
     from ray import serve
 
+    from pipelines.common import start_local_ray
     from serving.app import build_app
 
     started_ray = not ray.is_initialized()  # another module's session-wide Ray is reused, not shut down
     if started_ray:
-        ray.init(address="local", num_cpus=4, include_dashboard=False)
+        start_local_ray(num_cpus=4)
     port = _free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
