@@ -21,7 +21,7 @@ equals the stock ``FluxTransformer2DModel.forward``.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import partial
@@ -30,6 +30,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from sfo.adapters import adapter_names, adapter_scope, target_scope
@@ -37,6 +38,12 @@ from sfo.text import TextEmbeddings
 
 # Diffusers' time embeddings take t (and guidance) in [0, 1000]; samplers and losses use t in [0, 1].
 TIME_SCALE = 1000.0
+
+# Attention kernels for passes that will be differentiated. cuDNN's fused attention backward fails on this
+# joint sequence on the GPU: torch 2.11 + CUDA 13.0 on an H200 (benchmarks.gpu, 2026-12-04), every SFO step's
+# backward raised "mha_graph.execute(...).is_good()" (then illegal memory accesses); with cuDNN left out the same
+# step runs (flash / memory-efficient). Sampling (no grad) keeps every backend, cuDNN included.
+TRAINING_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 Segment = tuple[torch.Tensor, torch.Tensor]  # (hidden (B, L, D), modulation embedding (B, D))
 KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, L, heads, head_dim), after RoPE
@@ -234,6 +241,11 @@ def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))  # (B, L, H * Dh) -> (B, L, H, Dh)
 
 
+def attention_backends(cuda: bool, grad: bool):
+    """``sdpa_kernel(TRAINING_ATTENTION)`` for a differentiated pass on the GPU, else no restriction."""
+    return sdpa_kernel(TRAINING_ATTENTION) if cuda and grad else nullcontext()
+
+
 def _attention(q, k, v, rope, text_len, mask, extra_kv):
     """RoPE, optional extra (cached) keys/values, attention. Returns output and the image-stream kv."""
     q = apply_rotary_emb(q, rope, sequence_dim=1)
@@ -245,7 +257,8 @@ def _attention(q, k, v, rope, text_len, mask, extra_kv):
         probes = _PROBE.get()
         if probes is not None:  # inside reference_attention(): the target queries' mass on the reference keys
             probes.append(reference_mass(q[:, text_len:].detach(), k.detach(), extra_kv[0].shape[1]))
-    out = dispatch_attention_fn(q, k, v, attn_mask=mask)  # (B, L, H, Dh)
+    with attention_backends(q.is_cuda, torch.is_grad_enabled()):
+        out = dispatch_attention_fn(q, k, v, attn_mask=mask)  # (B, L, H, Dh)
     return out.flatten(2, 3).to(q.dtype), own_kv
 
 

@@ -105,3 +105,18 @@ def test_gradient_checkpointing_gives_the_same_output_and_gradients(fresh_flux, 
     out_ckpt.square().mean().backward()
     assert_close(out_ckpt, out)
     assert_close(tr.x_embedder.weight.grad, grad)
+
+
+def test_differentiated_gpu_attention_leaves_cudnn_out_and_sampling_keeps_it():
+    """The SFO step's backward failed in cuDNN's fused attention on an H200 (torch 2.11, 2026-12-04): a pass with
+    gradients on the GPU runs with cuDNN's kernel off (flash and memory-efficient on), and the flags come back."""
+    from sfo.transformer import attention_backends
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_backends(cuda=True, grad=True):
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    for cuda, grad in ((True, False), (False, True)):
+        with attention_backends(cuda=cuda, grad=grad):
+            assert torch.backends.cuda.cudnn_sdp_enabled()
