@@ -22,7 +22,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.common import distinct_rows, init_ray, ray_data_progress
+from pipelines.common import (
+    ModelShape, check_cluster_gpus, check_memory_plan, distinct_rows, init_ray, model_shape, plan_dtype, ray_data_progress,
+)
 from pipelines.config import ConfigError, job_main
 from pipelines.dpo_dino import DpoDinoGenerator
 from pipelines.negatives import (  # noqa: F401 - the job's config and generator, re-exported
@@ -65,6 +67,17 @@ def plan(config: CdnsConfig, files: list[Path]) -> tuple[list[str], int]:
         print(f"[cdns] moved unreadable {path} aside (*.incomplete); its samples are regenerated", flush=True)
     todo = [i for i in ids if i not in done]
     return todo, len(ids) - len(todo)
+
+
+def plan_memory(config: CdnsConfig, shape: ModelShape):
+    """The per-GPU memory plan of one actor's sampling batch (``sfo.memory.memory_plan``, job ``sample``): the
+    model, ``cdns.batch_size`` at ``cdns.size``, the reference's K/V cache, the folded adapters' copy."""
+    from sfo.memory import memory_plan
+
+    fused = config.model.fuse_adapters and config.model.ref_adapter is not None
+    return memory_plan(shape.config, job="sample", image_size=config.cdns.size, batch_size=config.cdns.batch_size,
+                       text_tokens=shape.text_tokens, dtype=plan_dtype(config.model.dtype, config.scaling.use_gpu),
+                       fused=fused, pixels_per_token=shape.pixels_per_token)
 
 
 def _keep(batch: pa.Table, todo: list[str]) -> pa.Table:
@@ -123,6 +136,7 @@ def run_ray(config: CdnsConfig, files: list[Path], todo: list[str], prefix: str)
 
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     scaling = config.scaling
+    check_cluster_gpus(scaling, "cdns")
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ray_data_progress()
     # Output files numbered in input order, not in the order the actors finish: training reads them in file
@@ -164,6 +178,8 @@ def run(config: CdnsConfig) -> dict:
     """Checks inputs, skips done samples, generates the rest; returns {"skipped", "written", "dropped",
     "output"} (dropped: pairs ``cdns.oracle_filter`` left out)."""
     files = check_inputs(config)
+    shape = model_shape(config.model.source)
+    check_memory_plan(plan_memory(config, shape), config.scaling, shape, "cdns")  # before any model loads
     todo, skipped = plan(config, files)
     print(f"[cdns] mode {config.cdns.mode}: {skipped} sample(s) already in {config.data.output}, "
           f"{len(todo)} to generate ({config.runner})", flush=True)

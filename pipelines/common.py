@@ -61,6 +61,9 @@ class ScalingConfig:
     # (make bench, 2026-11-30): the default already runs cdns at the plain loop's speed, and 2 threads beside
     # Ray Data's tasks were slower (0.68x); for machines where a worker's threads need pinning.
     torch_threads: int | None = None
+    # Per-GPU memory (GiB) the job's memory plan is checked against before anything loads (sfo.memory). null:
+    # the driver's own GPU when it has one; a driver without a GPU (joining a cluster) then skips the check.
+    gpu_memory_gib: float | None = None
 
     def __post_init__(self) -> None:
         if self.torch_threads is not None and self.torch_threads < 1:
@@ -71,6 +74,8 @@ class ScalingConfig:
             raise ValueError(f"scaling.cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
         if self.use_gpu and self.gpus_per_worker <= 0:
             raise ValueError(f"scaling.gpus_per_worker: must be > 0 with use_gpu, got {self.gpus_per_worker}")
+        if self.gpu_memory_gib is not None and not self.gpu_memory_gib > 0:
+            raise ValueError(f"scaling.gpu_memory_gib: must be > 0 or null (the driver's GPU), got {self.gpu_memory_gib}")
 
 
 def use_torch_threads(scaling: ScalingConfig) -> None:
@@ -79,6 +84,139 @@ def use_torch_threads(scaling: ScalingConfig) -> None:
         import torch
 
         torch.set_num_threads(scaling.torch_threads)
+
+
+# The GPU switch and the memory plan (issue 25). Transformers above this many parameters train with gradient
+# checkpointing on GPUs: FLUX.1-dev (11.9B) at 512 px needs ~136 GiB for an SFO step of batch 4 without it
+# (sfo.memory, measured OOM on an H200), ~35 GiB with it; the tiny and shapes models (< 10M) never need it.
+CHECKPOINTING_PARAMETERS = 1_000_000_000
+GPU_DTYPE = "bf16"  # FLUX's training precision; DeepSpeed's bf16 mode follows the model's dtype
+FOLDER_TEXT_TOKENS = 512  # T5 tokens per prompt of a FLUX.1-dev folder (sfo.models.load_flux)
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory plan needs of a model, read without loading it (``model_shape``)."""
+
+    config: dict  # the transformer's config.json (FluxTransformer2DModel's arguments)
+    pixels_per_token: int  # pixels per token side: VAE compression x 2x2 packing (16 for FLUX)
+    text_tokens: int  # T5 tokens per prompt
+
+    @property
+    def parameters(self) -> int:
+        from sfo.memory import transformer_parameters
+
+        return transformer_parameters(self.config)
+
+    @property
+    def large(self) -> bool:
+        """Above ``CHECKPOINTING_PARAMETERS``: gradient checkpointing on when training on GPUs."""
+        return self.parameters > CHECKPOINTING_PARAMETERS
+
+
+def model_shape(source: str) -> ModelShape:
+    """The transformer config, token size and text length of ``model.source``: the embedded presets' sizes
+    (``sfo.models.TinyFluxConfig``, ``sfo.shapes.model.ShapesFluxConfig``, as ``sfo.components.build_transformer``
+    builds them), or a folder's ``transformer/config.json`` and ``vae/config.json`` (no weights read)."""
+    from sfo.models import SHAPES, TINY, TinyFluxConfig
+
+    if source in (TINY, SHAPES):
+        if source == TINY:
+            sizes, in_channels, guidance = TinyFluxConfig(), 64, True
+            pixels = 2 * 2 ** (len(sizes.vae_channels) - 1)  # 8x VAE, 2x2 packing
+        else:
+            from sfo.shapes.model import ShapesFluxConfig
+
+            sizes, guidance = ShapesFluxConfig(), False
+            in_channels, pixels = 3 * sizes.codec_factor**2 * 4, 2 * sizes.codec_factor  # pixel codec, 2x2 packing
+        config = dict(patch_size=1, in_channels=in_channels, num_layers=sizes.num_layers,
+                      num_single_layers=sizes.num_single_layers, attention_head_dim=sizes.attention_head_dim,
+                      num_attention_heads=sizes.num_attention_heads, joint_attention_dim=sizes.text_dim,
+                      pooled_projection_dim=sizes.text_dim, guidance_embeds=guidance)
+        return ModelShape(config, pixels, sizes.text_max_length)
+    folder = Path(source).expanduser()
+    files = {name: folder / name / "config.json" for name in ("transformer", "vae")}
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(f"model.source: {str(path)!r} does not exist; pass a FLUX folder in the diffusers "
+                                    "layout (transformer/config.json, vae/config.json, ...)")
+    config = {k: v for k, v in json.loads(files["transformer"].read_text()).items() if not k.startswith("_")}
+    vae = json.loads(files["vae"].read_text())
+    return ModelShape(config, 2 * 2 ** (len(vae["block_out_channels"]) - 1), FOLDER_TEXT_TOKENS)
+
+
+def plan_dtype(dtype: str | None, use_gpu: bool) -> str:
+    """``model.dtype`` as ``sfo.memory`` names it; null = what ``sfo.models.load_flux`` picks (bf16 on GPU)."""
+    if dtype is None:
+        return GPU_DTYPE if use_gpu else "fp32"
+    from sfo.models import parse_dtype
+
+    return _DTYPE_NAMES[str(parse_dtype(dtype)).removeprefix("torch.")]
+
+
+def gpu_memory(scaling: ScalingConfig) -> tuple[int | None, str]:
+    """(bytes of one GPU the plan is checked against, where that number came from): ``scaling.gpu_memory_gib``,
+    else the driver's first GPU, else (None, why not)."""
+    from sfo.memory import GIB
+
+    if scaling.gpu_memory_gib is not None:
+        return int(scaling.gpu_memory_gib * GIB), f"scaling.gpu_memory_gib={scaling.gpu_memory_gib:g}"
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return props.total_memory, f"this driver's {props.name}"
+    return None, ("not checked: this driver has no GPU to read the workers' memory from; set "
+                  "scaling.gpu_memory_gib (e.g. 80) to check the plan before the workers load the model")
+
+
+def check_memory_plan(plan, scaling: ScalingConfig, shape: ModelShape, job: str) -> None:
+    """Prints ``plan`` (``sfo.memory.format_plan``) once and, on GPUs, refuses one above a GPU's memory.
+
+    Raises:
+        ConfigError: the plan needs more than a GPU holds (``sfo.memory.check_plan``'s message, naming the knob).
+    """
+    from pipelines.config import ConfigError
+    from sfo.memory import check_plan, format_plan
+
+    device, source = gpu_memory(scaling) if scaling.use_gpu else (None, "")
+    lines = [format_plan(plan, device)]
+    if not scaling.use_gpu:
+        lines.append(f"  (CPU run: not checked; {shape.parameters / 1e9:.2g}B transformer parameters)")
+        if shape.large:
+            lines.append(f"  warning: a {shape.parameters / 1e9:.1f}B-parameter transformer on the CPU: set "
+                         "scaling.use_gpu=true (python -m pipelines.main: --gpus N)")
+    elif device is None:
+        lines.append(f"  {source}")
+    print(f"[{job}] " + "\n".join(lines), flush=True)
+    if device is not None:
+        try:
+            check_plan(plan, device)
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (device: {source})") from None
+        print(f"[{job}] memory plan fits {source} ({device / 2**30:.1f} GiB)", flush=True)
+
+
+def check_cluster_gpus(scaling: ScalingConfig, job: str) -> None:
+    """With ``scaling.use_gpu``, once Ray is up: a fresh local Ray without a GPU is refused at once (Ray would
+    wait for one forever); a joined cluster without one now gets a line (an autoscaling cluster adds GPU nodes
+    when the job asks for them)."""
+    import ray
+
+    from pipelines.config import ConfigError
+
+    if not scaling.use_gpu:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= scaling.gpus_per_worker:
+        return
+    message = f"scaling.use_gpu: true, but the Ray cluster has {gpus:g} GPU(s)"
+    if ray_address() == "local":
+        raise ConfigError(f"{message} (a fresh local Ray on this machine); run on a machine with GPUs, or set "
+                          "scaling.use_gpu=false (python -m pipelines.main: --cpu)")
+    print(f"[{job}] warning: {message} now; the job waits until one joins (an autoscaling cluster adds GPU nodes "
+          "on demand)", flush=True)
 
 
 def distinct_rows(source, columns: list[str]) -> set[tuple]:

@@ -32,8 +32,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.common import (ModelConfig, ScalingConfig, check_image_guidance, init_ray, ray_data_progress,
-                              use_torch_threads)
+from pipelines.common import (ModelConfig, ScalingConfig, check_cluster_gpus, check_image_guidance, init_ray,
+                              ray_data_progress, use_torch_threads)
 from pipelines.config import ConfigError, job_main, to_dict
 from pipelines.resume import check_same_config, done_keys, first_per_key, parquet_files, write_table_atomic
 from sfo.modes import SamplingMode
@@ -334,6 +334,7 @@ def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None, prefix
 
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     scaling = config.scaling
+    check_cluster_gpus(scaling, "evaluate")
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ray_data_progress()
     size = config.eval.batch_size

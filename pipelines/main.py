@@ -10,7 +10,12 @@ The default is the shapes world (``sfo.shapes``): a small FLUX-architecture mode
 procedural subjects by ``pipelines.pretrain`` (once, then cached), triplets from the world, and
 exact oracles instead of DINO / CLIP, so the scores mean something without downloads.
 ``--model tiny`` runs the random-weight tiny FLUX on simple synthetic triplets (plumbing only);
-``--model /path/to/FLUX.1-dev`` the real one.
+``--model /path/to/FLUX.1-dev`` the real one, on GPUs: ``--gpus N`` (default: every GPU visible) gives every
+stage N workers / actors of one GPU each, bf16 and, for transformers above 1B parameters, gradient
+checkpointing; the training and cdns jobs print their per-GPU memory plan and refuse one above the GPU's
+memory. A FLUX folder with no GPU visible stops at once unless ``--cpu`` says to load it on the CPU.
+
+    python -m pipelines.main --model /models/FLUX.1-dev --gpus 8 --size 512
 
     python -m pipelines.main --help
 """
@@ -25,11 +30,12 @@ import traceback
 from pathlib import Path
 
 from cluster.chain import evaluation_methods, paths, stage_overrides
-from pipelines.common import start_local_ray
+from pipelines.common import CHECKPOINTING_PARAMETERS, GPU_DTYPE, model_shape, start_local_ray
 from pipelines.config import load_config
 from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
+CPU_RAY_CPUS = 4  # logical CPUs of the local Ray on the CPU: fractional workers need headroom on 2 cores
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +68,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--switch", type=float, default=DEFAULT_SWITCH,
                         help="decoupled / dual-branch: the time t in (0, 1] where the second phase begins "
                              f"(default {DEFAULT_SWITCH})")
-    parser.add_argument("--num-cpus", type=int, default=4,
-                        help="logical CPUs of the local Ray (default 4: fractional workers need headroom on 2 cores)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default 4 on the CPU: fractional workers need headroom on "
+                             "2 cores; with --gpus every CPU of the machine)")
+    device = parser.add_mutually_exclusive_group()
+    device.add_argument("--gpus", type=int, default=None,
+                        help="run on N GPUs of this machine: N training workers (one GPU each), N cdns / evaluate "
+                             "actors (one GPU each), bf16, gradient checkpointing for transformers above "
+                             f"{CHECKPOINTING_PARAMETERS / 1e9:g}B parameters (default with a FLUX folder: every "
+                             "visible GPU)")
+    device.add_argument("--cpu", action="store_true",
+                        help="run on the CPU (the default for tiny and shapes; a FLUX folder needs it said)")
     args = parser.parse_args(argv)
     shapes = args.model == "shapes"
     defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (50, 8),
@@ -76,8 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if shapes and args.size != 32:
         parser.error("--size: the shapes world is drawn at 32 px; leave --size out")
     for name in ("pretrain_steps", "samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "eval_prompts",
-                 "eval_seeds"):
-        if getattr(args, name) < 1:
+                 "eval_seeds", "gpus"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         SamplingMode(mode=args.mode, switch=args.switch)  # sfo.modes' own checks
@@ -94,9 +109,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             check_flux_folder(args.model)
         except FileNotFoundError as exc:
             parser.error(str(exc))
+    try:
+        args.gpus = choose_gpus(args.model, args.gpus, args.cpu)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.num_cpus is None and not args.gpus:
+        args.num_cpus = CPU_RAY_CPUS
     if args.dreambench is not None and not (args.dreambench / "prompts_and_classes.txt").is_file():
         parser.error(f"--dreambench {args.dreambench}: no prompts_and_classes.txt; pass DreamBench's dataset/ folder")
     return args
+
+
+def choose_gpus(model: str, gpus: int | None, cpu: bool) -> int:
+    """GPUs the run uses (0: the CPU). The presets stay on the CPU unless ``--gpus`` says otherwise; a FLUX
+    folder takes ``--gpus`` (default: every GPU this driver sees) and refuses a machine without one at once,
+    before ~67 GB of fp32 weights start loading into the CPU's memory, unless ``--cpu`` says so.
+
+    Raises:
+        ValueError: ``--gpus`` or a FLUX folder with no (or too few) GPUs visible; the message names the flags.
+    """
+    if cpu:
+        return 0
+    folder = model not in ("tiny", "shapes")
+    if gpus is None and not folder:
+        return 0
+    import torch
+
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if visible == 0:
+        what = f"--gpus {gpus}" if gpus else f"--model {model}"
+        raise ValueError(f"{what}: no GPU is visible to this process (torch.cuda.is_available() is false); run on a "
+                         "machine with GPUs and pass --gpus N, or pass --cpu to load the model on the CPU (a FLUX.1-dev "
+                         "folder is ~67 GB of fp32 weights per process there)")
+    if gpus is not None and gpus > visible:
+        raise ValueError(f"--gpus {gpus}: only {visible} GPU(s) are visible to this process; pass --gpus {visible} or fewer")
+    return gpus or visible
+
+
+def gpu_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each stage's overrides for ``--gpus N``: the training jobs get N workers of one GPU each, bf16 and (for
+    transformers above ``CHECKPOINTING_PARAMETERS``) gradient checkpointing; cdns and evaluate N actors of one
+    GPU each, bf16. Nothing for a CPU run. (prepare runs in this driver: ``sfo.models.load_flux`` puts its
+    optional encoder cache on the driver's GPU by itself.)"""
+    if not args.gpus:
+        return {}
+    actors = ["scaling.use_gpu=true", f"scaling.num_workers={args.gpus}", "scaling.gpus_per_worker=1",
+              f"model.dtype={GPU_DTYPE}"]
+    training = actors + (["train.gradient_checkpointing=true"] if model_shape(args.model).large else [])
+    return {"sft": training, "sfo": training, "cdns": actors, "evaluate": actors}
 
 
 def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
@@ -128,6 +188,8 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
         "sfo": common + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
         "evaluate": common + evaluation + modes + [evaluation_methods(runs, base=True)],  # base: the report's floor row
     }
+    for stage, overrides in gpu_overrides(args).items():
+        extra[stage] += overrides
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
                "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}
     files = {stage: CONFIGS / f"{stage}.yaml" for stage in classes} | ({"evaluate": CONFIGS / "evaluate_shapes.yaml"}
@@ -282,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    runs.mkdir(parents=True)
 
     import ray
 
@@ -292,6 +353,13 @@ def main(argv: list[str] | None = None) -> int:
     started_ray = not ray.is_initialized()
     if started_ray:
         start_local_ray(args.num_cpus)
+    if args.gpus and ray.cluster_resources().get("GPU", 0) < args.gpus:
+        print(f"error: --gpus {args.gpus}: the Ray cluster has {ray.cluster_resources().get('GPU', 0):g} GPU(s); pass "
+              "--gpus with at most that many, or --cpu", file=sys.stderr)
+        if started_ray:
+            ray.shutdown()
+        return 2
+    runs.mkdir(parents=True)
     p = paths(runs)
     results: dict = {}
     evaluation = evaluate_shapes if args.model == "shapes" else evaluate

@@ -17,6 +17,10 @@ share them (``sfo_objective``). The data order is shuffled per epoch with a seed
 consumed) with the step, weights and optimiser state: a resume continues the same order where it
 stopped (``row_batches``), and the noise stream with the step.
 
+Before Ray starts, the driver prints the job's per-GPU memory plan (``sfo.memory``, from the model's configs
+alone) and, on GPUs, refuses one above a GPU's memory naming the setting to change (``common.check_memory_plan``);
+``deepspeed.zero_stage=3`` is refused on GPUs (the frozen base is loaded whole on every GPU: nothing to shard).
+
 Data with cached encoder outputs (``sfo.records.CACHE_FIELDS``, from ``prepare`` with
 ``cache.enabled``) skips the VAE and text encoders for targets, references and prompts when the
 cache was made with this job's model and ``data.size`` (``use_cache``). cdns keeps a fitting cache
@@ -40,7 +44,9 @@ import ray.train
 import torch
 
 from pipelines import train_worker
-from pipelines.common import init_ray, ray_data_progress, use_torch_threads
+from pipelines.common import (
+    check_cluster_gpus, check_memory_plan, init_ray, model_shape, plan_dtype, ray_data_progress, use_torch_threads,
+)
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
@@ -66,7 +72,9 @@ def run(cfg: TrainConfig):
 
     cfg.check_inputs()
     cfg = for_workers(cfg)
+    check_memory_plan(plan_memory(cfg), cfg.scaling, model_shape(cfg.model.source), cfg.stage)  # before any load
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
+    check_cluster_gpus(cfg.scaling, cfg.stage)
     cached, scored = use_cache(cfg), use_scores(cfg)
     ray_data_progress()
     data = training_dataset(cfg, _columns(cfg, cached, scored))
@@ -86,6 +94,22 @@ def run(cfg: TrainConfig):
         dataset_config=ray.train.DataConfig(execution_options=ingest),
     )
     return trainer.fit()
+
+
+def plan_memory(cfg: TrainConfig):
+    """The per-GPU memory plan of one step of this job (``sfo.memory.memory_plan``), from the model's configs
+    alone: batch, LoRA rank, ZeRO stage and workers, checkpointing, dtype and optimiser as ``cfg`` sets them."""
+    from sfo.memory import memory_plan
+
+    shape = model_shape(cfg.model.source)
+    pairs = isinstance(cfg, SfoConfig) and cfg.sfo.variant != "sft-additional"  # positive + negative sequences
+    ranks = {"sfo_rank": cfg.lora.rank} if pairs else {"ref_rank": cfg.lora.rank}
+    return memory_plan(shape.config, job="sfo" if pairs else "sft", image_size=cfg.data.size,
+                       batch_size=cfg.train.batch_size, text_tokens=shape.text_tokens, **ranks,
+                       zero_stage=cfg.deepspeed.zero_stage, world_size=cfg.scaling.num_workers,
+                       gradient_checkpointing=cfg.train.gradient_checkpointing,
+                       dtype=plan_dtype(cfg.model.dtype, cfg.scaling.use_gpu), optimizer=cfg.train.optimizer,
+                       pixels_per_token=shape.pixels_per_token)
 
 
 def for_workers(cfg: TrainConfig) -> TrainConfig:
@@ -373,7 +397,7 @@ def main_for(cfg: TrainConfig) -> int:
         return 2
     try:
         result = run(cfg)
-    except ConfigError as exc:  # e.g. an unreachable --address
+    except (ConfigError, FileNotFoundError) as exc:  # e.g. an unreachable --address, a plan above the GPU's memory
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"done: {cfg.stage} step {result.metrics.get('step')} loss {result.metrics.get('loss')}")

@@ -179,6 +179,12 @@ class TrainConfig:
     stage = "sft"
 
     def __post_init__(self) -> None:
+        if self.scaling.use_gpu and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "deepspeed.zero_stage: 3 shards nothing of the frozen base on GPUs: every GPU loads the whole frozen "
+                "transformer (no deepspeed.zero.Init / meta-device load), so ZeRO-3 only adds gathers of the LoRA "
+                "weights; use deepspeed.zero_stage=2 (the trained LoRA's gradients and optimiser state sharded)"
+            )
         sharded = self.scaling.num_workers > 1 and self.deepspeed.zero_stage > 0
         if self.train.optimizer == "prodigy" and sharded and not self.scaling.use_gpu:
             raise ValueError(

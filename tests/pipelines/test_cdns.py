@@ -183,6 +183,23 @@ def test_generators_report_progress_every_rows_per_file(triplets, tmp_path, caps
     run(config(triplets, tmp_path, "runner=local", "cdns.rows_per_file=2"))
     out = capsys.readouterr().out
     assert ": 2 rows generated" in out and ": 4 rows generated" in out and ": 3 rows generated" not in out
+    assert out.count("[cdns] memory plan per GPU: sample") == 1  # printed once, before the model loads
+
+
+def test_a_plan_above_the_gpus_memory_is_refused_naming_the_batch_before_any_work(triplets, tmp_path, monkeypatch):
+    import sfo.models
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the job went past its memory check")
+
+    monkeypatch.setattr(sfo.models, "load_flux", must_not_run)
+    monkeypatch.setattr(cdns, "run_ray", must_not_run)
+    cfg = config(triplets, tmp_path / "out", "scaling.use_gpu=true", "cdns.batch_size=64", "model.fuse_adapters=false")
+    plan = cdns.plan_memory(cfg, cdns.model_shape(cfg.model.source))
+    cfg.scaling.gpu_memory_gib = (plan.weights + plan.cache) / 0.9 / 2**30  # the weights fit, the batch does not
+    with pytest.raises(ConfigError, match=r"memory plan: sample needs .*lower cdns\.batch_size \(now 64\)"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()
 
 
 def test_samples_whose_file_a_killed_writer_cut_short_are_generated_again(triplets, tmp_path, monkeypatch, capsys):

@@ -25,6 +25,8 @@ def test_main_job_runs_every_stage(ray_local, tmp_path, capsys):
     stages = ["prepare", "sft", "cdns", "pair_analysis", "sfo", "evaluate", "serve", "report"]
     for index, stage in enumerate(stages, 1):
         assert f"[{index}/{len(stages)}] {stage} done" in printed
+    for job in ("[sft] memory plan per GPU: sft", "[cdns] memory plan per GPU: sample", "[sfo] memory plan per GPU: sfo"):
+        assert printed.count(job) == 1, job
     assert Image.open(out / "served.png").size == (32, 32)
     report = (out / "report.html").read_text()
     assert "<h2>CDNS pair gap" in report and "random encoders: not comparable" in report
@@ -156,3 +158,82 @@ def test_the_sampling_mode_reaches_the_evaluation(tmp_path):
     for bad in (["--mode", "fancy"], ["--switch", "0"], ["--switch", "1.5"]):
         with pytest.raises(SystemExit):
             main_job.parse_args(bad)
+
+
+def _gpus_visible(monkeypatch, count: int) -> None:
+    """This process sees ``count`` GPUs (torch.cuda's answers only: nothing is put on a device)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def _flux_folder(root: Path) -> Path:
+    """A folder that passes ``sfo.models.check_flux_folder`` (empty weight files) with the shared FLUX.1 layout's
+    configs; skips when the shared layout is absent."""
+    import shutil
+
+    from tests.conftest import shared_path
+
+    folder = root / "flux"
+    shutil.copytree(shared_path("data", "flux1-layout"), folder)  # a copy under tmp_path, never into the repo
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        (folder / name / "model.safetensors").write_bytes(b"")
+    return folder
+
+
+def test_gpus_switch_sets_every_stage_for_flux(tmp_path, monkeypatch):
+    """--gpus 8 with a FLUX.1-sized folder: 8 training workers and 8 cdns / evaluate actors of one GPU each,
+    bf16, gradient checkpointing (11.9B parameters > 1B); without --gpus, every visible GPU."""
+    folder = _flux_folder(tmp_path)
+    _gpus_visible(monkeypatch, 8)
+    args = main_job.parse_args(["--model", str(folder), "--gpus", "8", "--size", "512", "--out", str(tmp_path / "a")])
+    assert args.gpus == 8 and args.num_cpus is None  # the local Ray gets every CPU of the machine
+    configs = main_job.stage_configs(args, tmp_path / "a")
+    for stage in ("sft", "sfo", "cdns", "evaluate"):
+        scaling = configs[stage].scaling
+        assert (scaling.use_gpu, scaling.num_workers, scaling.gpus_per_worker) == (True, 8, 1.0), stage
+        assert configs[stage].model.dtype == "bf16", stage
+    for stage in ("sft", "sfo"):
+        assert configs[stage].train.gradient_checkpointing and configs[stage].deepspeed.zero_stage == 2
+    assert main_job.parse_args(["--model", str(folder), "--out", str(tmp_path / "b")]).gpus == 8  # the default
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--model", str(folder), "--gpus", "9", "--out", str(tmp_path / "c")])
+
+
+def test_small_models_stay_on_the_cpu_and_keep_checkpointing_off_on_gpus(tmp_path, monkeypatch):
+    _gpus_visible(monkeypatch, 2)
+    cpu = main_job.stage_configs(main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "a")]), tmp_path / "a")
+    assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "a")]).num_cpus == 4
+    assert not any(cpu[s].scaling.use_gpu for s in ("sft", "sfo", "cdns", "evaluate"))
+    assert cpu["sft"].model.dtype is None  # fp32 on the CPU (sfo.models.default_dtype)
+    args = main_job.parse_args(["--model", "tiny", "--gpus", "2", "--out", str(tmp_path / "b")])
+    gpu = main_job.stage_configs(args, tmp_path / "b")
+    assert gpu["sft"].scaling.use_gpu and gpu["sft"].scaling.num_workers == 2 and gpu["sft"].model.dtype == "bf16"
+    assert not gpu["sft"].train.gradient_checkpointing  # a tiny transformer needs none
+
+
+def test_a_flux_folder_without_a_gpu_fails_at_once_naming_the_flags(tmp_path, monkeypatch, capsys):
+    folder = _flux_folder(tmp_path)
+    _gpus_visible(monkeypatch, 0)
+    for flags in ([], ["--gpus", "8"]):
+        with pytest.raises(SystemExit) as exit_:
+            main_job.parse_args(["--model", str(folder), *flags, "--out", str(tmp_path / "a")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "no GPU is visible" in err and "--gpus N" in err and "--cpu" in err
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--model", "tiny", "--gpus", "1", "--out", str(tmp_path / "a")])
+    assert "no GPU is visible" in capsys.readouterr().err
+    args = main_job.parse_args(["--model", str(folder), "--cpu", "--out", str(tmp_path / "a")])  # today's behaviour
+    assert args.gpus == 0 and args.num_cpus == 4
+    assert not main_job.stage_configs(args, tmp_path / "a")["sft"].scaling.use_gpu
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--model", "tiny", "--cpu", "--gpus", "1", "--out", str(tmp_path / "a")])
+
+
+def test_gpus_the_ray_cluster_lacks_stop_the_run_before_any_stage(ray_local, tmp_path, monkeypatch, capsys):
+    _gpus_visible(monkeypatch, 1)  # torch sees a GPU; the Ray session (4 CPUs, no GPU) does not
+    assert main_job.main(["--out", str(tmp_path / "run"), *MINIMAL, "--gpus", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "--gpus 1: the Ray cluster has 0 GPU(s)" in captured.err and "[1/" not in captured.out
+    assert not (tmp_path / "run").exists()

@@ -248,8 +248,9 @@ def test_cache_of_another_size_or_model_is_ignored_with_a_message(tmp_path, caps
     assert capsys.readouterr().out == ""
 
 
-def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path):
-    """One adamw step on the same 2 rows: the cached run must export the PNG run's weights."""
+def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path, capsys):
+    """One adamw step on the same 2 rows: the cached run must export the PNG run's weights. Each run prints its
+    memory plan once (a CPU run: not checked)."""
     from pipelines.train import run
 
     cached = _cached_triplets(tmp_path / "cached")
@@ -260,6 +261,9 @@ def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path):
     runs = [_sft(tmp_path, name, data, *common) for name, data in (("from-cache", cached), ("from-png", str(plain)))]
     for cfg in runs:
         run(cfg)
+    out = capsys.readouterr().out
+    assert out.count("[sft] memory plan per GPU: sft, batch 2, checkpointing off, ZeRO-2 x 1") == 2
+    assert out.count("(CPU run: not checked") == 2
     a, b = (load_file(c.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS) for c in runs)
     assert a.keys() == b.keys()
     for key in a:
@@ -359,3 +363,58 @@ def test_reports_are_due_every_n_steps_but_never_sooner_than_the_interval():
     now[0] = 100.0
     assert cadence.due(6)
     assert all(ReportCadence(every=1, interval_s=0.0, clock=lambda: 0.0).due(step) for step in range(1, 5))
+
+
+def test_zero3_is_refused_on_gpus_with_the_reason():
+    """The frozen base is loaded whole on every GPU (no zero.Init): stage 3 would shard nothing of it."""
+    with pytest.raises(ConfigError, match=r"deepspeed\.zero_stage: 3 shards nothing of the frozen base.*zero_stage=2"):
+        load_config(SfoConfig, CONFIGS / "sfo.yaml", ["scaling.use_gpu=true", "deepspeed.zero_stage=3"])
+    load_config(SfoConfig, CONFIGS / "sfo.yaml", ["scaling.use_gpu=true", "deepspeed.zero_stage=2"])
+    load_config(SftConfig, CONFIGS / "sft.yaml", ["deepspeed.zero_stage=3"])  # the CPU runs keep it (tests use it)
+
+
+def _no_loading(monkeypatch) -> None:
+    import sfo.models
+    from pipelines import train
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the job went past its memory check")
+
+    monkeypatch.setattr(sfo.models, "load_flux", must_not_run)
+    monkeypatch.setattr(train, "init_ray", must_not_run)
+
+
+def test_a_plan_above_the_gpus_memory_is_refused_naming_the_knob_before_anything_loads(data, tmp_path, monkeypatch,
+                                                                                        capsys):
+    from types import SimpleNamespace
+
+    from pipelines import train
+    from sfo.memory import GIB
+
+    _no_loading(monkeypatch)
+    cfg = _sft(tmp_path, "big", data["triplets"], "data.size=64", "train.batch_size=4", "scaling.use_gpu=true")
+    plan = train.plan_memory(cfg)
+    assert plan.knobs["batch_size"] == 4 and not plan.knobs["gradient_checkpointing"] and plan.total > plan.weights
+    small = int((plan.weights + plan.trainable) / 0.9) + 1  # the weights fit, the activations do not
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the driver's GPU, made small
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=small, name="Tiny GPU"))
+    assert train.main_for(cfg) == 2
+    captured = capsys.readouterr()
+    assert "[sft] memory plan per GPU: sft, batch 4, checkpointing off" in captured.out
+    assert "set train.gradient_checkpointing=true" in captured.err and "this driver's Tiny GPU" in captured.err
+    with pytest.raises(ConfigError, match=r"lower train\.batch_size \(now 4"):  # checkpointing on: the batch is next
+        train.run(_sft(tmp_path, "big", data["triplets"], "data.size=64", "train.batch_size=4", "scaling.use_gpu=true",
+                       "train.gradient_checkpointing=true", f"scaling.gpu_memory_gib={small / GIB / 1.5}"))
+
+
+def test_a_driver_without_a_gpu_skips_the_check_and_says_how_to_have_it(data, tmp_path, monkeypatch, capsys):
+    from pipelines import train
+
+    _no_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(AssertionError, match="went past its memory check"):  # reached init_ray: nothing refused
+        train.run(_sft(tmp_path, "joined", data["triplets"], "scaling.use_gpu=true"))
+    assert "not checked: this driver has no GPU" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="went past its memory check"):
+        train.run(_sft(tmp_path, "joined", data["triplets"], "scaling.use_gpu=true", "scaling.gpu_memory_gib=80"))
+    assert "memory plan fits scaling.gpu_memory_gib=80" in capsys.readouterr().out
