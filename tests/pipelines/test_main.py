@@ -211,6 +211,8 @@ def test_small_models_stay_on_the_cpu_and_keep_checkpointing_off_on_gpus(tmp_pat
     gpu = main_job.stage_configs(args, tmp_path / "b")
     assert gpu["sft"].scaling.use_gpu and gpu["sft"].scaling.num_workers == 2 and gpu["sft"].model.dtype == "bf16"
     assert not gpu["sft"].train.gradient_checkpointing  # a tiny transformer needs none
+    world = main_job.stage_configs(main_job.parse_args(["--gpus", "2", "--out", str(tmp_path / "c")]), tmp_path / "c")
+    assert all(world[s].scaling.use_gpu and world[s].scaling.num_workers == 2 for s in ("sft", "sfo", "cdns", "evaluate"))
 
 
 def test_a_flux_folder_without_a_gpu_fails_at_once_naming_the_flags(tmp_path, monkeypatch, capsys):
