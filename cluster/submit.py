@@ -1,14 +1,16 @@
 """Submits the pipeline stages as Ray jobs to any cluster and follows them.
 
-    python -m cluster.submit --address http://127.0.0.1:8265     # prepare -> sft -> cdns -> sfo -> evaluate
-    python -m cluster.submit --address ADDR --runs /mnt/shared/runs --stages cdns,sfo --set cdns:scaling.num_workers=4
+    python -m cluster.submit --address http://127.0.0.1:8265 --runs runs   # local head: prepare -> ... -> evaluate
+    python -m cluster.submit --address ADDR --runs /runs --stages cdns,sfo --set cdns:scaling.num_workers=4
 
 Each stage runs as ``python -m pipelines.<stage> --config pipelines/configs/<stage>.yaml`` with this
 repository as the job's working directory (files ignored by .gitignore are not uploaded). The
 client authenticates with the token Ray finds in its environment (``RAY_AUTH_TOKEN`` or
 ``RAY_AUTH_TOKEN_PATH``; ``python -m cluster.local env`` prints them for the local head). A failed
 stage stops the chain with its logs. Stages read and write under ``--runs`` (see
-``cluster.chain``), a folder every node of the cluster sees.
+``cluster.chain``), a folder every node of the cluster sees: required, because the paths are the
+cluster's (``/runs`` on the k8s/ volume), not the client's. Each stage runs as long as it runs
+(``--timeout`` bounds it when given): a 4000-step sft takes days.
 """
 
 from __future__ import annotations
@@ -42,12 +44,14 @@ def entrypoint(stage: str, overrides: list[str] | None = None, config_dir: str =
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def run_job(client, stage: str, command: str, env: dict, timeout_s: float, out=None) -> str:
-    """Submits one job, streams its new log lines, returns its final status name."""
+def run_job(client, stage: str, command: str, env: dict, timeout_s: float | None = None, out=None) -> str:
+    """Submits one job, streams its new log lines, returns its final status name; with ``timeout_s``
+    stops the job after that many seconds ("TIMEOUT"), with None waits as long as the job runs."""
     out = out or sys.stdout
     job_id = _submit(client, command, env, stage)
     print(f"[{stage}] submitted {job_id}: {command}", file=out, flush=True)
-    printed, deadline = 0, time.time() + timeout_s
+    printed = 0
+    deadline = None if timeout_s is None else time.time() + timeout_s
     while True:
         status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
@@ -57,7 +61,7 @@ def run_job(client, stage: str, command: str, env: dict, timeout_s: float, out=N
         if status.is_terminal():
             print(f"[{stage}] {status.name}", file=out, flush=True)
             return status.name
-        if time.time() > deadline:
+        if deadline is not None and time.time() > deadline:
             client.stop_job(job_id)
             print(f"[{stage}] stopped after {timeout_s:.0f} s", file=out, flush=True)
             return "TIMEOUT"
@@ -85,17 +89,24 @@ def parse_sets(items: list[str]) -> dict[str, list[str]]:
     return per_stage
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
     parser.add_argument("--stages", default=",".join(DEFAULT_CHAIN),
                         help=f"comma-separated, in order; default {','.join(DEFAULT_CHAIN)}; known: {','.join(STAGES)}")
-    parser.add_argument("--runs", type=Path, default=ROOT / "runs",
-                        help="shared folder the stages read and write (default: this repository's runs/)")
+    parser.add_argument("--runs", type=Path, required=True,
+                        help="the folder the stages read and write, as the cluster's nodes see it (every node: "
+                             "/runs on the k8s/ volume; runs for a cluster.local head on this machine)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:key=value",
                         help="a config override for one stage (repeatable)")
-    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per stage (default 3600)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="stop a stage after this many seconds (default: none, wait as long as it runs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     try:

@@ -1,5 +1,6 @@
 """One job through `ray job submit` to a local head with token authentication on."""
 
+import io
 import os
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cluster.local import LocalHead, auth_env, ensure_token
-from cluster.submit import entrypoint, parse_sets, runtime_env
+import cluster.submit
+from cluster.submit import build_parser, entrypoint, parse_sets, run_job, runtime_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,17 +26,17 @@ def head(tmp_path_factory):
         yield address, {**os.environ, **head.client_env}
 
 
-def submit(head, *args) -> subprocess.CompletedProcess:
+def submit(head, *args, runs: Path) -> subprocess.CompletedProcess:
     address, env = head
-    return subprocess.run([sys.executable, "-m", "cluster.submit", "--address", address, *args], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "cluster.submit", "--address", address, "--runs", str(runs), *args],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
 def test_prepare_job_runs_through_job_submission(head, tmp_path):
     out = tmp_path / "triplets"
     result = submit(head, "--stages", "prepare", "--set", f"prepare:data.output={out}",
-                    "--set", "prepare:data.limit=3", "--set", "prepare:data.size=16")
+                    "--set", "prepare:data.limit=3", "--set", "prepare:data.size=16", runs=tmp_path / "runs")
     printed = result.stdout
     assert result.returncode == 0, printed + result.stderr
     assert "[prepare] SUCCEEDED" in printed and "wrote 3 triplets" in printed
@@ -53,8 +55,8 @@ def test_a_client_without_the_token_is_refused(head):
 
 
 @pytest.mark.slow
-def test_a_failing_stage_stops_the_chain(head):
-    result = submit(head, "--stages", "prepare,sft", "--set", "prepare:data.size=40")
+def test_a_failing_stage_stops_the_chain(head, tmp_path):
+    result = submit(head, "--stages", "prepare,sft", "--set", "prepare:data.size=40", runs=tmp_path / "runs")
     printed = result.stdout
     assert result.returncode == 1 and "[prepare] FAILED" in printed and "data.size" in printed
     assert "[sft]" not in printed
@@ -94,3 +96,56 @@ def test_chain_wiring_feeds_each_stage_the_previous_outputs(tmp_path):
     sft_ref = f"{wired['sft']['output.storage_path']}/{wired['sft']['output.name']}/adapters/ref"
     assert wired["cdns"]["model.ref_adapter"] == wired["sfo"]["model.ref_adapter"] == sft_ref
     assert all(Path(v).is_absolute() for o in wired.values() for k, v in o.items() if k != "output.name")
+
+
+def test_runs_is_required_and_no_stage_timeout_by_default(capsys):
+    """--runs names the cluster's storage (no default: the client's checkout is not what the nodes see), and a
+    stage runs as long as it runs unless --timeout is given (a 4000-step sft takes far more than an hour)."""
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--address", "http://127.0.0.1:8265"])
+    assert "--runs" in capsys.readouterr().err
+    args = parser.parse_args(["--address", "http://127.0.0.1:8265", "--runs", "/runs"])
+    assert args.timeout is None and args.runs == Path("/runs")
+    assert parser.parse_args(["--address", "a", "--runs", "/runs", "--timeout", "60"]).timeout == 60.0
+
+
+class _FakeStatus:
+    def __init__(self, name: str):
+        self.name = name
+
+    def is_terminal(self) -> bool:
+        return self.name in {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+class _FakeClient:
+    """A job that reports RUNNING ``polls`` times, then SUCCEEDED; records stop_job calls."""
+
+    def __init__(self, polls: int):
+        self.polls, self.stopped = polls, []
+
+    def submit_job(self, **kwargs):
+        return "job-1"
+
+    def get_job_status(self, job_id):
+        self.polls -= 1
+        return _FakeStatus("RUNNING" if self.polls >= 0 else "SUCCEEDED")
+
+    def get_job_logs(self, job_id):
+        return ""
+
+    def stop_job(self, job_id):
+        self.stopped.append(job_id)
+
+
+def test_run_job_waits_through_a_long_stage_without_a_timeout(monkeypatch):
+    """Each poll advances the clock by a day: with no timeout the job still ends SUCCEEDED; with one it is stopped."""
+    clock = iter(range(0, 10**9, 86400))
+    monkeypatch.setattr(cluster.submit.time, "time", lambda: float(next(clock)))
+    monkeypatch.setattr(cluster.submit.time, "sleep", lambda s: None)
+    client = _FakeClient(polls=5)
+    assert run_job(client, "sft", "python -m pipelines.sft", {}, out=io.StringIO()) == "SUCCEEDED"
+    assert client.stopped == []
+    client = _FakeClient(polls=5)
+    assert run_job(client, "sft", "python -m pipelines.sft", {}, timeout_s=3600, out=io.StringIO()) == "TIMEOUT"
+    assert client.stopped == ["job-1"]

@@ -1,13 +1,16 @@
 """Offline checks of the KubeRay manifests in k8s/, as an API server and the jobs themselves would see them.
 
-- every resource (base, and the dev overlay after its RFC 6902 patches are applied here the way
-  kustomize applies them) validates against KubeRay v1.7.0's own CRD schema (../shared/data/
-  kuberay-crds; skipped where that folder is absent);
+- every resource (base, serve, tools, and the dev overlays after their RFC 6902 patches are applied here
+  the way kustomize applies them; plus the renderer's output for managed clusters: --storage-class,
+  --registry, --gpus-per-pod 8 / 2, --storage s3:// and gs://) validates against KubeRay v1.7.0's own CRD
+  schema (../shared/data/kuberay-crds; skipped where that folder is absent);
 - each RayJob's entrypoint names a module and a config that exist, and the GPUs its cluster offers
   equal what that config asks Ray for (scaling.num_workers x scaling.gpus_per_worker), resolved by the
   job's own config class with the entrypoint's overrides;
-- the RayService embeds serving/serve_config.yaml; image tags, rayVersion, the Dockerfile and
-  pyproject's Ray pin agree; token auth is on everywhere; ``k8s/render.py --check`` passes.
+- the RayService embeds serving/serve_config.yaml and is not in base; image tags, rayVersion, the Dockerfile and
+  pyproject's Ray pin agree; token auth is on everywhere; ``k8s/render.py --check`` passes;
+- pod memory and /dev/shm scale with GPUs per pod; the weights Job's allow-patterns select exactly the
+  diffusers folders of FLUX.1-dev's real file list; every pod that loads FLUX.1-dev waits for that Job.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import importlib
 import importlib.util
 import re
 import shlex
+import fnmatch
+import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +32,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
+sys.path.insert(0, str(K8S))
+import render  # noqa: E402  k8s/render.py: the renderer's parameters and sizing rule
 CRDS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
@@ -91,8 +99,37 @@ def _named(docs: list[dict], prefix: str) -> list[tuple[str, dict]]:
 
 
 BASE = _named(_kustomize(K8S / "base"), "base")
-DEV = _named(_kustomize(K8S / "overlays" / "dev"), "dev")
-ALL = BASE + DEV
+SERVE = _named(_kustomize(K8S / "serve"), "serve")
+TOOLS = _named(_kustomize(K8S / "tools"), "tools")
+DEV = _named(_kustomize(K8S / "overlays" / "dev") + _kustomize(K8S / "overlays" / "dev-serve"), "dev")
+
+# The renderer's output for managed clusters, rendered into a scratch folder the way a user renders it.
+TARGETS = {
+    "gke8": render.Target(storage_class="standard-rwx", registry="us-docker.pkg.dev/proj/repo", gpus_per_pod=8),
+    "eks2": render.Target(storage_class="efs-sc", registry="123.dkr.ecr.us-east-1.amazonaws.com", gpus_per_pod=2,
+                          pvc_size="2Ti"),
+    "s3": render.Target(registry="r.example.com/sfo", gpus_per_pod=8, storage="s3://bucket/sfo",
+                        service_account="sfo-runner"),
+    "gs": render.Target(gpus_per_pod=4, storage="gs://bucket/prefix/"),
+}
+RENDERED_DIR = Path(tempfile.mkdtemp(prefix="sfo-k8s-render-"))
+
+
+def _render_target(name: str, target) -> list[tuple[str, dict]]:
+    out = RENDERED_DIR / name
+    for rel, text in render.render(target).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    docs = []
+    for folder in ("base", "serve", "tools", "overlays/dev", "overlays/dev-serve"):
+        if (out / folder / "kustomization.yaml").is_file():
+            docs += _named(_kustomize(out / folder), f"{name}/{folder}")
+    return docs
+
+
+RENDERED = {name: _render_target(name, t) for name, t in TARGETS.items()}
+CUSTOM = [item for docs in RENDERED.values() for item in docs]
+ALL = BASE + SERVE + TOOLS + DEV + CUSTOM
 RAY = [(n, d) for n, d in ALL if d["apiVersion"] == "ray.io/v1"]
 JOBS = [(n, d) for n, d in ALL if d["kind"] == "RayJob"]
 
@@ -182,7 +219,9 @@ def test_validator_catches_broken_manifests(validators):
 def test_every_yaml_under_k8s_is_a_resource_a_patch_or_a_kustomization():
     """The recursive glob: nothing under k8s/ escapes the checks above by not being listed."""
     listed = set()
-    for folder in (K8S / "base", K8S / "overlays" / "dev"):
+    folders = [p.parent for p in K8S.rglob("kustomization.yaml")]
+    assert {str(f.relative_to(K8S)) for f in folders} == {"base", "serve", "tools", "overlays/dev", "overlays/dev-serve"}
+    for folder in folders:
         kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
         listed |= {(folder / p).resolve() for p in kust.get("resources", []) if (folder / p).is_file()}
         listed |= {(folder / p["path"]).resolve() for p in kust.get("patches", [])}
@@ -312,15 +351,19 @@ def test_dev_overlay_uses_one_gpu_at_most():
 
 
 def _dockerfile_base() -> tuple[str, str]:
-    match = re.search(r"^FROM\s+rayproject/ray:(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    """The Dockerfile's base image tag with its ARG defaults substituted, and its Ray version."""
+    text = (ROOT / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
+    match = re.search(r"^FROM\s+rayproject/ray:(\S+)", text, re.M)
     assert match, "Dockerfile must start FROM rayproject/ray:<tag>"
-    tag = match.group(1)
+    tag = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], match.group(1))
     return tag, tag.split("-")[0]
 
 
 def test_image_tags_and_ray_versions_agree():
     tag, version = _dockerfile_base()
-    assert tag.endswith("-gpu"), "the cluster image builds on Ray's GPU image"
+    assert re.fullmatch(r"[0-9.]+-py311-cu1[0-9]+", tag), f"the cluster image builds on a CUDA tag of Ray's image: {tag}"
+    assert tag == render.IMAGE_TAG
     pin = re.search(r'"ray\[[^\]]*\]~=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
     assert pin and pin.group(1) == version, f"pyproject pins ray~={pin and pin.group(1)}, the Dockerfile {version}"
     for name, doc in RAY:
@@ -346,7 +389,7 @@ def test_render_check_passes_and_has_help():
 
 
 SERVE_ENV = {"SFO_SERVE_MODEL": "/models/FLUX.1-dev", "SFO_SERVE_ADAPTERS": "/runs/train/sfo/adapters",
-             "SFO_SERVE_GPUS_PER_REPLICA": "1"}
+             "SFO_SERVE_GPUS_PER_REPLICA": "1", "SFO_SERVE_MAX_REPLICAS": "4"}
 
 
 def test_rayservice_pods_override_the_laptop_serve_args():
@@ -356,16 +399,234 @@ def test_rayservice_pods_override_the_laptop_serve_args():
     from serving.app import ENV_OVERRIDES
 
     assert set(SERVE_ENV) == set(ENV_OVERRIDES.values())
+    assert render.serve_env(render.Target()) == SERVE_ENV
     sfo_job = dict(BASE)["base/RayJob/sfo-sfo"]
     assert "model.source=/models/FLUX.1-dev" in _entry_args(sfo_job)
     assert "output.storage_path=/runs/train" in _entry_args(sfo_job)  # + name sfo + adapters/
     text = (ROOT / "serving" / "serve_config.yaml").read_text()
-    services = [(n, d) for n, d in ALL if d["kind"] == "RayService"]
-    assert {n for n, _ in services} == {"base/RayService/sfo-serve", "dev/RayService/sfo-serve"}
-    for name, doc in services:
-        assert doc["spec"]["serveConfigV2"] == text, f"{name}: serveConfigV2 is not serving/serve_config.yaml verbatim"
-        containers = _containers(doc["spec"]["rayClusterConfig"])
-        assert any(g is None for _, g in containers) and any(g for _, g in containers)
-        for container, group in containers:
-            env = {e["name"]: e.get("value") for e in container.get("env", [])}
-            assert {k: env.get(k) for k in SERVE_ENV} == SERVE_ENV, f"{name}: {group and group['groupName'] or 'head'}"
+    services = [(n, d) for n, d in BASE + SERVE + DEV if d["kind"] == "RayService"]
+    assert {n for n, _ in services} == {"serve/RayService/sfo-serve", "dev/RayService/sfo-serve"}
+    for target, docs in [(render.Target(), services)] + [(TARGETS[k], RENDERED[k]) for k in TARGETS]:
+        for name, doc in docs:
+            if doc["kind"] != "RayService":
+                continue
+            # max_replicas = the GPU group's maxReplicas (one GPU, one replica per pod): 4, 1 in the dev overlay
+            (group,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+            want = render.serve_env(target, max_replicas=group["maxReplicas"])
+            assert doc["spec"]["serveConfigV2"] == text, f"{name}: serveConfigV2 is not serving/serve_config.yaml verbatim"
+            containers = _containers(doc["spec"]["rayClusterConfig"])
+            assert any(g is None for _, g in containers) and any(g for _, g in containers)
+            for container, group in containers:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert {k: env.get(k) for k in want} == want, f"{name}: {group and group['groupName'] or 'head'}"
+                (token,) = [e for e in container["env"] if e["name"] == "SFO_SERVE_TOKEN"]
+                assert token["valueFrom"]["secretKeyRef"] == {"name": "sfo-serve-token", "key": "token", "optional": True}
+
+
+# --- issue 27: what a managed cluster needs -----------------------------------------------------
+
+def _pod_specs(doc: dict) -> list[dict]:
+    """Every pod spec in a resource: Ray clusters' heads and groups, a Job's template, a Pod."""
+    if doc["apiVersion"] == "ray.io/v1":
+        found = []
+        for cluster in _cluster_specs(doc):
+            found.append(cluster["headGroupSpec"]["template"]["spec"])
+            found += [g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
+        return found
+    return {"Job": lambda: [doc["spec"]["template"]["spec"]], "Pod": lambda: [doc["spec"]]}.get(doc["kind"], list)()
+
+
+def _gi(quantity: str) -> float:
+    assert quantity.endswith("Gi"), quantity
+    return float(quantity[:-2])
+
+
+def test_rayservice_is_not_in_base():
+    """The RayService holds a GPU and fails on missing adapters until the sfo stage wrote them: it is applied
+    after that stage, from k8s/serve (or overlays/dev-serve), never by `kubectl apply -k k8s/base`."""
+    kinds = {d["kind"] for _, d in BASE}
+    assert "RayService" not in kinds and {"RayJob", "Job", "RayCluster", "PersistentVolumeClaim"} <= kinds
+    assert [d["kind"] for _, d in SERVE] == ["RayService"]
+    for name, docs in RENDERED.items():
+        assert all(d["kind"] != "RayService" for n, d in docs if f"{name}/base/" in n), name
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_renderer_parameters_land_in_every_pod(name):
+    """--registry names the image of every container (init containers too), pulled Always from a registry;
+    --storage-class the PVC's class; --gpus-per-pod the GPU pods of each stage (fewer when it needs fewer);
+    --service-account every pod."""
+    target, docs = TARGETS[name], RENDERED[name]
+    image = f"{target.registry}/sfo-ray:{render.IMAGE_TAG}" if target.registry else f"sfo-ray:{render.IMAGE_TAG}"
+    assert image.count("//") == 0 and not image.startswith("/")
+    pods = [spec for _, d in docs for spec in _pod_specs(d)]
+    assert pods
+    for spec in pods:
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            assert c["image"] == image, c["name"]
+            assert c["imagePullPolicy"] == ("Always" if target.registry else "IfNotPresent")
+        assert spec.get("serviceAccountName", "") == target.service_account
+    pvcs = [d for _, d in docs if d["kind"] == "PersistentVolumeClaim"]
+    if target.object_store:
+        assert pvcs == [] and not any("persistentVolumeClaim" in v for s in pods for v in s.get("volumes", []))
+    else:
+        assert {p["spec"]["storageClassName"] for p in pvcs} == {target.storage_class}
+        assert {p["spec"]["accessModes"][0] for p in pvcs} == {"ReadWriteMany"}
+    for n, job in docs:
+        if job["kind"] != "RayJob" or "/base/" not in n:
+            continue
+        groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        gpus = [int(g["template"]["spec"]["containers"][0]["resources"]["limits"].get(GPU, 0)) for g in groups]
+        needed = sum(g * grp["replicas"] for g, grp in zip(gpus, groups))
+        if needed:
+            assert gpus == [min(target.gpus_per_pod, needed)], f"{n}: {gpus}"
+
+
+def test_committed_manifests_are_the_renderer_defaults():
+    """What `kubectl apply -k k8s/base` creates: a Filestore RWX class, a local image, one GPU per pod."""
+    (pvc,) = [d for _, d in BASE if d["kind"] == "PersistentVolumeClaim"]
+    assert pvc["spec"]["storageClassName"] == render.DEFAULT_STORAGE_CLASS
+
+
+def test_object_store_paths_point_at_the_bucket():
+    """--storage s3://|gs://: every stage's data and runs paths are under the prefix (the stages' URI support:
+    issue 25); models are a pod-local copy that the GPU pods' init container fills from <prefix>/models."""
+    for name in ("s3", "gs"):
+        target = TARGETS[name]
+        prefix = target.storage.rstrip("/")
+        jobs = {d["metadata"]["name"]: d for n, d in RENDERED[name] if d["kind"] == "RayJob" and "/base/" in n}
+        args = {k: dict(a.split("=", 1) for a in _entry_args(j)[2:] if "=" in a) for k, j in jobs.items()}
+        assert args["sfo-prepare"]["data.output"] == f"{prefix}/data/triplets"
+        assert args["sfo-sft"]["output.storage_path"] == f"{prefix}/runs/train"
+        assert args["sfo-cdns"]["model.ref_adapter"] == f"{prefix}/runs/train/sft/adapters/ref"
+        assert args["sfo-evaluate"]["output"] == f"{prefix}/runs/evaluate"
+        assert args["sfo-sft"]["model.source"] == "/models/FLUX.1-dev"
+        for job in jobs.values():
+            for container, group in _containers(job["spec"]["rayClusterSpec"]):
+                if group is None or GPU not in container["resources"]["limits"]:
+                    continue
+                spec = group["template"]["spec"]
+                (init,) = spec["initContainers"]
+                env = {e["name"]: e["value"] for e in init["env"]}
+                assert env == {"SFO_MODELS_URI": f"{prefix}/models", "SFO_COPY_MODELS": "1"}
+                assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
+                assert _gi(container["resources"]["limits"]["ephemeral-storage"]) >= render.MODELS_DISK_GI
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_pod_memory_and_shm_scale_with_gpus_per_pod(gpus):
+    """Per GPU worker: FLUX.1-dev's bf16 transformer (23.8 GB) + T5-XXL (9.5 GB) pass through host memory
+    (each worker loads its own copy), plus the worker's overhead and its /dev/shm share; the memory-backed
+    /dev/shm counts against the limit. Hand-worked: 1 GPU -> 47 + 8 + 6 = 61 Gi; 8 GPUs -> 8 x 55 + 6 = 446 Gi."""
+    cluster = render.raycluster(render.Target(gpus_per_pod=gpus))["spec"]
+    (group,) = cluster["workerGroupSpecs"]
+    spec = group["template"]["spec"]
+    limits = spec["containers"][0]["resources"]["limits"]
+    assert int(limits[GPU]) == gpus
+    memory, shm = _gi(limits["memory"]), _gi(next(v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if v["name"] == "dshm"))
+    assert memory == {1: 61, 2: 116, 4: 226, 8: 446}[gpus]
+    assert shm == 8 * gpus
+    model_gib = gpus * (23.8 + 9.5) * 1e9 / 2**30  # the weights every worker of the pod loads at once
+    assert memory >= model_gib + shm + gpus * 8, "room for each worker's weights, overhead and /dev/shm"
+    # Ray's object store fits inside /dev/shm, leaving NCCL its share
+    assert int(group["rayStartParams"]["object-store-memory"]) <= (shm - gpus) * 2**30
+    assert render.pod_memory_gi(gpus) == memory
+
+
+# The file NAMES of black-forest-labs/FLUX.1-dev (names only; no sizes or contents needed): the diffusers
+# folders, the single-file checkpoints (flux1-dev.safetensors, 23.8 GB; ae.safetensors) and repository files.
+FLUX_DEV_FILES = [
+    ".gitattributes", "LICENSE.md", "README.md", "dev_grid.jpg", "ae.safetensors", "flux1-dev.safetensors",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
+    "text_encoder_2/model-00002-of-00002.safetensors", "text_encoder_2/model.safetensors.index.json",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer_2/special_tokens_map.json", "tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json",
+    "tokenizer_2/tokenizer_config.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+]
+DIFFUSERS_FOLDERS = ("scheduler", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "transformer", "vae")
+
+
+def _weights_jobs() -> list[tuple[str, dict]]:
+    return [(n, d) for n, d in BASE + CUSTOM if d["kind"] == "Job"]
+
+
+def _weights(job: dict) -> dict:
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    return json.loads(env["SFO_WEIGHTS"]["value"])
+
+
+def test_weights_job_allow_patterns_select_exactly_the_diffusers_folders():
+    """Matched as huggingface_hub matches allow_patterns (fnmatch, `*` crossing "/"; its own filter when
+    installed): model_index.json and the seven diffusers folders, not the 23.8 GB single-file checkpoint,
+    ae.safetensors, the README, licence or preview image."""
+    wanted = {f for f in FLUX_DEV_FILES if f == "model_index.json" or f.split("/")[0] in DIFFUSERS_FOLDERS}
+    jobs = _weights_jobs()
+    assert {n for n, _ in jobs if "overlays" not in n} == {"base/Job/sfo-weights"} | {f"{k}/base/Job/sfo-weights" for k in TARGETS}
+    for name, job in jobs:
+        folder, patterns = _weights(job)["black-forest-labs/FLUX.1-dev"]
+        assert folder == "FLUX.1-dev" and f"/models/{folder}" == render.FLUX
+        matched = {f for f in FLUX_DEV_FILES if any(fnmatch.fnmatchcase(f, p) for p in patterns)}
+        assert matched == wanted, f"{name}: extra {matched - wanted}, missing {wanted - matched}"
+        try:
+            from huggingface_hub.utils import filter_repo_objects
+        except ImportError:
+            continue
+        assert set(filter_repo_objects(FLUX_DEV_FILES, allow_patterns=patterns)) == wanted, name
+    assert "flux1-dev.safetensors" not in wanted and "ae.safetensors" not in wanted
+
+
+def test_weights_job_takes_the_token_from_a_secret_and_downloads_every_model_the_stages_name():
+    for name, job in _weights_jobs():
+        spec = job["spec"]["template"]["spec"]
+        (container,) = spec["containers"]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}, name
+        assert "snapshot_download(repo_id=repo, allow_patterns=patterns" in container["command"][-1]
+        assert spec["restartPolicy"] in {"OnFailure", "Never"} and "ttlSecondsAfterFinished" not in job["spec"]
+        folders = {f"/models/{folder}" for folder, _ in _weights(job).values()}
+        for jname, rj in RAY:
+            if rj["kind"] != "RayJob":
+                continue
+            named = {a.split("=", 1)[1] for a in _entry_args(rj) if a.split("=", 1)[1:2] and
+                     a.split("=", 1)[1].startswith("/models/")}
+            assert named <= folders, f"{jname} names {named - folders}, which no weights Job downloads"
+
+
+def test_every_pod_that_loads_flux_waits_for_the_weights_job():
+    """Each RayJob that loads FLUX.1-dev (all but prepare) holds its head and workers in an init container
+    until the weights Job's marker exists; the marker the waiters look for is the one the Job writes."""
+    for name, job in JOBS:
+        cluster = job["spec"]["rayClusterSpec"]
+        loads = any(a.startswith("model.source=") for a in _entry_args(job))
+        for container, group in _containers(cluster):
+            spec = (group or cluster["headGroupSpec"])["template"]["spec"]
+            inits = [c["name"] for c in spec.get("initContainers", [])]
+            assert inits == (["wait-for-weights"] if loads else []), f"{name}: {inits}"
+            if loads:
+                script = spec["initContainers"][0]["command"][-1]
+                assert render.WEIGHTS_MARKER in script
+    for _, job in _weights_jobs():
+        assert render.WEIGHTS_MARKER in job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+
+
+def test_renderer_refuses_bad_parameters(tmp_path):
+    run = [sys.executable, str(K8S / "render.py"), "--out", str(tmp_path)]
+    for bad in (["--storage", "/mnt/nfs"], ["--gpus-per-pod", "3"], ["--gpus-per-pod", "0"]):
+        result = subprocess.run([*run, *bad], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and "error" in result.stderr, (bad, result.stderr)
+    good = subprocess.run([*run, "--storage-class", "efs-sc", "--registry", "reg.example/x", "--gpus-per-pod", "8"],
+                          capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
+    assert (tmp_path / "serve" / "rayservice.yaml").is_file() and (tmp_path / "base" / "job-weights.yaml").is_file()
+    again = subprocess.run([*run, "--storage-class", "efs-sc", "--registry", "reg.example/x", "--gpus-per-pod", "8",
+                            "--check"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
