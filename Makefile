@@ -3,7 +3,7 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench reproduce venv clean
+.PHONY: demo test bench reproduce venv clean image
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,12 @@ reproduce: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.table $(ARGS)
+
+# The cluster image (Dockerfile; k8s/README.md). Its tag = k8s/render.py's IMAGE_TAG (tests/k8s/test_image.py).
+IMAGE ?= sfo-ray:2.60.0-py311-cu128
+image:
+	@docker info >/dev/null 2>&1 || { echo "make image: no Docker here (docker missing or its daemon not running); on a machine with Docker run: docker build -t $(IMAGE) ." >&2; exit 1; }
+	docker build -t $(IMAGE) .
 
 clean:
 	rm -rf $(VENV) runs outputs
