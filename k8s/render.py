@@ -285,18 +285,19 @@ def dev_stage(stage: Stage) -> Stage:
 WAIT_SCRIPT = f"""\
 import os, time
 from pathlib import Path
+local = os.environ.get("SFO_MODELS_LOCAL", "{MODELS}")
 uri = os.environ.get("SFO_MODELS_URI")
 if uri:
     import pyarrow.fs as pafs
     fs, root = pafs.FileSystem.from_uri(uri)
     ready = lambda: fs.get_file_info(root + "/{WEIGHTS_MARKER}").type != pafs.FileType.NotFound
 else:
-    ready = lambda: Path("{MODELS}/{WEIGHTS_MARKER}").is_file()
+    ready = lambda: Path(local, "{WEIGHTS_MARKER}").is_file()
 while not ready():
     print("waiting for job/{WEIGHTS_JOB} (marker {WEIGHTS_MARKER})", flush=True)
     time.sleep(15)
 if uri and os.environ.get("SFO_COPY_MODELS") == "1":
-    pafs.copy_files(uri, "{MODELS}", use_threads=True)
+    pafs.copy_files(uri, local, use_threads=True)
 print("weights ready", flush=True)
 """
 
@@ -307,6 +308,9 @@ import json, os
 from pathlib import Path
 from huggingface_hub import snapshot_download
 root = Path(os.environ["SFO_MODELS_DIR"])
+for folder in os.environ.get("SFO_WRITABLE", "").split(":"):
+    if folder and not os.access(folder, os.W_OK):
+        raise SystemExit(folder + " is not writable by uid " + str(os.getuid()) + ": the Ray pods write there")
 for repo, (folder, patterns) in json.loads(os.environ["SFO_WEIGHTS"]).items():
     print("downloading", repo, patterns, flush=True)
     snapshot_download(repo_id=repo, allow_patterns=patterns, local_dir=root / folder,
@@ -504,6 +508,8 @@ def weights_job(t: Target) -> dict:
            {"name": "SFO_WEIGHTS", "value": json.dumps(WEIGHTS)},
            {"name": "SFO_MODELS_DIR", "value": models_dir},
            {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"}]
+    if not t.object_store:
+        env.append({"name": "SFO_WRITABLE", "value": "/mnt/models:/mnt/data:/mnt/runs"})
     if t.object_store:
         env.append({"name": "SFO_MODELS_URI", "value": t.models_uri})
         volume, mount = {"name": "scratch", "emptyDir": {"sizeLimit": f"{MODELS_DISK_GI}Gi"}}, "/scratch"
@@ -517,8 +523,11 @@ def weights_job(t: Target) -> dict:
         # A fresh volume's folders belong to root; the Ray pods run as the image's user `ray`.
         spec["initContainers"] = [{
             "name": "volume-owner", "image": t.image, "imagePullPolicy": t.pull_policy,
+            # EFS access points map every user to theirs and refuse chown: then the download container's
+            # SFO_WRITABLE check says whether the folders are writable all the same.
             "command": ["sh", "-c", f"mkdir -p /mnt/models /mnt/data /mnt/runs && "
-                                    f"chown {RAY_UID}:{RAY_GID} /mnt/models /mnt/data /mnt/runs"],
+                                    f"chown {RAY_UID}:{RAY_GID} /mnt/models /mnt/data /mnt/runs "
+                                    f"|| echo 'chown refused; the download container checks the folders are writable'"],
             "securityContext": {"runAsUser": 0},
             "volumeMounts": [{"name": "shared", "mountPath": "/mnt"}]}]
     spec["containers"] = [{"name": "download", "image": t.image, "imagePullPolicy": t.pull_policy,

@@ -630,3 +630,57 @@ def test_renderer_refuses_bad_parameters(tmp_path):
     again = subprocess.run([*run, "--storage-class", "efs-sc", "--registry", "reg.example/x", "--gpus-per-pod", "8",
                             "--check"], capture_output=True, text=True, timeout=60)
     assert again.returncode == 0, again.stderr
+
+
+def _run_script(script: str, env: dict, monkeypatch, downloads: list | None = None) -> None:
+    """Runs one of the Job's / init containers' scripts in this process, with huggingface_hub's download faked."""
+    import huggingface_hub
+
+    def fake_download(repo_id, allow_patterns, local_dir, token=None):
+        downloads.append((repo_id, tuple(allow_patterns), token))
+        files = FLUX_DEV_FILES if repo_id == "black-forest-labs/FLUX.1-dev" else ["config.json", "model.safetensors"]
+        for name in huggingface_hub.utils.filter_repo_objects(files, allow_patterns=allow_patterns):
+            (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+            (Path(local_dir) / name).write_text(name)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    exec(compile(script, "<manifest script>", "exec"), {"__name__": "__main__"})
+
+
+def _script_env(job: dict) -> dict:
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.mark.parametrize("storage", ["pvc", "object"])
+def test_weights_job_and_wait_scripts_run(storage, tmp_path, monkeypatch):
+    """The Job's script downloads each entry with its patterns and writes the marker (on the volume, or into the
+    bucket after copying the models there); the init container's script then passes, and with object storage
+    copies the models into the pod: FLUX.1-dev's diffusers files arrive, flux1-dev.safetensors does not."""
+    pytest.importorskip("huggingface_hub")
+    downloads: list = []
+    if storage == "pvc":
+        (job,) = [d for _, d in BASE if d["kind"] == "Job"]
+        env = {**_script_env(job), "SFO_MODELS_DIR": str(tmp_path / "models"), "SFO_WRITABLE": str(tmp_path),
+               "HF_TOKEN": "hf_x"}
+        wait_env = {"SFO_MODELS_LOCAL": str(tmp_path / "models")}
+        local = tmp_path / "models"
+    else:
+        (job,) = [d for n, d in RENDERED["s3"] if d["kind"] == "Job" and "/base/" in n]
+        bucket = f"file://{tmp_path}/bucket/models"
+        env = {**_script_env(job), "SFO_MODELS_DIR": str(tmp_path / "scratch"), "SFO_MODELS_URI": bucket,
+               "HF_TOKEN": "hf_x"}
+        (tmp_path / "bucket" / "models").mkdir(parents=True)
+        wait_env = {"SFO_MODELS_URI": bucket, "SFO_COPY_MODELS": "1", "SFO_MODELS_LOCAL": str(tmp_path / "pod")}
+        local = tmp_path / "pod"
+        local.mkdir()
+    _run_script(job["spec"]["template"]["spec"]["containers"][0]["command"][-1], env, monkeypatch, downloads)
+    assert [d[0] for d in downloads] == list(render.WEIGHTS) and {d[2] for d in downloads} == {"hf_x"}
+    for key in ("SFO_MODELS_DIR", "SFO_WRITABLE"):
+        monkeypatch.delenv(key, raising=False)
+    _run_script(render.WAIT_SCRIPT, wait_env, monkeypatch)
+    assert (local / render.WEIGHTS_MARKER).is_file()
+    assert (local / "FLUX.1-dev" / "transformer" / "diffusion_pytorch_model-00003-of-00003.safetensors").is_file()
+    assert not (local / "FLUX.1-dev" / "flux1-dev.safetensors").exists()
