@@ -353,7 +353,8 @@ def _wait_container(t: Target, models_copy: bool) -> dict:
     return {"name": "wait-for-weights", "image": t.image, "imagePullPolicy": t.pull_policy,
             "command": ["python", "-c", WAIT_SCRIPT],
             "env": [{"name": k, "value": v} for k, v in env.items()],
-            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "4Gi"}},
+            # requests = limits, as in every container of the pod: the pod keeps the Guaranteed QoS class
+            "resources": {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
             **({"volumeMounts": mounts} if mounts else {})}
 
 
@@ -544,6 +545,9 @@ def shell_pod(t: Target) -> dict:
     """A pod with the whole volume at /mnt, to copy inputs in (kubectl cp) and look at outputs."""
     spec = {"containers": [{"name": "shell", "image": t.image, "imagePullPolicy": t.pull_policy,
                             "command": ["sleep", "infinity"],
+                            # for `hf download` of the inputs (k8s/README.md); optional, so the pod starts without it
+                            "env": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+                                "name": HF_SECRET, "key": HF_SECRET_KEY, "optional": True}}}],
                             "resources": {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}},
                             "volumeMounts": [{"name": "shared", "mountPath": "/mnt"}]}],
             "volumes": [{"name": "shared", "persistentVolumeClaim": {"claimName": PVC}}]}
