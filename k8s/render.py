@@ -28,7 +28,7 @@ import json
 import math
 import shlex
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -463,7 +463,7 @@ def rayjob(t: Target, stage: Stage) -> dict:
 def raycluster(t: Target) -> dict:
     gpus = t.gpus_per_pod
     pods = max(1, RAYCLUSTER_MAX_GPUS // gpus)
-    group = _gpu_group(t, "gpu", 0, 0, pods, gpus, math.ceil(gpus * 8) + 2)
+    group = _gpu_group(t, "gpu", 0, 0, pods, gpus, replace(Stage("any", (), 0, workers=1), gpus_per_pod=gpus).pod_cpus)
     return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "sfo-ray", "labels": LABELS},
             "spec": cluster_spec(t, [group], autoscaling=True)}
 
