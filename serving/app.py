@@ -9,28 +9,39 @@ embedded verbatim by the RayService, serves the tiny model on a laptop and FLUX.
     SFO_SERVE_MODEL             args.model
     SFO_SERVE_ADAPTERS          args.adapters
     SFO_SERVE_GPUS_PER_REPLICA  args.gpus_per_replica: GPUs per FluxGenerator replica (> 0 adds num_gpus)
+    SFO_SERVE_MAX_REPLICAS      args.max_replicas: FluxGenerator autoscaling's upper bound (the cluster's GPUs)
+    SFO_SERVE_TOKEN             (no arg) when set, /v1/* need "Authorization: Bearer <token>" (401 otherwise)
 They are read where ``build_app`` runs (a Ray node), so set them on every node of the cluster.
 
 Routes (OpenAPI at /docs and /openapi.json):
     POST /v1/generate   JSON {"prompt", "image" (base64), "steps", "guidance", "seed", "width", "height",
-                        "num_images", "adapter": "sfo"|"ref"} or the same as multipart/form-data with
+                        "num_images", "adapter": "sfo"|"ref", "adapter_set"} or the same as multipart/form-data with
                         ``image`` as a file part. Answers ``image/png`` for one image; with
                         ``Accept: application/json`` answers {"images": [base64 PNG...], "params": {...}}.
                         num_images > 1 without a JSON Accept is 406 (a PNG holds one image).
-    GET  /v1/models     base model, adapter sets and their sha256 (sfo.adapters.adapter_fingerprint)
-    GET  /healthz       the ingress is up ({"status": "ok"}); replicas have Serve's own health checks
+    GET  /v1/models     base model, adapters and their sha256 (sfo.adapters.adapter_fingerprint), adapter sets
+    GET  /healthz       200 when a model replica runs, else 503 with the reason (never needs the token)
 
-Bad input is a 4xx whose JSON body names the field ({"error", "field"}); a request that runs past
-``request_timeout_s`` is a 504. The model deployment autoscales; ``@serve.batch`` groups concurrent
-requests and runs those with the same size/steps/guidance/adapter as one sampler call.
+Bad input is a 4xx whose JSON body names the field ({"error", "field"}). Each request gets a deadline from
+its work (``serving.schema.Deadlines``: base + safety x seconds_per_unit x steps x passes x images x
+megapixels); one whose deadline would pass ``request_timeout_s`` is refused (422, field "work"), one that
+runs past its deadline is a 504 and its sampling stops between steps, as it does when its client
+disconnects. The model deployment autoscales; each replica groups waiting requests by size/steps/adapters
+(``serving.scheduler.GroupQueue``) and answers each request when its own group is done. Adapter sets other
+than "default" are loaded per replica on demand (``serve.multiplexed``, LRU) and requests are routed to
+replicas that hold theirs.
 """
 
 # no `from __future__ import annotations`: Serve's ingress wrapper needs real annotations (Request)
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import logging
 import os
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -42,7 +53,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serving.scheduler import DeadlineExceeded, GroupQueue
 from serving.schema import (
+    ADAPTER_SET_NAME,
+    DEADLINE_BASE_S,
+    DEADLINE_SAFETY,
+    DEFAULT_ADAPTER_SET,
+    REQUEST_TIMEOUT_S,
+    SECONDS_PER_UNIT,
+    Deadlines,
     GenerateParams,
     GenerateRequest,
     Job,
@@ -56,17 +75,27 @@ from serving.schema import (
 
 logger = logging.getLogger("ray.serve")
 
-# Laptop-friendly defaults; serving/serve_config.yaml overrides them per deployment.
+# Autoscaling sized for a cold start of minutes. Measured here: a tiny-model replica is ready in ~17 s on 2
+# CPU cores (imports ~11 s: torch 3 s, diffusers Flux 8 s); FLUX.1-dev adds reading ~34 GB of weights (~1-3 min
+# from a local NVMe or PVC at 0.3-1 GB/s, longer from network storage) and its first CUDA call. So: scale up only
+# on load that lasted UPSCALE_DELAY_S (a burst shorter than a cold start is over before a new replica could
+# help), and keep a replica DOWNSCALE_DELAY_S after its load ends (several cold starts: a replica that costs
+# minutes to start is not given back between two bursts). max_replicas comes from args / SFO_SERVE_MAX_REPLICAS
+# (the cluster's GPUs), min_replicas stays 1 so a request never waits for a cold start.
+UPSCALE_DELAY_S = 30
+DOWNSCALE_DELAY_S = 600
 GENERATOR_AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
     "target_ongoing_requests": 2,
-    "upscale_delay_s": 3,
-    "downscale_delay_s": 30,
+    "upscale_delay_s": UPSCALE_DELAY_S,
+    "downscale_delay_s": DOWNSCALE_DELAY_S,
 }
-GENERATOR_MAX_ONGOING = 16  # >= max_batch_size * max_concurrent_batches (Serve warns otherwise)
-MAX_BATCH_SIZE = 8  # requests per @serve.batch call (images per sampler call: AppArgs.max_batch_images)
-BATCH_WAIT_S = 0.02  # how long the first request of a batch waits for company
+GENERATOR_MAX_ONGOING = 16  # requests queued per replica (GroupQueue groups them by batch key)
+BATCH_WAIT_S = 0.02  # how long the oldest request of a group waits for company
+# The ingress waits this much past a request's deadline for the replica's own 504 (which stops the group
+# between steps) before it cancels the call itself; either way the client gets a 504.
+DEADLINE_GRACE_S = 1.0
 # CPU share of a FluxGenerator replica. Set here, not in serve_config.yaml: a config's ray_actor_options
 # replaces the code's wholesale (Serve 2.60), which would drop the num_gpus that build_app adds.
 GENERATOR_ACTOR_OPTIONS = {"num_cpus": 0.5}
@@ -75,7 +104,11 @@ ENV_OVERRIDES = {
     "model": "SFO_SERVE_MODEL",
     "adapters": "SFO_SERVE_ADAPTERS",
     "gpus_per_replica": "SFO_SERVE_GPUS_PER_REPLICA",
+    "max_replicas": "SFO_SERVE_MAX_REPLICAS",
 }
+# When set (non-empty) where build_app runs, /v1/* need "Authorization: Bearer <token>" (401 otherwise);
+# /healthz, /docs and /openapi.json stay open. Only its sha256 travels in the application (not the token).
+TOKEN_ENV = "SFO_SERVE_TOKEN"
 
 
 class AppArgs(BaseModel):
@@ -84,15 +117,30 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("tiny", description='"tiny" or a local FLUX.1-dev folder (diffusers layout)')
-    adapters: str = Field(description="folder with ref/ and sfo/ (sfo.adapters.save_adapter's layout)")
+    adapters: str = Field(description="folder with ref/ and sfo/ (sfo.adapters.save_adapter's layout): "
+                                      f"the adapter set {DEFAULT_ADAPTER_SET!r}, loaded on every replica")
+    adapter_sets: dict[str, str] = Field(default_factory=dict, description="more adapter sets, name -> folder, "
+                                         "loaded on demand per replica with serve.multiplexed (LRU)")
+    max_adapter_sets_per_replica: int = Field(2, ge=1, description="adapter_sets a replica holds at once "
+                                              "(serve.multiplexed's max_num_models_per_replica)")
     device: str | None = Field(None, description="torch device; default CUDA when available")
     dtype: str | None = Field(None, description="bf16/fp32...; default bf16 on GPU, fp32 on CPU")
     gpus_per_replica: float = Field(0.0, ge=0, allow_inf_nan=False,
                                     description="num_gpus of each FluxGenerator replica; 0 = CPU only")
-    request_timeout_s: float = Field(60.0, gt=0, description="per request, in the ingress; 504 past it")
+    max_replicas: int = Field(2, ge=1, description="FluxGenerator autoscaling's max_replicas")
+    request_timeout_s: float = Field(REQUEST_TIMEOUT_S, gt=0, allow_inf_nan=False,
+                                     description="the longest deadline a request may have; requests whose work "
+                                     "needs more are refused (422 on 'work'); keep http_options.request_timeout_s "
+                                     "above it")
+    deadline_base_s: float = Field(DEADLINE_BASE_S, gt=0, allow_inf_nan=False,
+                                   description="deadline = base + safety x seconds_per_unit x work (serving.schema)")
+    seconds_per_unit: float = Field(SECONDS_PER_UNIT, gt=0, allow_inf_nan=False,
+                                    description="sampling seconds per step x pass x image x megapixel on this GPU")
+    deadline_safety: float = Field(DEADLINE_SAFETY, gt=0, allow_inf_nan=False)
     max_batch_images: int = Field(8, ge=1, description="most images in one sampler call")
-    fuse_adapters: bool = Field(True, description="fold the adapters into a copy of the weights per sampler call "
-                                "(faster; ~16 GB more on FLUX.1-dev in bf16); false = LoRA layers")
+    fuse_adapters: bool | None = Field(None, description="fold the adapters into a copy of the weights per sampler "
+                                       "call (faster; ~16 GB more on FLUX.1-dev in bf16); false = LoRA layers; "
+                                       "default: fold models up to 1B transformer parameters only")
     max_side: int = 1024
     max_steps: int = 50
     max_num_images: int = 4
@@ -102,11 +150,15 @@ class AppArgs(BaseModel):
     default_side: int = 512
     default_steps: int = 28
 
+    def deadlines(self) -> Deadlines:
+        return Deadlines(base_s=self.deadline_base_s, seconds_per_unit=self.seconds_per_unit,
+                         safety=self.deadline_safety, request_timeout_s=self.request_timeout_s)
+
     def limits(self) -> Limits:
         return Limits(max_side=self.max_side, max_steps=self.max_steps, max_num_images=self.max_num_images,
                       max_prompt_chars=self.max_prompt_chars, max_image_bytes=self.max_image_bytes,
                       max_image_pixels=self.max_image_pixels, default_side=self.default_side,
-                      default_steps=self.default_steps)
+                      default_steps=self.default_steps, deadlines=self.deadlines())
 
 
 @serve.deployment(
@@ -116,26 +168,81 @@ class AppArgs(BaseModel):
     health_check_period_s=10,
 )
 class FluxGenerator:
-    """One model + both adapters per replica, loaded once; requests are batched."""
+    """One model per replica with its default adapter set, loaded once; other adapter sets are multiplexed
+    (``serve.multiplexed``: an LRU of ``max_adapter_sets`` per replica, requests routed by the set's name
+    as the multiplexed model id). Requests are grouped by ``GroupQueue``; a group stops between sampling
+    steps once all its requests are cancelled or past their deadline."""
 
     def __init__(self, model: str, adapters: str, device: str | None, dtype: str | None, max_batch_images: int,
-                 fuse_adapters: bool = True):
+                 fuse_adapters: bool | None = None, adapter_sets: dict[str, str] | None = None,
+                 max_adapter_sets: int = 2, seconds_per_unit: float = SECONDS_PER_UNIT):
         from serving.generator import Generator  # torch/diffusers load in the replica, not the ingress
 
         self.generator = Generator(model, adapters, device=device, dtype=dtype, max_batch_images=max_batch_images,
                                    fuse_adapters=fuse_adapters)
-        self._lock = asyncio.Lock()  # one sampler call at a time: adapter switching is per-model state
+        self.adapter_sets = dict(adapter_sets or {})
+        self.loads: dict[str, int] = {}  # adapter set -> times loaded on this replica (tests count them)
+        self.evicted: set[str] = set()  # sets serve.multiplexed dropped, unloaded before the next group
+        # Sampler threads and adapter loads both change the transformer's LoRA layers (and fused_adapters swaps
+        # its weights): one at a time. Only worker threads take it, never the event loop (health checks).
+        self.lock = threading.Lock()
+        self.queue = GroupQueue(self._run, max_images=max_batch_images, wait_s=BATCH_WAIT_S,
+                                expected_s=lambda work: seconds_per_unit * work)
+
+        async def load_set(name: str) -> LoadedSet:  # a function, not a bound method: the wrapper sets
+            await asyncio.to_thread(self._load, name)  # its cache as an attribute of what it wraps
+            return LoadedSet(self, name)
+
+        # serve.multiplexed takes its LRU size when it decorates; wrapping here lets the config set it
+        # (an instance attribute is how Serve 2.60 detects multiplexing wired up at init).
+        self._adapter_set = serve.multiplexed(max_num_models_per_replica=max_adapter_sets)(load_set)
 
     def info(self) -> dict[str, Any]:
         return self.generator.info
 
-    async def generate(self, job: Job) -> list[bytes]:
-        return await self._generate_batch(job)
+    def stats(self) -> dict[str, Any]:
+        """This replica's adapter-set loads and groups run (for tests and debugging)."""
+        return {"loads": dict(self.loads), "loaded": sorted(self.generator.adapter_sets),
+                "groups_run": self.queue.groups_run}
 
-    @serve.batch(max_batch_size=MAX_BATCH_SIZE, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def _generate_batch(self, jobs: list[Job]) -> list[list[bytes]]:
-        async with self._lock:  # the sampler runs in a thread so the replica keeps answering health checks
-            return await asyncio.to_thread(self.generator.run, jobs)
+    def _load(self, name: str) -> None:
+        with self.lock:
+            self.evicted.discard(name)
+            if name not in self.generator.adapter_sets:
+                self.generator.load_set(name, self.adapter_sets[name])  # the ingress checked the name
+                self.loads[name] = self.loads.get(name, 0) + 1
+
+    def _run(self, jobs: list[Job], should_stop) -> list[list[bytes]]:
+        """``Generator.run`` under the lock, after unloading evicted sets this group does not use (and
+        reloading one a queued job still needs: evicted while it waited)."""
+        needed = {job.adapter_set for job in jobs} - {DEFAULT_ADAPTER_SET}
+        with self.lock:
+            for name in sorted(self.evicted - needed):
+                self.generator.unload_set(name)
+            self.evicted &= needed
+        for name in sorted(needed):
+            self._load(name)
+        with self.lock:
+            return self.generator.run(jobs, should_stop)
+
+    async def generate(self, job: Job, timeout_s: float) -> list[bytes]:
+        """The job's PNGs. ``timeout_s``: what is left of its deadline. Cancelled (client gone, ingress timed
+        out) -> the job leaves the queue or its group stops between steps."""
+        if job.adapter_set != DEFAULT_ADAPTER_SET:
+            await self._adapter_set(job.adapter_set)  # routed here by the multiplexed model id (the set's name)
+        return await self.queue.submit(job, timeout_s)
+
+
+class LoadedSet:
+    """What ``serve.multiplexed`` caches per adapter set; evicting it (LRU) unloads its LoRA layers."""
+
+    def __init__(self, owner: FluxGenerator, name: str):
+        self.owner, self.name = owner, name
+
+    def __del__(self) -> None:  # serve.multiplexed calls __del__ on the evicted set (in the event loop:
+        owner, self.owner = getattr(self, "owner", None), None  # no waiting for a running group here)
+        if owner is not None:
+            owner.evicted.add(self.name)
 
 
 app = FastAPI(
@@ -166,7 +273,8 @@ def _error(status: int, field: str, message: str) -> JSONResponse:
 
 @app.exception_handler(RequestError)
 async def _request_error(_: Request, exc: RequestError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -197,18 +305,38 @@ class ModelsInfo(BaseModel):
     device: str
     dtype: str
     default_adapter: str
-    adapters: dict[str, dict[str, Any]]
+    adapters: dict[str, dict[str, Any]]  # of the default adapter set
+    adapter_sets: list[str]  # "default" first; a request's adapter_set picks one
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
 @serve.ingress(app)
 class Ingress:
-    """Parses and validates requests, calls the generator, shapes the response; no model here."""
+    """Parses and validates requests, checks the bearer token, gives each request its deadline
+    (``Limits.deadlines``), calls the generator, shapes the response; no model here.
 
-    def __init__(self, generator: DeploymentHandle, limits: Limits, request_timeout_s: float):
+    Args:
+        generator: the FluxGenerator deployment.
+        limits: what a request may ask for, and its deadline rule.
+        adapter_sets: the names of the multiplexed adapter sets (besides ``DEFAULT_ADAPTER_SET``).
+        token_sha256: hex sha256 of the bearer token /v1/* require; None = open.
+    """
+
+    def __init__(self, generator: DeploymentHandle, limits: Limits, adapter_sets: tuple[str, ...] = (),
+                 token_sha256: str | None = None):
         self.generator = generator
         self.limits = limits
-        self.timeout_s = request_timeout_s
+        self.adapter_sets = (DEFAULT_ADAPTER_SET, *sorted(adapter_sets))
+        self.token_sha256 = token_sha256
+
+    def _authorize(self, request: Request) -> None:
+        """401 unless the request carries ``Authorization: Bearer <token>`` (when a token is configured)."""
+        if self.token_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.token_sha256):
+            raise RequestError("authorization", "missing or wrong bearer token (Authorization: Bearer <token>)", 401)
 
     @app.get("/healthz", responses={503: {"description": "the model deployment is not ready, or failed: "
                                                            "{status, reason}"}})
@@ -220,9 +348,11 @@ class Ingress:
             return JSONResponse({"status": state, "reason": reason}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/v1/models", response_model=ModelsInfo)
-    async def models(self) -> dict[str, Any]:
-        return await self._call(self.generator.info.remote())
+    @app.get("/v1/models", response_model=ModelsInfo, responses={401: {"description": "bearer token missing/wrong"}})
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        info = await self._call(self.generator.info.remote(), self.limits.deadlines.base_s)
+        return {**info, "adapter_sets": list(self.adapter_sets)}
 
     @app.post(
         "/v1/generate",
@@ -230,16 +360,27 @@ class Ingress:
         responses={200: {"content": {"image/png": {}, "application/json": {}},
                          "description": "one PNG, or {images: [base64 PNG], params} with Accept: application/json"},
                    406: {"description": "num_images > 1 without Accept: application/json"},
-                   413: {"description": "image or body too large"}, 422: {"description": "a field is invalid"},
-                   504: {"description": "request_timeout_s exceeded"}},
+                   401: {"description": "bearer token missing or wrong (when the server has one)"},
+                   413: {"description": "image or body too large"},
+                   422: {"description": "a field is invalid, or the request's work exceeds what the timeout holds"},
+                   504: {"description": "the request's deadline (from its work) passed; its sampling was stopped"}},
     )
     async def generate(self, request: Request) -> Response:
+        start = time.monotonic()
+        self._authorize(request)
         job = await self._parse(request)
         wants_json = "application/json" in request.headers.get("accept", "")
         if len(job.seeds) > 1 and not wants_json:
             raise RequestError("num_images", "more than one image needs 'Accept: application/json' "
                                              "(an image/png response holds one image)", 406)
-        images = await self._call(self.generator.generate.remote(job))
+        if job.adapter_set not in self.adapter_sets:
+            raise RequestError("adapter_set", f"unknown {job.adapter_set!r}; known: {', '.join(self.adapter_sets)}")
+        handle = self.generator
+        if job.adapter_set != DEFAULT_ADAPTER_SET:  # routed to a replica that already holds the set, if any
+            handle = handle.options(multiplexed_model_id=job.adapter_set)
+        deadline_s = self.limits.deadlines.deadline_s(job.work)
+        left = max(deadline_s - (time.monotonic() - start), 0.0)
+        images = await self._call(handle.generate.remote(job, left), left, deadline_s)
         if wants_json:
             return JSONResponse({"images": [base64.b64encode(png).decode() for png in images], "params": job.params()})
         headers = {"X-Seed": str(job.seeds[0]), "X-Adapter": job.adapter}
@@ -261,15 +402,22 @@ class Ingress:
                                                "or multipart/form-data", 415)
         return job_from_json(parse_json_body(body), self.limits)
 
-    async def _call(self, response) -> Any:
+    async def _call(self, response, timeout_s: float, deadline_s: float | None = None) -> Any:
+        """``response``'s result within ``timeout_s``; past it, or when this request is cancelled (the
+        HTTP client disconnected), the generator's call is cancelled too (its group stops between steps)."""
         async def awaited() -> Any:  # wait_for needs a coroutine; a DeploymentResponse is only awaitable
             return await response
 
+        deadline_s = timeout_s if deadline_s is None else deadline_s
         try:
-            return await asyncio.wait_for(awaited(), timeout=self.timeout_s)
-        except asyncio.TimeoutError:
+            return await asyncio.wait_for(awaited(), timeout=timeout_s + DEADLINE_GRACE_S)
+        except (asyncio.TimeoutError, DeadlineExceeded):
             response.cancel()
-            raise RequestError("request", f"timed out after {self.timeout_s} s", 504) from None
+            raise RequestError("request", f"deadline of {deadline_s:.1f} s passed (from the request's work: "
+                                          "steps x passes x images x megapixels); sampling was stopped", 504) from None
+        except asyncio.CancelledError:
+            response.cancel()  # the client is gone: free the replica
+            raise
 
 
 def resolve_args(args: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AppArgs:
@@ -297,18 +445,29 @@ def resolve_args(args: Mapping[str, Any], environ: Mapping[str, str] | None = No
 def build_app(args: dict) -> serve.Application:
     """Typed builder (STYLE §9): ``args`` (+ ``SFO_SERVE_*`` env) -> ``AppArgs`` -> Ingress bound to FluxGenerator.
 
-    A relative ``adapters`` path that exists here is made absolute, so replicas (whose working
-    directory may differ) find it. ``gpus_per_replica`` > 0 gives each FluxGenerator replica that many GPUs.
+    Relative adapter folders that exist here are made absolute, so replicas (whose working directory may
+    differ) find them. ``gpus_per_replica`` > 0 gives each FluxGenerator replica that many GPUs;
+    ``max_replicas`` caps its autoscaling. ``SFO_SERVE_TOKEN`` (read here) turns the bearer check on.
     """
     parsed = resolve_args(args)
-    limits = parsed.limits()  # validates the limits here, before any replica starts
-    adapters = Path(parsed.adapters)
-    if not adapters.is_absolute() and adapters.exists():
-        adapters = adapters.resolve()
-    deployment = FluxGenerator
+    limits = parsed.limits()  # validates the limits and the deadline rule here, before any replica starts
+    for name, folder in parsed.adapter_sets.items():
+        if name == DEFAULT_ADAPTER_SET or not ADAPTER_SET_NAME.match(name):
+            raise ValueError(f"serving args: adapter_sets: {name!r} is not a usable name (letters, digits, '_.-'; "
+                             f"not {DEFAULT_ADAPTER_SET!r})")
+    adapter_sets = {name: _absolute(folder) for name, folder in parsed.adapter_sets.items()}
+    options: dict[str, Any] = {"autoscaling_config": {**GENERATOR_AUTOSCALING, "max_replicas": parsed.max_replicas}}
     if parsed.gpus_per_replica > 0:
-        deployment = FluxGenerator.options(
-            ray_actor_options={**GENERATOR_ACTOR_OPTIONS, "num_gpus": parsed.gpus_per_replica})
-    generator = deployment.bind(parsed.model, str(adapters), parsed.device, parsed.dtype, parsed.max_batch_images,
-                                parsed.fuse_adapters)
-    return Ingress.bind(generator, limits, parsed.request_timeout_s)
+        options["ray_actor_options"] = {**GENERATOR_ACTOR_OPTIONS, "num_gpus": parsed.gpus_per_replica}
+    generator = FluxGenerator.options(**options).bind(
+        parsed.model, _absolute(parsed.adapters), parsed.device, parsed.dtype, parsed.max_batch_images,
+        parsed.fuse_adapters, adapter_sets, parsed.max_adapter_sets_per_replica, parsed.seconds_per_unit)
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
+    return Ingress.bind(generator, limits, tuple(adapter_sets), token_sha256)
+
+
+def _absolute(folder: str) -> str:
+    """A relative path that exists here made absolute (replicas' working directories may differ)."""
+    path = Path(folder)
+    return str(path.resolve()) if not path.is_absolute() and path.exists() else str(path)

@@ -1,27 +1,53 @@
-"""The model side of serving, without Ray: one FLUX + "ref" + "sfo" adapters, jobs in, PNG bytes out.
+"""The model side of serving, without Ray: one FLUX + adapter sets ("ref" + "sfo"), jobs in, PNG bytes out.
 
-The Ray Serve deployment (``serving.app.FluxGenerator``) holds one ``Generator`` per replica and
-feeds it batches from ``@serve.batch``; tests drive it directly too. Jobs that share a batch key
-(size, steps, guidance, adapter) run as one ``sfo.sampler.generate`` call; each image has its own
-seed, so an image is the same whether its request was batched or not.
+The Ray Serve deployment (``serving.app.FluxGenerator``) holds one ``Generator`` per replica and feeds it
+groups from ``serving.scheduler.GroupQueue``; tests drive it directly too. Jobs that share a batch key
+(size, steps, guidance, adapter set, adapter) run as one ``sfo.sampler.sample_latents`` call; each image
+has its own seed, so an image is the same whether its request was batched or not. ``should_stop`` is
+asked after every sampling step (through the sampler's ``progress`` callback, so ``sfo`` knows nothing
+of it) and between images: a cancelled or expired group stops within one step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from sfo.adapters import REF, SFO, adapter_fingerprint, fused_adapters, load_adapter, use_adapters
+from sfo.latents import decode_tokens
 from sfo.models import load_flux
 from sfo.records import decode_png, encode_png
-from sfo.sampler import SamplerConfig, SamplingMode, generate
-from serving.schema import Job
+from sfo.sampler import SamplerConfig, SamplingMode, sample_latents
+from serving.schema import DEFAULT_ADAPTER_SET, Job
 
 ADAPTER_SETS = {"sfo": [REF, SFO], "ref": [REF]}  # request's adapter -> LoRAs applied
 REFERENCE_RESAMPLE = Image.Resampling.BICUBIC  # reference resized to the target size (OminiControl subject setting)
+# fuse_adapters=None folds only up to this many transformer parameters: folding copies every adapted weight per
+# sampler call (~16 GB for FLUX.1-dev's 12B in bf16), which a 1B-and-up model pays in memory and copy time.
+FOLD_MAX_PARAMS = 1_000_000_000
+
+
+class Stopped(Exception):
+    """Sampling stopped between steps because ``should_stop()`` said so (client gone or deadline passed)."""
+
+
+def lora_names(adapter_set: str, adapter: str) -> list[str]:
+    """The LoRA adapter names a request's (adapter set, adapter) applies: the default set keeps the plain
+    names ("ref", "sfo"), set ``s`` loads as "s--ref", "s--sfo" (peft names are module keys: no dots)."""
+    names = ADAPTER_SETS[adapter]
+    if adapter_set == DEFAULT_ADAPTER_SET:
+        return list(names)
+    return [f"{adapter_set.replace('.', '_')}--{name}" for name in names]
+
+
+def _check_folder(folder: Path) -> None:
+    for name in (REF, SFO):
+        if not (folder / name).is_dir():
+            raise FileNotFoundError(f"adapters: no {name}/ folder in {str(folder)!r}; pass the folder the "
+                                    "training export writes (runs/train/sfo/adapters)")
 
 
 def group_jobs(jobs: list[Job], max_samples: int) -> Iterator[list[int]]:
@@ -58,21 +84,23 @@ class Generator:
         max_batch_images: most images in one sampler call.
         fuse_adapters: fold the all-scoped adapters into a copy of the base weights for each sampler call
             (``sfo.adapters.fused_adapters``: 1.2x faster on the world model); the copy is the adapted
-            layers' size (~16 GB for FLUX.1-dev in bf16). False applies them as LoRA layers.
+            layers' size (~16 GB for FLUX.1-dev in bf16). False applies them as LoRA layers; None (default)
+            folds only models of at most ``FOLD_MAX_PARAMS`` transformer parameters.
     """
 
     def __init__(self, model: str, adapters: str, *, device: str | None = None, dtype: str | None = None,
-                 max_batch_images: int = 8, fuse_adapters: bool = True):
+                 max_batch_images: int = 8, fuse_adapters: bool | None = None):
         folder = Path(adapters)
-        for name in (REF, SFO):
-            if not (folder / name).is_dir():
-                raise FileNotFoundError(f"adapters: no {name}/ folder in {str(folder)!r}; pass the folder the "
-                                        "training export writes (runs/train/sfo/adapters)")
+        _check_folder(folder)
         self.model = load_flux(model, device=device, dtype=dtype)
         load_adapter(self.model.transformer, folder / REF, REF)
         load_adapter(self.model.transformer, folder / SFO, SFO)
         self.max_batch_images = max_batch_images
+        if fuse_adapters is None:
+            fuse_adapters = sum(p.numel() for p in self.model.transformer.parameters()) <= FOLD_MAX_PARAMS
+        self.fuse_adapters = fuse_adapters
         self._applied = fused_adapters if fuse_adapters else use_adapters
+        self.adapter_sets = {DEFAULT_ADAPTER_SET: str(folder)}  # loaded sets -> their folders
         self.info = {
             "base_model": str(model),
             "device": str(self.model.device),
@@ -84,10 +112,47 @@ class Generator:
             },
         }
 
-    def run(self, jobs: list[Job]) -> list[list[bytes]]:
-        """One list of PNG bytes per job (one PNG per seed), in the jobs' order."""
+    def load_set(self, name: str, folder: str) -> None:
+        """Loads adapter set ``name`` (``folder`` with ref/ and sfo/, safetensors only) beside the others."""
+        if name in self.adapter_sets:
+            return
+        path = Path(folder)
+        _check_folder(path)
+        ref, sfo = lora_names(name, "sfo")
+        try:
+            load_adapter(self.model.transformer, path / REF, ref)
+            load_adapter(self.model.transformer, path / SFO, sfo)
+        except Exception:
+            self._delete([ref, sfo])
+            raise
+        self.adapter_sets[name] = str(path)
+
+    def unload_set(self, name: str) -> None:
+        """Removes adapter set ``name``'s LoRA layers (the default set stays)."""
+        if name == DEFAULT_ADAPTER_SET or self.adapter_sets.pop(name, None) is None:
+            return
+        self._delete(lora_names(name, "sfo"))
+
+    def _delete(self, names: list[str]) -> None:
+        from sfo.adapters import adapter_names
+
+        present = [n for n in names if n in adapter_names(self.model.transformer)]
+        if present:
+            self.model.transformer.delete_adapters(present)
+
+    def run(self, jobs: list[Job], should_stop: Callable[[], bool] | None = None) -> list[list[bytes]]:
+        """One list of PNG bytes per job (one PNG per seed), in the jobs' order.
+
+        Raises:
+            Stopped: ``should_stop()`` returned true (asked after each sampling step and each decoded image).
+        """
+        def check(*_) -> None:
+            if should_stop is not None and should_stop():
+                raise Stopped("sampling stopped between steps")
+
         results: list[list[bytes]] = [[] for _ in jobs]
         for group in group_jobs(jobs, self.max_batch_images):
+            check()
             first = jobs[group[0]]
             size = (first.width, first.height)
             prompts, seeds, references, owners, auxiliary = [], [], [], [], []
@@ -104,8 +169,14 @@ class Generator:
             config = SamplerConfig(steps=first.steps, guidance=first.guidance, height=first.height, width=first.width,
                                    image_guidance=first.image_guidance,
                                    sampling=SamplingMode(mode=first.mode, switch=first.switch))
-            with torch.inference_mode(), self._applied(self.model.transformer, ADAPTER_SETS[first.adapter]):
-                images = generate(self.model, prompts, seeds, config, references, auxiliary_prompts=auxiliary)
-            for owner, image in zip(owners, images):
-                results[owner].append(encode_png(image))
+            names = lora_names(first.adapter_set, first.adapter)
+            with torch.inference_mode():
+                with self._applied(self.model.transformer, names):
+                    latents = sample_latents(self.model, prompts, seeds, config, references, progress=check,
+                                             auxiliary_prompts=auxiliary)  # (B, L, 64)
+                for row, owner in enumerate(owners):  # one image at a time: the VAE's activations (FLUX at
+                    # 1024 px: GBs per image) for one, not the whole group
+                    check()
+                    (image,) = decode_tokens(self.model, latents[row:row + 1], first.height, first.width)
+                    results[owner].append(encode_png(image))
         return results

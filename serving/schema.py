@@ -18,7 +18,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +35,8 @@ MAX_SEED = 2**32 - 1  # JSON-safe in every client; torch.Generator takes any of 
 MAX_JSON_DEPTH = 32
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a complete JSON string literal (unrolled loop)
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+ADAPTER_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # a name, never a path: no "/" and no leading "."
+DEFAULT_ADAPTER_SET = "default"  # args.adapters; the others are args.adapter_sets, multiplexed per replica
 Adapter = Literal["sfo", "ref"]  # "sfo" = base + ref + sfo (the SFO policy), "ref" = base + ref (the SFT base)
 Mode = Literal[MODES]  # sfo.modes.MODES: a tuple subscript is the same as listing them
 
@@ -50,6 +52,66 @@ class RequestError(ValueError):
 
     def body(self) -> dict[str, Any]:
         return {"error": str(self), "field": self.field}
+
+# Per-request deadline (issue 27). One rule: a request's deadline is
+#     deadline_s = base_s + safety * seconds_per_unit * work(job),
+# work(job) = steps x forward passes per step x images x megapixels (``job_work``), and a request whose
+# deadline would exceed ``request_timeout_s`` is refused up front (422 on "work": the limits are lowered to
+# what the timeout holds). serve_config.yaml's http_options.request_timeout_s (Serve's own end-to-end limit)
+# sits above request_timeout_s, so every accepted request ends by its own deadline (504 past it), never Serve's.
+SECONDS_PER_UNIT = 0.25  # s per (step x pass x image x megapixel): FLUX.1-dev bf16 eager on one H100, 1024^2 x 28
+#                          steps in ~7.1 s (ENVIRONMENT.md anchor) -> 7.1 / 28 = 0.254; set args.seconds_per_unit
+#                          from benchmarks.gpu's serving row on another GPU (an L40 is ~2.5x slower)
+DEADLINE_SAFETY = 3.0  # a group of other requests' images, a slower GPU, first-call warm-up
+DEADLINE_BASE_S = 30.0  # queueing, text encoding, VAE decode, PNG, loading a multiplexed adapter set
+REQUEST_TIMEOUT_S = 600.0  # the longest deadline accepted (the work budget follows from it)
+MEGAPIXEL = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long a request may take, from its work (the rule above)."""
+
+    base_s: float = DEADLINE_BASE_S
+    seconds_per_unit: float = SECONDS_PER_UNIT
+    safety: float = DEADLINE_SAFETY
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        for name in ("base_s", "seconds_per_unit", "safety", "request_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"deadlines.{name}: must be a finite number > 0, got {value!r}")
+        if self.base_s >= self.request_timeout_s:
+            raise ValueError(f"deadlines: base_s {self.base_s} leaves no time within request_timeout_s "
+                             f"{self.request_timeout_s}")
+
+    def expected_s(self, work: float) -> float:
+        """Sampling time of ``work`` units on the calibrated device (no base, no safety)."""
+        return self.seconds_per_unit * work
+
+    def deadline_s(self, work: float) -> float:
+        return self.base_s + self.safety * self.expected_s(work)
+
+    @property
+    def max_work(self) -> float:
+        """The most work whose deadline fits within ``request_timeout_s``."""
+        return (self.request_timeout_s - self.base_s) / (self.safety * self.seconds_per_unit)
+
+
+def job_work(steps: int, images: int, width: int, height: int, image_guidance: float = 1.0,
+             mode: str = "standard", switch: float = DEFAULT_SWITCH, max_rounds: int = SamplingMode.max_rounds) -> float:
+    """A request's sampling work in units of one transformer pass over one megapixel image.
+
+    Passes per step (``sfo.sampler.Sampler``): ``g`` = 2 with image guidance (a second pass without the
+    reference), else 1; standard ``g``; dual-branch ``g + 1`` (the auxiliary branch, counted at every step);
+    decoupled ``1 + max_rounds * switch * g`` (the layout pass, counted at every step, and up to ``max_rounds``
+    appearance passes over the steps below the switch, ~``switch * steps``; FLUX's shifted schedule puts fewer
+    there, so this errs long).  1024 x 1024, 28 steps, 1 image, standard -> 28.0.
+    """
+    g = 2.0 if image_guidance != 1.0 else 1.0
+    per_step = {"standard": g, "dual-branch": g + 1.0, "decoupled": 1.0 + max_rounds * switch * g}[mode]
+    return steps * per_step * images * width * height / MEGAPIXEL
 
 
 @dataclass(frozen=True)
@@ -67,6 +129,7 @@ class Limits:
     default_side: int = 512
     default_steps: int = 28  # paper Sec. 4.1
     default_guidance: float = 3.5  # paper Sec. 4.1
+    deadlines: Deadlines = field(default_factory=Deadlines)
 
     def __post_init__(self) -> None:
         for name in ("max_side", "min_side", "default_side"):
@@ -104,6 +167,9 @@ class GenerateParams(BaseModel):
     height: int | None = Field(None, description=f"pixels, a multiple of {PIXEL_MULTIPLE}")
     num_images: int = Field(1, description="images to return; more than one needs Accept: application/json")
     adapter: Adapter = Field("sfo", description='"sfo": base + ref + sfo LoRA; "ref": base + ref (SFT base)')
+    adapter_set: str | None = Field(None, description="which trained adapter set (GET /v1/models lists them; default "
+                                                      f"{DEFAULT_ADAPTER_SET!r}); requests are routed to replicas "
+                                                      "that hold theirs")
     mode: Mode = Field("standard", description='how the reference enters sampling (sfo.modes): "standard" (every step), '
                                                '"decoupled" (EZIGen: layout without it, then appearance rounds) or '
                                                '"dual-branch" (DCI: reference branch on the subject\'s tokens early on)')
@@ -135,18 +201,26 @@ class Job:
     mode: str = "standard"
     switch: float = DEFAULT_SWITCH
     auxiliary_prompt: str | None = None  # dual-branch: the prompt with the subject's words replaced
+    adapter_set: str = DEFAULT_ADAPTER_SET
 
     @property
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one sampler call (same schedule, size and adapters)."""
-        return (self.width, self.height, self.steps, self.guidance, self.image_guidance, self.adapter, self.mode,
-                self.switch)
+        return (self.width, self.height, self.steps, self.guidance, self.image_guidance, self.adapter_set,
+                self.adapter, self.mode, self.switch)
+
+    @property
+    def work(self) -> float:
+        """``job_work`` of this request (transformer passes x images x megapixels)."""
+        return job_work(self.steps, len(self.seeds), self.width, self.height, self.image_guidance, self.mode,
+                        self.switch)
 
     def params(self) -> dict[str, Any]:
         """The resolved parameters, echoed back to the client."""
         return {"prompt": self.prompt, "steps": self.steps, "guidance": self.guidance,
                 "image_guidance": self.image_guidance, "mode": self.mode, "switch": self.switch, "seeds": list(self.seeds),
-                "width": self.width, "height": self.height, "num_images": len(self.seeds), "adapter": self.adapter}
+                "width": self.width, "height": self.height, "num_images": len(self.seeds), "adapter": self.adapter,
+                "adapter_set": self.adapter_set}
 
 
 class _NonFinite:
@@ -321,11 +395,19 @@ def _resolve(params: GenerateParams, image: bytes, limits: Limits) -> Job:
         if not params.subject.strip() or params.subject not in params.prompt:
             raise RequestError("subject", "must be words of the prompt (those naming the subject)")
         auxiliary = generic_subject_text(params.prompt, params.subject)
+    adapter_set = DEFAULT_ADAPTER_SET if params.adapter_set is None else params.adapter_set
+    if not ADAPTER_SET_NAME.match(adapter_set):
+        raise RequestError("adapter_set", "must be a name of letters, digits, '_', '.', '-' (GET /v1/models lists them)")
+    work = job_work(steps, params.num_images, sides["width"], sides["height"], image_guidance, params.mode, switch)
+    if work > limits.deadlines.max_work:
+        raise RequestError("work", f"{work:.0f} units (steps x passes x images x megapixels) is more than the "
+                                   f"{limits.deadlines.max_work:.0f} the {limits.deadlines.request_timeout_s:g} s "
+                                   "request timeout holds; lower steps, num_images, width/height or image_guidance")
     check_image(image, limits)
     return Job(prompt=params.prompt, image=image, steps=steps, guidance=float(guidance),
                seeds=tuple(seed + i for i in range(params.num_images)), adapter=params.adapter,
                image_guidance=float(image_guidance), mode=params.mode, switch=float(switch),
-               auxiliary_prompt=auxiliary, **sides)
+               auxiliary_prompt=auxiliary, adapter_set=adapter_set, **sides)
 
 
 def job_from_json(data: dict[str, Any], limits: Limits) -> Job:

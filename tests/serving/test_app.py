@@ -138,6 +138,7 @@ def test_health_models_openapi(client):
     models = client.get("/v1/models").json()
     assert models["base_model"] == "tiny"
     assert set(models["adapters"]) == {"sfo", "ref"}
+    assert models["adapter_sets"] == ["default"]
     assert len(models["adapters"]["sfo"]["sha256"]) == 64
     spec = client.get("/openapi.json").json()
     assert {"/v1/generate", "/v1/models", "/healthz"} <= set(spec["paths"])
@@ -153,7 +154,7 @@ def test_serve_config_file_is_valid():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import FluxGenerator, Ingress, build_app
+    from serving.app import DEADLINE_GRACE_S, FluxGenerator, Ingress, build_app, resolve_args
 
     path = Path(__file__).resolve().parents[2] / "serving" / "serve_config.yaml"
     assert path.read_text().startswith("# serve run serving/serve_config.yaml")
@@ -164,6 +165,13 @@ def test_serve_config_file_is_valid():
     build_app(application.args)  # binds only; no Ray needed
     with pytest.raises(ValueError, match="stepz"):
         build_app({**application.args, "stepz": 3})
+    # The deadline rule's order: every accepted request's deadline <= args.request_timeout_s, whose 504 (plus the
+    # ingress's grace) comes before Serve's own end-to-end limit; and no autoscaling_config here (it would replace
+    # the code's, max_replicas from the environment included).
+    args = resolve_args(application.args)
+    assert config.http_options.request_timeout_s > args.request_timeout_s + DEADLINE_GRACE_S
+    assert all("autoscaling_config" not in d.model_dump(exclude_unset=True)
+               for d in application.deployments if d.name == FluxGenerator.name)
 
 
 def test_healthz_is_503_with_the_reason_while_the_model_deployment_fails(server, tmp_path):
@@ -175,7 +183,7 @@ def test_healthz_is_503_with_the_reason_while_the_model_deployment_fails(server,
     from serving.schema import Limits
 
     broken = Ingress.bind(FluxGenerator.options(max_constructor_retry_count=1).bind(
-        "tiny", str(tmp_path / "no-adapters"), "cpu", None, 4), Limits(), 60.0)
+        "tiny", str(tmp_path / "no-adapters"), "cpu", None, 4), Limits())
     try:
         try:
             serve.run(broken, name="broken", route_prefix="/broken", blocking=False)

@@ -2,14 +2,15 @@
 
 ``build_app`` only binds deployments, so the bound Application is inspected directly: the Ingress's
 first init arg is the FluxGenerator Application, whose init args are (model, adapters, device, dtype,
-max_batch_images, fuse_adapters) and whose ``ray_actor_options`` carry the GPUs.
+max_batch_images, fuse_adapters, adapter_sets, max_adapter_sets, seconds_per_unit), whose
+``ray_actor_options`` carry the GPUs and whose ``autoscaling_config`` the max_replicas.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from serving.app import ENV_OVERRIDES, GENERATOR_ACTOR_OPTIONS, build_app
+from serving.app import DOWNSCALE_DELAY_S, ENV_OVERRIDES, GENERATOR_ACTOR_OPTIONS, TOKEN_ENV, UPSCALE_DELAY_S, build_app
 
 ARGS = {"model": "tiny", "adapters": "/nowhere/adapters"}
 
@@ -17,24 +18,64 @@ ARGS = {"model": "tiny", "adapters": "/nowhere/adapters"}
 @pytest.fixture(autouse=True)
 def _no_serve_env(monkeypatch):
     """Whatever the shell running the tests exports, each test starts without the SFO_SERVE_* variables."""
-    for var in ENV_OVERRIDES.values():
+    for var in (*ENV_OVERRIDES.values(), TOKEN_ENV):
         monkeypatch.delenv(var, raising=False)
 
 
 def _generator(args: dict):
     """(FluxGenerator's bind args, its ray_actor_options) of the app ``build_app(args)`` returns."""
-    ingress = build_app(args)._bound_deployment
-    generator = ingress.init_args[0]._bound_deployment
+    generator = _bound(args)[0]
     assert generator.name == "FluxGenerator"
     return generator.init_args, generator.ray_actor_options
+
+
+def _bound(args: dict):
+    """(the bound FluxGenerator deployment, the Ingress's init args)."""
+    ingress = build_app(args)._bound_deployment
+    return ingress.init_args[0]._bound_deployment, ingress.init_args
 
 
 def test_args_alone_give_the_laptop_defaults():
     init_args, actor = _generator(ARGS)
     assert init_args[:2] == ("tiny", "/nowhere/adapters")
-    assert init_args[4:] == (8, True)  # max_batch_images, fuse_adapters
+    assert init_args[4:] == (8, None, {}, 2, 0.25)  # max_batch_images, fuse_adapters (None: by size), adapter sets
     assert _generator({**ARGS, "fuse_adapters": False})[0][5] is False
     assert actor == GENERATOR_ACTOR_OPTIONS == {"num_cpus": 0.5}  # CPU only: no num_gpus key at all
+    generator, (_, limits, adapter_sets, token) = _bound(ARGS)
+    assert generator._deployment_config.autoscaling_config.max_replicas == 2
+    assert generator._deployment_config.autoscaling_config.upscale_delay_s == UPSCALE_DELAY_S
+    assert generator._deployment_config.autoscaling_config.downscale_delay_s == DOWNSCALE_DELAY_S
+    assert limits.deadlines.request_timeout_s == 600 and adapter_sets == () and token is None
+
+
+def test_max_replicas_from_the_environment_and_adapter_sets(monkeypatch):
+    monkeypatch.setenv("SFO_SERVE_MAX_REPLICAS", "8")
+    generator, (_, _, adapter_sets, _) = _bound({**ARGS, "adapter_sets": {"v2": "/runs/v2/adapters"},
+                                                 "max_adapter_sets_per_replica": 3})
+    assert generator._deployment_config.autoscaling_config.max_replicas == 8
+    assert generator.init_args[6:8] == ({"v2": "/runs/v2/adapters"}, 3)
+    assert adapter_sets == ("v2",)
+    for bad in ("default", "../x", ".hidden", "a/b"):
+        with pytest.raises(ValueError, match="adapter_sets"):
+            build_app({**ARGS, "adapter_sets": {bad: "/x"}})
+    monkeypatch.setenv("SFO_SERVE_MAX_REPLICAS", "0")
+    with pytest.raises(ValueError, match="SFO_SERVE_MAX_REPLICAS"):
+        build_app(ARGS)
+
+
+def test_token_travels_as_its_sha256_only(monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv(TOKEN_ENV, "s3cret")
+    _, (_, _, _, token) = _bound(ARGS)
+    assert token == hashlib.sha256(b"s3cret").hexdigest()
+
+
+def test_deadline_rule_is_validated_with_the_args():
+    with pytest.raises(ValueError, match="base_s"):
+        build_app({**ARGS, "deadline_base_s": 700, "request_timeout_s": 600})
+    with pytest.raises(ValueError, match="seconds_per_unit"):
+        build_app({**ARGS, "seconds_per_unit": 0})
 
 
 def test_gpus_per_replica_arg_adds_num_gpus():

@@ -80,3 +80,48 @@ def test_image_guidance_is_served_and_keeps_its_own_batch(generator):
     out = generator.run([plain, guided])
     assert out[0] != out[1]
     assert np.abs(_pixels(out[1]) - _pixels(generator.run([guided])[0])).max() <= 2
+
+
+def test_should_stop_ends_sampling_between_steps(generator):
+    """``should_stop`` is asked after every step (the sampler's progress callback): true at the 3rd question
+    of a 1000-step job raises ``Stopped`` after 3 steps, not 1000."""
+    from serving.generator import Stopped
+
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 3
+
+    with pytest.raises(Stopped):
+        generator.run([job((1,), steps=1000)], stop)
+    assert len(asked) == 3  # the group check, then steps 1 and 2: sampling stopped after step 2 of 1000
+    assert generator.run([job((1,))], lambda: False) == generator.run([job((1,))])  # never true: unchanged
+
+
+def test_folding_is_off_by_default_above_the_size_threshold(adapters_dir, monkeypatch):
+    """fuse_adapters=None folds the tiny model (well under 1B parameters) and not a model over the threshold."""
+    import serving.generator as module
+
+    assert Generator("tiny", str(adapters_dir), device="cpu").fuse_adapters is True
+    monkeypatch.setattr(module, "FOLD_MAX_PARAMS", 1000)
+    assert Generator("tiny", str(adapters_dir), device="cpu").fuse_adapters is False
+    assert Generator("tiny", str(adapters_dir), device="cpu", fuse_adapters=True).fuse_adapters is True
+
+
+def test_adapter_sets_load_beside_the_default_and_unload(generator, adapters_dir):
+    """Set "alt" (the same files) loads under its own names, serves the default set's images, and unloads."""
+    from dataclasses import replace
+
+    from sfo.adapters import adapter_names
+
+    generator.load_set("alt", str(adapters_dir))
+    try:
+        assert {"alt--ref", "alt--sfo"} <= set(adapter_names(generator.model.transformer))
+        plain = job((31,))
+        out = generator.run([plain, replace(plain, adapter_set="alt")])
+        assert np.abs(_pixels(out[0]) - _pixels(out[1])).max() <= 1
+    finally:
+        generator.unload_set("alt")
+    assert not {"alt--ref", "alt--sfo"} & set(adapter_names(generator.model.transformer))
+    assert set(generator.adapter_sets) == {"default"}

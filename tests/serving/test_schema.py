@@ -10,12 +10,15 @@ import pytest
 from PIL import Image
 
 from serving.schema import (
+    DEFAULT_ADAPTER_SET,
     MAX_JSON_DEPTH,
+    Deadlines,
     Job,
     Limits,
     RequestError,
     job_from_form,
     job_from_json,
+    job_work,
     json_depth,
     parse_json_body,
     parse_multipart,
@@ -255,3 +258,54 @@ def test_mode_fields_arrive_as_form_fields_too():
     with pytest.raises(RequestError) as info:
         job_from_form({"prompt": "a photo", "mode": "fancy"}, {"image": png()}, LIMITS)
     assert info.value.field == "mode"
+
+
+def test_job_work_counts_passes_images_and_megapixels():
+    """1024 x 1024 = 1 megapixel. standard 28 steps x 1 pass x 1 image = 28; image guidance doubles the passes
+    (2 x 28 x 4 images = 224); dual-branch adds the auxiliary branch (28 x 2); decoupled at switch 0.5 with at
+    most 10 rounds: 28 x (1 + 10 x 0.5) = 168; 512 x 512 is a quarter megapixel (28 / 4 = 7)."""
+    assert job_work(28, 1, 1024, 1024) == 28.0
+    assert job_work(28, 4, 1024, 1024, image_guidance=2.0) == 224.0
+    assert job_work(28, 1, 1024, 1024, mode="dual-branch") == 56.0
+    assert job_work(28, 1, 1024, 1024, mode="decoupled", switch=0.5) == 168.0
+    assert job_work(28, 1, 512, 512) == 7.0
+
+
+def test_deadline_rule_and_the_work_budget():
+    """deadline = base + safety x seconds_per_unit x work: 30 + 3 x 0.25 x 28 = 51 s (FLUX 1024 px, 28 steps);
+    the budget is the work whose deadline is request_timeout_s: (600 - 30) / 0.75 = 760 units."""
+    d = Deadlines()
+    assert (d.base_s, d.seconds_per_unit, d.safety, d.request_timeout_s) == (30.0, 0.25, 3.0, 600.0)
+    assert d.deadline_s(28.0) == pytest.approx(51.0)
+    assert d.max_work == pytest.approx(760.0)
+    assert d.deadline_s(d.max_work) == pytest.approx(d.request_timeout_s)
+    with pytest.raises(ValueError, match="base_s"):
+        Deadlines(base_s=600.0, request_timeout_s=600.0)
+    with pytest.raises(ValueError, match="safety"):
+        Deadlines(safety=float("nan"))
+
+
+def test_request_over_the_work_budget_is_refused_naming_work():
+    """One rule: every accepted request's deadline fits the timeout. At the limits (1024 px, 50 steps, 4 images)
+    a standard request (200 units) passes and one with image guidance (400) too; decoupled at the default switch
+    0.7 with 10 rounds (50 x 15 x 4 = 3000 units) is refused before any work starts."""
+    limits = Limits(max_side=1024, max_steps=50, max_num_images=4, max_image_pixels=2048 * 2048)
+    big = {"width": 1024, "height": 1024, "steps": 50, "num_images": 4}
+    assert job_from_json(valid(**big), limits).work == 200.0
+    assert job_from_json(valid(**big, image_guidance=2.0), limits).work == 400.0
+    with pytest.raises(RequestError) as caught:
+        job_from_json(valid(**big, mode="decoupled"), limits)
+    assert caught.value.field == "work" and "760" in caught.value.message
+    for job in (job_from_json(valid(**big), limits), job_from_json(valid(**big, image_guidance=2.0), limits)):
+        assert limits.deadlines.deadline_s(job.work) <= limits.deadlines.request_timeout_s
+
+
+@pytest.mark.parametrize("name,ok", [("v2", True), ("run-3.final_a", True), ("../x", False), ("a/b", False),
+                                     (".hidden", False), ("", False), ("x" * 65, False)])
+def test_adapter_set_is_a_name_never_a_path(name, ok):
+    if ok:
+        assert job_from_json(valid(adapter_set=name), Limits()).adapter_set == name
+    else:
+        with pytest.raises(RequestError, match="adapter_set"):
+            job_from_json(valid(adapter_set=name), Limits())
+    assert job_from_json(valid(), Limits()).adapter_set == DEFAULT_ADAPTER_SET
