@@ -205,23 +205,26 @@ class FluxGenerator:
         return {"loads": dict(self.loads), "loaded": sorted(self.generator.adapter_sets),
                 "groups_run": self.queue.groups_run}
 
-    def _load(self, name: str) -> None:
+    def _load(self, name: str, tracked: bool = True) -> None:
+        """Loads set ``name`` if it is not loaded. ``tracked``: serve.multiplexed holds it (no longer evicted)."""
         with self.lock:
-            self.evicted.discard(name)
+            if tracked:
+                self.evicted.discard(name)
             if name not in self.generator.adapter_sets:
                 self.generator.load_set(name, self.adapter_sets[name])  # the ingress checked the name
                 self.loads[name] = self.loads.get(name, 0) + 1
 
     def _run(self, jobs: list[Job], should_stop) -> list[list[bytes]]:
-        """``Generator.run`` under the lock, after unloading evicted sets this group does not use (and
-        reloading one a queued job still needs: evicted while it waited)."""
+        """``Generator.run`` under the lock, after unloading the evicted sets this group does not use. A set
+        evicted while a job of it waited is loaded back for that job and stays marked evicted (unloaded before
+        a later group that does not use it), so the LRU's bound holds once its last queued job is done."""
         needed = {job.adapter_set for job in jobs} - {DEFAULT_ADAPTER_SET}
         with self.lock:
             for name in sorted(self.evicted - needed):
                 self.generator.unload_set(name)
             self.evicted &= needed
         for name in sorted(needed):
-            self._load(name)
+            self._load(name, tracked=False)
         with self.lock:
             return self.generator.run(jobs, should_stop)
 
@@ -239,8 +242,10 @@ class LoadedSet:
     def __init__(self, owner: FluxGenerator, name: str):
         self.owner, self.name = owner, name
 
-    def __del__(self) -> None:  # serve.multiplexed calls __del__ on the evicted set (in the event loop:
-        owner, self.owner = getattr(self, "owner", None), None  # no waiting for a running group here)
+    def __del__(self) -> None:
+        """serve.multiplexed calls this on the evicted set, in an executor thread while its LRU lock is held:
+        no waiting here for a running group (minutes on FLUX); the next group unloads it (``FluxGenerator._run``)."""
+        owner, self.owner = getattr(self, "owner", None), None  # once: Python calls __del__ again at collection
         if owner is not None:
             owner.evicted.add(self.name)
 
