@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from sfo.memory import FLUX1_DEV_CONFIG, GIB, memory_plan
+from sfo.memory import FLUX1_DEV_CONFIG, GIB, memory_plan, read_transformer_config
 
 # Dense bf16 TFLOP/s by torch.cuda.get_device_name(): (name contains, and contains, peak); first match wins.
 PEAK_BF16_TFLOPS = (
@@ -59,8 +59,7 @@ def flux_config(path: Path = FLUX1_DEV_CONFIG, shrink: bool = False) -> dict:
     if not Path(path).is_file():
         raise FileNotFoundError(f"--config: {path} does not exist; pass a FLUX transformer's config.json "
                                 f"(the repository ships FLUX.1-dev's: {FLUX1_DEV_CONFIG})")
-    config = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
-    return config | (SHRUNK if shrink else {})
+    return read_transformer_config(path) | (SHRUNK if shrink else {})
 
 
 def forward_flops(config: dict, target: int, reference: int, text: int, cached: bool) -> float:

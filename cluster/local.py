@@ -78,7 +78,7 @@ def _answers(address: str) -> bool:
         return False
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
     """The address Ray gives this host's node (what its GCS address starts with)."""
     from ray.util import get_node_ip_address  # no cluster contacted, no auth settings loaded
 
@@ -113,7 +113,7 @@ class LocalHead:
         self.env = _ray_env(auth_env(auth, token_file))
         # Every process of this head (workers, job drivers' actors, Ray Train's cleaner) finds this cluster, not
         # the host's newest one: Ray's state client otherwise guesses (README, Notes for Ray).
-        self.env["RAY_ADDRESS"] = f"{_node_ip()}:{gcs_port}"
+        self.env["RAY_ADDRESS"] = f"{node_ip()}:{gcs_port}"
         self.client_env = auth_env(auth, token_file)  # what a client of this head needs
         self.address = f"http://127.0.0.1:{dashboard_port}"
         self.ready_timeout_s = ready_timeout_s

@@ -119,6 +119,8 @@ def model_shape(source: str) -> ModelShape:
     """The transformer config, token size and text length of ``model.source``: the embedded presets' sizes
     (``sfo.models.TinyFluxConfig``, ``sfo.shapes.model.ShapesFluxConfig``, as ``sfo.components.build_transformer``
     builds them), or a folder's ``transformer/config.json`` and ``vae/config.json`` (no weights read)."""
+    from sfo.components import transformer_config
+    from sfo.memory import read_transformer_config
     from sfo.models import SHAPES, TINY, TinyFluxConfig
 
     if source in (TINY, SHAPES):
@@ -130,10 +132,7 @@ def model_shape(source: str) -> ModelShape:
 
             sizes, guidance = ShapesFluxConfig(), False
             in_channels, pixels = 3 * sizes.codec_factor**2 * 4, 2 * sizes.codec_factor  # pixel codec, 2x2 packing
-        config = dict(patch_size=1, in_channels=in_channels, num_layers=sizes.num_layers,
-                      num_single_layers=sizes.num_single_layers, attention_head_dim=sizes.attention_head_dim,
-                      num_attention_heads=sizes.num_attention_heads, joint_attention_dim=sizes.text_dim,
-                      pooled_projection_dim=sizes.text_dim, guidance_embeds=guidance)
+        config = transformer_config(sizes, in_channels=in_channels, guidance_embeds=guidance)
         return ModelShape(config, pixels, sizes.text_max_length)
     folder = Path(source).expanduser()
     files = {name: folder / name / "config.json" for name in ("transformer", "vae")}
@@ -141,9 +140,9 @@ def model_shape(source: str) -> ModelShape:
         if not path.is_file():
             raise FileNotFoundError(f"model.source: {str(path)!r} does not exist; pass a FLUX folder in the diffusers "
                                     "layout (transformer/config.json, vae/config.json, ...)")
-    config = {k: v for k, v in json.loads(files["transformer"].read_text()).items() if not k.startswith("_")}
     vae = json.loads(files["vae"].read_text())
-    return ModelShape(config, 2 * 2 ** (len(vae["block_out_channels"]) - 1), FOLDER_TEXT_TOKENS)
+    return ModelShape(read_transformer_config(files["transformer"]), 2 * 2 ** (len(vae["block_out_channels"]) - 1),
+                      FOLDER_TEXT_TOKENS)
 
 
 def plan_dtype(dtype: str | None, use_gpu: bool) -> str:
@@ -294,13 +293,6 @@ def check_reachable(address: str, timeout_s: float = REACHABLE_TIMEOUT_S) -> Non
                           "that cluster, or leave --address and RAY_ADDRESS unset for a fresh local Ray") from None
 
 
-def free_port() -> int:
-    """A TCP port nobody on this host listens on now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _environ(**values: str):
     saved = {key: os.environ.get(key) for key in values}
@@ -354,6 +346,8 @@ def start_local_ray(num_cpus: int | None = None) -> str:
             reads ``RAY_GCS_SERVER_PORT``): the pin would point elsewhere, so the job does not run.
     """
     import ray
+
+    from cluster.local import free_port
 
     for attempt in range(LOCAL_START_TRIES):
         gcs = f"{ray.util.get_node_ip_address()}:{free_port()}"

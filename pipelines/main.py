@@ -232,18 +232,16 @@ def write_serve_config(args: argparse.Namespace, runs: Path, port: int | None = 
 def serve_request(args: argparse.Namespace, runs: Path) -> Path:
     """Deploys the Ray Serve app on the exported adapters, sends one request, saves the PNG it returns."""
     import base64
-    import socket
 
     import httpx
     import pyarrow.parquet as pq
     from ray import serve
 
+    from cluster.local import free_port
     from serving.app import build_app
 
     row = pq.read_table(paths(runs)["triplets"]).slice(0, 1).to_pylist()[0]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({"model": args.model, "adapters": str(paths(runs)["adapters"])}),

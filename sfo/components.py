@@ -30,9 +30,10 @@ def cache_root() -> Path:
 _CLIP_CHARS = [chr(c) for c in range(33, 127)]
 
 
-def build_transformer(config, *, in_channels: int, guidance_embeds: bool) -> FluxTransformer2DModel:
-    """A FLUX transformer of ``config``'s sizes (``TinyFluxConfig`` or ``sfo.shapes.model.ShapesFluxConfig``)."""
-    return FluxTransformer2DModel(
+def transformer_config(config, *, in_channels: int, guidance_embeds: bool) -> dict:
+    """FluxTransformer2DModel's arguments for ``config``'s sizes (``TinyFluxConfig`` or
+    ``sfo.shapes.model.ShapesFluxConfig``): what ``build_transformer`` builds and the memory plan reads."""
+    return dict(
         patch_size=1,
         in_channels=in_channels,  # latent channels x 2x2 packing, as in FLUX
         num_layers=config.num_layers,
@@ -44,6 +45,11 @@ def build_transformer(config, *, in_channels: int, guidance_embeds: bool) -> Flu
         guidance_embeds=guidance_embeds,
         axes_dims_rope=list(config.axes_dims_rope),
     )
+
+
+def build_transformer(config, *, in_channels: int, guidance_embeds: bool) -> FluxTransformer2DModel:
+    """A FLUX transformer of ``config``'s sizes (``TinyFluxConfig`` or ``sfo.shapes.model.ShapesFluxConfig``)."""
+    return FluxTransformer2DModel(**transformer_config(config, in_channels=in_channels, guidance_embeds=guidance_embeds))
 
 
 def build_text_encoders(text_dim: int, words: tuple[str, ...] = ()) -> dict:

@@ -76,9 +76,14 @@ INFERENCE_TRANSIENT = 12  # d per token alive inside a block without gradient (s
 #                           MLP hidden and GELU (2f), attention out, [out, MLP] (d + f)... ~ 4d + 2f)
 
 
+def read_transformer_config(path: str | Path) -> dict:
+    """A FLUX transformer's ``config.json`` as FluxTransformer2DModel's arguments (no ``_`` metadata keys)."""
+    return {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+
+
 def flux1_dev_config() -> dict:
-    """FLUX.1-dev's transformer config (shipped in ``sfo/configs``), without the ``_`` metadata keys."""
-    return {k: v for k, v in json.loads(FLUX1_DEV_CONFIG.read_text()).items() if not k.startswith("_")}
+    """FLUX.1-dev's transformer config (shipped in ``sfo/configs``)."""
+    return read_transformer_config(FLUX1_DEV_CONFIG)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local import LocalHead, _node_ip, free_port
+from cluster.local import LocalHead, free_port, node_ip
 from tests.faults.jobs import start_job, write_triplets
 
 # Steps of the job that another Ray starts beside (~0.09 s each here): it must train on for several of the cleaner's
@@ -57,7 +57,7 @@ def _head(log: Path, ray_tmpdir: str, foreign: bool):
             "RAY_AUTH_MODE": "disabled", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     head.env["RAY_TMPDIR"] = ray_tmpdir
     with head:
-        gcs = f"{_node_ip()}:{head.gcs_port}"
+        gcs = f"{node_ip()}:{head.gcs_port}"
         address_file = Path(ray_tmpdir) / "ray" / "ray_current_cluster"
         deadline = time.time() + 180
         while not (address_file.is_file() and address_file.read_text().strip() == gcs):
