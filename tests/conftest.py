@@ -50,3 +50,54 @@ def shapes_pretrained(_hermetic_cache):
     from sfo.shapes.model import pretrained_folder
 
     return pretrain(PretrainConfig(steps=2, batch_size=4, log_every=1, output=str(pretrained_folder())))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 protocol server (moto's standalone server) on a free 127.0.0.1 port, for this session; the
+    ``AWS_*`` variables pointing at it are set only inside ``s3_bucket``."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from cluster.local import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
+                break
+            except (OSError, socket.timeout):
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto server did not come up on {endpoint}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch, request):
+    """``s3://<a new bucket>`` on the session's S3 server, with the environment pyarrow and boto read set."""
+    import re
+
+    import boto3
+
+    for name, value in S3_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    bucket = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-")
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}"
