@@ -221,10 +221,12 @@ def check_cluster_gpus(scaling: ScalingConfig, job: str) -> None:
 def distinct_rows(source, columns: list[str]) -> set[tuple]:
     """The distinct value tuples of ``columns`` over a Parquet file, folder or list of files (what a cache or
     stored scores were made for: one tuple when they all fit one job)."""
-    import pyarrow.dataset as pads
+    import pyarrow as pa
 
-    table = pads.dataset(source if isinstance(source, (str, Path)) else [str(p) for p in source],
-                         format="parquet").to_table(columns=columns)
+    from cluster import storage
+
+    files = [source] if isinstance(source, (str, Path)) else list(source)
+    table = pa.concat_tables([storage.dataset(f).to_table(columns=columns) for f in files])
     return set(zip(*(table[c].to_pylist() for c in columns)))
 
 
@@ -236,7 +238,9 @@ def score_fingerprint(model_source: str, ref_adapter: str | Path, size: int, sam
     from sfo.adapters import LORA_WEIGHTS
     from sfo.models import model_identity
 
-    adapter = hashlib.sha256((Path(ref_adapter) / LORA_WEIGHTS).read_bytes()).hexdigest()
+    from cluster import storage
+
+    adapter = hashlib.sha256(storage.read_bytes(storage.join(ref_adapter, LORA_WEIGHTS))).hexdigest()
     text = f"{model_identity(model_source)}|{adapter}|{size}|{sampling.scheme}|{sampling.mean:g}|{sampling.std:g}"
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -10,25 +10,23 @@ written once. prepare and evaluate also record the config their files were made 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from cluster import storage
 from pipelines.config import ConfigError
 
 INCOMPLETE_SUFFIX = ".incomplete"
 
 
-def parquet_files(path: Path) -> list[Path]:
-    """The Parquet files of a file or folder, sorted (hidden and ``_``-prefixed files skipped)."""
-    if path.is_file():
-        return [path]
-    return sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+def parquet_files(path: str | Path) -> list[str]:
+    """The Parquet files of a file or folder (local, ``s3://``, ``gs://``), sorted (hidden and ``_``-prefixed
+    files skipped)."""
+    return storage.list_files(path, ".parquet")
 
 
-def done_keys(output: Path, columns: list[str]) -> tuple[set[tuple], list[Path]]:
+def done_keys(output: str | Path, columns: list[str]) -> tuple[set[tuple], list[str]]:
     """The ``columns`` tuples already in ``output``'s Parquet files, and the files moved aside.
 
     A file that cannot be read (cut short by an interruption) is renamed ``*.incomplete``, so that its
@@ -36,22 +34,20 @@ def done_keys(output: Path, columns: list[str]) -> tuple[set[tuple], list[Path]]
     """
     done: set[tuple] = set()
     moved = []
-    for path in parquet_files(output) if output.exists() else []:
+    for path in parquet_files(output):
         try:
-            table = pq.read_table(path, columns=columns)
+            table = storage.read_table(path, columns=columns)
         except Exception:  # a file cut short by an interruption: redo its rows
-            path.rename(path.with_name(path.name + INCOMPLETE_SUFFIX))
+            storage.move(path, path + INCOMPLETE_SUFFIX)
             moved.append(path)
             continue
         done.update(zip(*(table.column(c).to_pylist() for c in columns)))
     return done, moved
 
 
-def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """``pq.write_table`` to a hidden temporary name, then renamed: a kill never leaves a partial ``path``."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, temporary)
-    os.replace(temporary, path)
+def write_table_atomic(table: pa.Table, path: str | Path) -> None:
+    """One Parquet file written whole (``cluster.storage.write_table``): a kill never leaves a partial ``path``."""
+    storage.write_table(table, path)
 
 
 def first_per_key(table: pa.Table, columns: list[str]) -> pa.Table:
@@ -63,24 +59,20 @@ def first_per_key(table: pa.Table, columns: list[str]) -> pa.Table:
     return table.take(sorted(first.values(), key=lambda i: keys[i]))
 
 
-def manifest_path(output: Path, stage: str) -> Path:
-    return output / f"_{stage}.json"
+def manifest_path(output: str | Path, stage: str) -> str:
+    return storage.join(output, f"_{stage}.json")
 
 
-def read_manifest(output: Path, stage: str) -> dict | None:
+def read_manifest(output: str | Path, stage: str) -> dict | None:
     path = manifest_path(output, stage)
-    return json.loads(path.read_text()) if path.is_file() else None
+    return storage.read_json(path) if storage.is_file(path) else None
 
 
-def write_manifest(output: Path, stage: str, manifest: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    path = manifest_path(output, stage)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+def write_manifest(output: str | Path, stage: str, manifest: dict) -> None:
+    storage.write_text(manifest_path(output, stage), json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def check_same_config(output: Path, stage: str, fields: dict, *, field_of_output: str, has_files: bool,
+def check_same_config(output: str | Path, stage: str, fields: dict, *, field_of_output: str, has_files: bool,
                       fresh_fix: str) -> dict:
     """Records ``fields`` (dotted config name -> the value that shaped the output) in ``<output>/_<stage>.json``
     on the first run; on a rerun raises ``ConfigError`` naming every recorded field whose value changed.
@@ -100,7 +92,7 @@ def check_same_config(output: Path, stage: str, fields: dict, *, field_of_output
     if manifest is None:
         if has_files:
             raise ConfigError(f"{field_of_output}: {str(output)!r} already holds {stage} files but no record of the "
-                              f"config that made them ({manifest_path(output, stage).name}); {fresh_fix}")
+                              f"config that made them ({storage.basename(manifest_path(output, stage))}); {fresh_fix}")
         manifest = {"stage": stage, "config": {}}
     recorded = manifest["config"]
     changed = {k: (recorded[k], v) for k, v in fields.items() if k in recorded and recorded[k] != v}

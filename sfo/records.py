@@ -6,8 +6,9 @@ bodies all carry the same thing.
 - Triplet (paper Sec. 3.1): reference image, target text, target image (+ item name, sample id).
 - Quadruplet (Sec. 3.2): a triplet plus a negative target and how it was made (provenance).
 - Optional cache columns (``CACHE_FIELDS``): a triplet's VAE latents and prompt embeddings,
-  written by ``prepare`` with ``cache.enabled`` so training skips the frozen encoders; cdns keeps them
-  and adds the negative's latents (``NEGATIVE_CACHE_FIELD``, ``CACHED_QUADRUPLET_SCHEMA``).
+  written by ``prepare`` with ``cache.enabled`` so training skips the frozen encoders; cdns adds the
+  negative's latents (``NEGATIVE_CACHE_FIELD``) and keeps only the small ``CACHE_META_COLUMNS``: the
+  tensors stay in the triplets, which the sfo job joins back by ``sample_id``.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ NEGATIVE_FIELDS = [
 QUADRUPLET_SCHEMA = pa.schema(list(TRIPLET_SCHEMA) + NEGATIVE_FIELDS)
 
 CACHE_FIELDS = [
-    # Tensors are little-endian float32 bytes, C order, one sample each (no batch axis). L tokens =
+    # Tensors are little-endian bf16 or float32 bytes (``cache_dtype``), C order, one sample each (no batch axis). L tokens =
     # (size / 16)^2, 64 features (16 VAE channels x 2x2 packing); Lt = T5 tokens (the model's
     # max length), D = T5 d_model (joint_attention_dim), P = CLIP pooled dim.
     pa.field("cache_target_latents", pa.binary(), nullable=False),  # (L, 64) sfo.latents.encode_images(target)
@@ -58,6 +59,7 @@ CACHE_FIELDS = [
     pa.field("cache_text_tokens", pa.int32(), nullable=False),  # Lt
     pa.field("cache_model", pa.string(), nullable=False),  # sfo.models.model_identity of the encoder
     pa.field("cache_size", pa.int32(), nullable=False),  # the square pixel side the images were encoded at
+    pa.field("cache_dtype", pa.string(), nullable=False),  # "bf16" or "fp32": how every tensor of the row is stored
 ]
 """Optional triplet columns: the frozen encoders' outputs, so training need not re-run them.
 
@@ -66,11 +68,16 @@ with; a training job with another ``model.source`` or ``data.size`` encodes from
 Decode a batch of rows with ``decode_cache``.
 """
 CACHE_COLUMNS = [f.name for f in CACHE_FIELDS]
-CACHE_DTYPE = np.dtype("<f4")
+CACHE_TENSOR_COLUMNS = ["cache_target_latents", "cache_reference_latents", "cache_prompt_embeds", "cache_pooled"]
+CACHE_META_COLUMNS = [c for c in CACHE_COLUMNS if c not in CACHE_TENSOR_COLUMNS]  # what cdns keeps per row
+CACHE_DTYPES = {"fp32": np.dtype("<f4"), "bf16": np.dtype("<u2")}  # bf16: the upper 16 bits of a float32
 NEGATIVE_CACHE_FIELD = pa.field("cache_negative_latents", pa.binary(), nullable=False)
 """The cdns stage's addition to a cached triplet's columns: (L, 64) ``sfo.latents.encode_images`` of the
-negative image (as its PNG decodes), same model and size as the row's other cache columns."""
-CACHED_QUADRUPLET_SCHEMA = pa.schema(list(QUADRUPLET_SCHEMA) + CACHE_FIELDS + [NEGATIVE_CACHE_FIELD])
+negative image (as its PNG decodes), same model, size and ``cache_dtype`` as the row's other cache columns."""
+CACHED_QUADRUPLET_SCHEMA = pa.schema(list(QUADRUPLET_SCHEMA) + [f for f in CACHE_FIELDS if f.name in CACHE_META_COLUMNS]
+                                     + [NEGATIVE_CACHE_FIELD])
+"""cdns output with a cache: the triplet, its negative, the negative's latents and the cache's small columns;
+the triplet's tensors (``CACHE_TENSOR_COLUMNS``) are joined back from the triplets by ``sample_id``."""
 
 SCORE_FIELDS = [
     # The cdns stage's ``score.draws`` = K: Eq. 3's reference terms computed with the model it already holds.
@@ -88,20 +95,37 @@ the seed and skips the reference pass (``sfo.objectives.sfo_objective(ref_errors
 SCORE_COLUMNS = [f.name for f in SCORE_FIELDS]
 
 
-def float32_bytes(array) -> bytes:
-    """An array (any shape) as little-endian float32 bytes, C order (a ``CACHE_FIELDS`` cell)."""
-    return np.ascontiguousarray(np.asarray(array), dtype=CACHE_DTYPE).tobytes()
+def cache_bytes(array, dtype: str) -> bytes:
+    """An array (any shape, float32 values) as a ``CACHE_FIELDS`` cell: little-endian ``dtype`` bytes, C order.
+
+    bf16 keeps float32's upper 16 bits rounded to nearest even, as ``torch.Tensor.to(torch.bfloat16)`` does
+    (half the bytes of fp32; the T5 embeddings of one 512-token prompt: 4 MiB instead of 8).
+    """
+    values = np.ascontiguousarray(np.asarray(array), dtype="<f4")
+    if dtype == "fp32":
+        return values.tobytes()
+    if dtype != "bf16":
+        raise ValueError(f"cache dtype: unknown {dtype!r}; use one of {list(CACHE_DTYPES)}")
+    bits = values.view("<u4").astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.astype("<u2").tobytes()
 
 
-def _stack(blobs: Sequence[bytes], *shape: int) -> np.ndarray:
-    return np.stack([np.frombuffer(bytes(b), dtype=CACHE_DTYPE).reshape(shape) for b in blobs])
+def _decode(blob: bytes, dtype: str) -> np.ndarray:
+    raw = np.frombuffer(bytes(blob), dtype=CACHE_DTYPES[dtype])
+    return raw if dtype == "fp32" else (raw.astype("<u4") << 16).view("<f4")
+
+
+def _stack(blobs: Sequence[bytes], dtype: str, *shape: int) -> np.ndarray:
+    return np.stack([_decode(b, dtype).reshape(shape) for b in blobs])
 
 
 def decode_cache(columns: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
-    """``CACHE_FIELDS`` columns of N rows -> float32 arrays.
+    """``CACHE_FIELDS`` columns of N rows -> float32 arrays (bf16 cells widened exactly).
 
     Args:
-        columns: column name -> N values (a Ray Data numpy batch, ``Table.to_pydict()``...).
+        columns: column name -> N values (a Ray Data numpy batch, ``Table.to_pydict()``...); rows without
+            ``cache_dtype`` (written before it existed) are fp32.
     Returns:
         {"target": (N, L, 64), "reference": (N, L, 64), "prompt_embeds": (N, Lt, D), "pooled": (N, P)}, and
         "negative": (N, L, 64) when the rows carry ``cache_negative_latents`` (cdns output).
@@ -110,15 +134,18 @@ def decode_cache(columns: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
     text_tokens = {int(x) for x in columns["cache_text_tokens"]}
     if len(tokens) != 1 or len(text_tokens) != 1:
         raise ValueError(f"cache: rows of one batch differ in token counts (latents {tokens}, text {text_tokens})")
-    (latent_tokens,), (lt,) = tokens, text_tokens
+    dtypes = {str(x) for x in columns["cache_dtype"]} if "cache_dtype" in columns else {"fp32"}
+    if len(dtypes) != 1 or not dtypes <= set(CACHE_DTYPES):
+        raise ValueError(f"cache: rows of one batch must share one cache_dtype of {list(CACHE_DTYPES)}, got {dtypes}")
+    (latent_tokens,), (lt,), (dtype,) = tokens, text_tokens, dtypes
     arrays = {
-        "target": _stack(columns["cache_target_latents"], latent_tokens, -1),
-        "reference": _stack(columns["cache_reference_latents"], latent_tokens, -1),
-        "prompt_embeds": _stack(columns["cache_prompt_embeds"], lt, -1),
-        "pooled": _stack(columns["cache_pooled"], -1),
+        "target": _stack(columns["cache_target_latents"], dtype, latent_tokens, -1),
+        "reference": _stack(columns["cache_reference_latents"], dtype, latent_tokens, -1),
+        "prompt_embeds": _stack(columns["cache_prompt_embeds"], dtype, lt, -1),
+        "pooled": _stack(columns["cache_pooled"], dtype, -1),
     }
     if NEGATIVE_CACHE_FIELD.name in columns:
-        arrays["negative"] = _stack(columns[NEGATIVE_CACHE_FIELD.name], latent_tokens, -1)
+        arrays["negative"] = _stack(columns[NEGATIVE_CACHE_FIELD.name], dtype, latent_tokens, -1)
     return arrays
 
 

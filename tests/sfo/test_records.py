@@ -83,3 +83,43 @@ def test_split_shared_samples():
     for png in pngs:
         left, right = split_subjects200k_pair(Image.open(png), padding=0)
         assert left.size == right.size == (512, 512)
+
+
+def test_cache_bytes_bf16_matches_torch_and_decodes_exactly():
+    """bf16 cells round as torch does (nearest even) and widen back to float32 exactly; half fp32's bytes."""
+    import numpy as np
+    import torch
+
+    from sfo.records import cache_bytes, decode_cache
+
+    values = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0)) * 3
+    values[0, 0, :3] = torch.tensor([1.0 + 2**-8, 1.0 + 3 * 2**-8, -0.0])  # ties: round to even
+    expected = values.to(torch.bfloat16).float()
+    cells = {"cache_target_latents": [cache_bytes(v, "bf16") for v in values],
+             "cache_reference_latents": [cache_bytes(v, "bf16") for v in values],
+             "cache_prompt_embeds": [cache_bytes(v[:2], "bf16") for v in values],
+             "cache_pooled": [cache_bytes(v[0], "bf16") for v in values],
+             "cache_latent_tokens": [4, 4], "cache_text_tokens": [2, 2], "cache_dtype": ["bf16", "bf16"]}
+
+    decoded = decode_cache(cells)
+
+    assert len(cells["cache_target_latents"][0]) == 4 * 64 * 2
+    torch.testing.assert_close(torch.from_numpy(decoded["target"]), expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.from_numpy(decoded["pooled"]), expected[:, 0], rtol=0, atol=0)
+    fp32 = decode_cache(cells | {k: [cache_bytes(v, "fp32") for v in values] for k in ("cache_target_latents",)}
+                        | {"cache_dtype": ["fp32", "fp32"], "cache_reference_latents": [cache_bytes(v, "fp32") for v in values],
+                           "cache_prompt_embeds": [cache_bytes(v[:2], "fp32") for v in values],
+                           "cache_pooled": [cache_bytes(v[0], "fp32") for v in values]})
+    assert np.array_equal(fp32["target"], values.numpy())
+
+
+def test_decode_cache_refuses_mixed_dtypes():
+    import pytest
+
+    from sfo.records import cache_bytes, decode_cache
+
+    cell = cache_bytes([0.0] * 64, "fp32")
+    with pytest.raises(ValueError, match="cache_dtype"):
+        decode_cache({"cache_target_latents": [cell, cell], "cache_reference_latents": [cell, cell],
+                      "cache_prompt_embeds": [cell, cell], "cache_pooled": [cell, cell], "cache_latent_tokens": [1, 1],
+                      "cache_text_tokens": [1, 1], "cache_dtype": ["bf16", "fp32"]})
