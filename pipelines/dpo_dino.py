@@ -11,6 +11,7 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
+from cluster import storage
 from pipelines.negatives import DPO_DINO_MODE as DPO_DINO
 from pipelines.negatives import SEED_BITS, CdnsConfig, NegativeGenerator, sample_seed
 
@@ -36,7 +37,12 @@ class DpoDinoGenerator(NegativeGenerator):
         from sfo.metrics import Scorer
 
         super().__init__(config, device)
-        self.scorer = Scorer.load(config.cdns.dino_encoder, "tiny", device=self.model.device)
+        encoder = config.cdns.dino_encoder
+        if encoder == "tiny":
+            self.scorer = Scorer.load(encoder, "tiny", device=self.model.device)
+        else:  # a folder: local, or s3:// / gs:// downloaded for the load
+            with storage.local_copy(encoder) as folder:
+                self.scorer = Scorer.load(str(folder), "tiny", device=self.model.device)
 
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """B triplet rows -> B quadruplet rows; ``target_png`` is replaced by the DINO-preferred sample."""

@@ -11,14 +11,14 @@ import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 
+from cluster import storage
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, score_fingerprint, use_torch_threads
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.modes import SamplingMode
-from sfo.records import QUADRUPLET_SCHEMA, SCORE_FIELDS, TRIPLET_SCHEMA
+from sfo.records import CACHED_QUADRUPLET_SCHEMA, QUADRUPLET_SCHEMA, SCORE_FIELDS, TRIPLET_SCHEMA
 from sfo.timesteps import TimestepSampling
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -26,15 +26,19 @@ SEED_BITS = 31  # per-sample seeds fit torch.Generator and int64 columns on ever
 RUNNERS = ("ray", "local")
 NO_ADAPTER = "none"  # negative_adapter_sha256 when no "ref" LoRA was loaded
 DPO_DINO_MODE = "dpo-dino"  # paper Table 4 baseline: pipelines.dpo_dino, not a degradation
+LEGACY_CACHE_DTYPE = "fp32"  # the cache of triplets written before sfo.records' cache_dtype column
 
 
 @dataclass
 class DataConfig:
-    input: Path | None = None  # a triplet Parquet file, or a folder of them (the prepare stage's output)
-    output: Path = Path("runs/data/quadruplets")  # folder of quadruplet Parquet files; re-running resumes into it
+    input: str | None = None  # a triplet Parquet file or folder (the prepare stage's output): a path, s3:// or gs://
+    output: str = "runs/data/quadruplets"  # folder of quadruplet Parquet files (path or URI); reruns resume into it
     limit: int | None = None  # the first N input samples only (None = all)
 
     def __post_init__(self) -> None:
+        if self.input is not None:
+            self.input = storage.check_uri(self.input, "data.input")
+        self.output = storage.check_uri(self.output, "data.output")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"data.limit: must be at least 1 or null, got {self.limit}")
 
@@ -68,7 +72,7 @@ class CdnsSection:
     oracle_filter: bool = False  # shapes world only: drop pairs whose negative kept the reference's pattern and
     #                              accent (sfo.shapes.oracle.keeps_reference_details); a rerun regenerates and
     #                              drops them again (same seeds), as nothing is written for them
-    dino_encoder: str = "tiny"  # dpo-dino only: a local DINO ViT-S/16 folder, or "tiny" (random weights)
+    dino_encoder: str = "tiny"  # dpo-dino only: a DINO ViT-S/16 folder (path, s3:// or gs://), or "tiny" (random weights)
     score: ScoreSection = field(default_factory=ScoreSection)  # reference errors for the sfo job (off by default)
 
     def __post_init__(self) -> None:
@@ -83,6 +87,7 @@ class CdnsSection:
         if self.rows_per_file < 1:
             raise ValueError(f"cdns.rows_per_file: must be at least 1, got {self.rows_per_file}")
         check_image_guidance(self.image_guidance, "cdns")
+        storage.check_uri(self.dino_encoder, "cdns.dino_encoder")
         self.degradation()  # an invalid blur_radius / noise_std fails here, not on an actor
 
     def degradation(self) -> Degradation:
@@ -106,6 +111,8 @@ class CdnsConfig:
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise ValueError(f"runner: unknown {self.runner!r}; use one of {list(RUNNERS)}")
+        if self.model.ref_adapter is not None:
+            self.model.ref_adapter = storage.check_uri(self.model.ref_adapter, "model.ref_adapter")
         if self.cdns.score.draws and (self.model.ref_adapter is None or self.cdns.mode == DPO_DINO_MODE):
             raise ValueError("cdns.score.draws: stores the 'ref' model's errors, so it needs model.ref_adapter (the sft "
                              f"job's ref LoRA) and a mode other than {DPO_DINO_MODE}; or set cdns.score.draws=0")
@@ -145,7 +152,8 @@ class NegativeGenerator:
         self.model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
         transformer = self.model.transformer
         if config.model.ref_adapter is not None:
-            adapters.load_adapter(transformer, config.model.ref_adapter, adapters.REF)
+            with storage.local_copy(config.model.ref_adapter) as folder:  # an s3:// / gs:// folder: a temporary download
+                adapters.load_adapter(transformer, folder, adapters.REF)
             self.adapter_sha = adapters.adapter_fingerprint(transformer, [adapters.REF])
             applied = config.model.adapter_context()
             self._adapters = lambda: applied(transformer, [adapters.REF])
@@ -156,7 +164,7 @@ class NegativeGenerator:
         self.sampler = SamplerConfig(steps=s.steps, guidance=s.guidance, height=s.size, width=s.size,
                                      image_guidance=s.image_guidance, sampling=s.sampling)
         self.generic_word = "" if config.model.source == "shapes" else "object"  # dual-branch's auxiliary prompt
-        self.keep_cache = keep_cache  # pass the triplets' cache columns through and add the negatives' latents
+        self.keep_cache = keep_cache  # pass the triplets' small cache columns through and add the negatives' latents
         self.fingerprint = (score_fingerprint(config.model.source, config.model.ref_adapter, s.size, s.score.timesteps)
                             if s.score.draws else None)
         self.generated = 0  # rows this instance generated: a progress line every cdns.rows_per_file rows
@@ -191,6 +199,21 @@ class NegativeGenerator:
         return {"score_seeds": seeds, "score_t": column(t_all), "score_ref_err_pos": column(pos_all),
                 "score_ref_err_neg": column(neg_all), "score_fingerprint": [self.fingerprint] * len(rows)}
 
+    def negative_cache(self, columns: dict, negatives: list) -> dict[str, list]:
+        """The cache columns a quadruplet row carries: the triplet's small ``CACHE_META_COLUMNS`` and the
+        negative's latents in the row's ``cache_dtype``. The triplet's tensors (``CACHE_TENSOR_COLUMNS``) stay
+        in the triplets: the sfo job joins them back by ``sample_id``, so each is stored once."""
+        from sfo.latents import encode_images
+        from sfo.records import CACHE_META_COLUMNS, NEGATIVE_CACHE_FIELD, cache_bytes
+
+        n = len(negatives)
+        dtypes = [str(d) for d in columns.get("cache_dtype", [LEGACY_CACHE_DTYPE] * n)]  # triplets before bf16: fp32
+        latents = encode_images(self.model, negatives).float().cpu()  # (B, L, 64), as training encodes the PNGs
+        out = {name: list(columns[name]) for name in CACHE_META_COLUMNS if name != "cache_dtype"}
+        out["cache_dtype"] = dtypes
+        out[NEGATIVE_CACHE_FIELD.name] = [cache_bytes(x.numpy(), dtype) for x, dtype in zip(latents, dtypes)]
+        return out
+
     def __call__(self, batch: dict | pa.Table) -> pa.Table:
         """Generates one negative per row.
 
@@ -198,7 +221,8 @@ class NegativeGenerator:
             batch: B triplet rows, as a dict of columns (Ray Data's numpy batches: object arrays of
                 str / bytes) or a ``pa.Table``; columns of ``TRIPLET_SCHEMA``.
         Returns:
-            A ``pa.Table`` of B rows in ``QUADRUPLET_SCHEMA`` (the triplet columns passed through); fewer
+            A ``pa.Table`` of B rows in ``QUADRUPLET_SCHEMA`` (the triplet columns passed through), or
+            ``CACHED_QUADRUPLET_SCHEMA`` with ``keep_cache``, plus ``SCORE_FIELDS`` with ``cdns.score.draws``; fewer
             with ``cdns.oracle_filter`` (the pairs whose negative kept the reference's details are dropped).
         """
         from PIL import Image
@@ -239,18 +263,12 @@ class NegativeGenerator:
             "negative_guidance": [s.guidance] * len(rows),
             "negative_adapter_sha256": [self.adapter_sha] * len(rows),
         })
-        fields = list(QUADRUPLET_SCHEMA)
+        fields = list(CACHED_QUADRUPLET_SCHEMA if self.keep_cache else QUADRUPLET_SCHEMA)
+        if self.keep_cache:  # cdns.cache_fits decided it: same model and size as these negatives
+            out.update(self.negative_cache(columns, negatives))
         if s.score.draws:
             out.update(self.reference_scores(rows, negatives))
             fields += SCORE_FIELDS
-        if self.keep_cache:  # cdns.cache_fits decided it: same model and size as these negatives
-            from sfo.latents import encode_images
-            from sfo.records import CACHE_COLUMNS, CACHE_FIELDS, NEGATIVE_CACHE_FIELD, float32_bytes
-
-            latents = encode_images(self.model, negatives).float().cpu()  # (B, L, 64), as training encodes the PNGs
-            out.update({name: list(columns[name]) for name in CACHE_COLUMNS})
-            out[NEGATIVE_CACHE_FIELD.name] = [float32_bytes(x) for x in latents]
-            fields += CACHE_FIELDS + [NEGATIVE_CACHE_FIELD]
         table = pa.Table.from_pydict(out, schema=pa.schema(fields))
         before, self.generated = self.generated, self.generated + len(rows)
         if self.generated // s.rows_per_file > before // s.rows_per_file:  # Ray forwards an actor's prints to the driver

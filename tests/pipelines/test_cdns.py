@@ -41,11 +41,16 @@ def read(output: Path) -> pa.Table:
     return pq.ParquetDataset(cdns.parquet_files(output)).read()
 
 
+def counts(result: dict) -> tuple[int, int, int]:
+    """(skipped, written, dropped) of a cdns result."""
+    return result["skipped"], result["written"], result["dropped"]
+
+
 @pytest.fixture(scope="module")
 def ray_output(ray_local, triplets, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("cdns-ray")
     result = run(config(triplets, output, "runner=ray", "cdns.rows_per_file=2"))
-    assert result == {"skipped": 0, "written": ROWS, "dropped": 0, "output": output}
+    assert counts(result) == (0, ROWS, 0) and result["output"] == str(output) and result["bytes_per_row"] > 0
     return output
 
 
@@ -99,14 +104,14 @@ def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path):
     assert first["written"] == 2 and first["skipped"] == 0
     (tmp_path / "cdns-interrupted_000000.parquet").write_bytes(b"PAR1 cut short")  # an interrupted write
     second = run(config(triplets, tmp_path, "runner=local"))
-    assert second == {"skipped": 2, "written": 2, "dropped": 0, "output": tmp_path}
+    assert counts(second) == (2, 2, 0) and second["output"] == str(tmp_path)
     assert (tmp_path / "cdns-interrupted_000000.parquet.incomplete").exists()
     ids = read(tmp_path).column("sample_id").to_pylist()
     assert len(ids) == len(set(ids)) == ROWS
     local = {r["sample_id"]: r["negative_png"] for r in read(tmp_path).to_pylist()}
     remote = {r["sample_id"]: r["negative_png"] for r in read(ray_output).to_pylist()}
     assert local == remote
-    assert run(config(triplets, tmp_path, "runner=local")) == {"skipped": ROWS, "written": 0, "dropped": 0, "output": tmp_path}
+    assert counts(run(config(triplets, tmp_path, "runner=local"))) == (ROWS, 0, 0)
 
 
 def test_ray_rerun_writes_nothing_new(ray_output, triplets):
@@ -207,11 +212,11 @@ def test_samples_whose_file_a_killed_writer_cut_short_are_generated_again(triple
     moves it aside and generates its samples once more, so it ends with every sample exactly once."""
     passes = []
 
-    def one_pass(cfg, files, todo, prefix):  # stands in for Ray Data: the first pass's second file is cut short
+    def one_pass(cfg, files, todo, prefix, keep_cache):  # stands in for Ray Data: the first pass's 2nd file is cut short
         passes.append(list(todo))
-        cfg.data.output.mkdir(parents=True, exist_ok=True)
+        Path(cfg.data.output).mkdir(parents=True, exist_ok=True)
         for k, ids in enumerate([todo[:2], todo[2:]]):
-            path = cfg.data.output / f"{prefix}_{k:06d}.parquet"
+            path = Path(cfg.data.output) / f"{prefix}_{k:06d}.parquet"
             pq.write_table(pa.table({"sample_id": ids}), path)
             if len(passes) == 1 and k == 1:
                 path.write_bytes(path.read_bytes()[:20])
@@ -224,3 +229,107 @@ def test_samples_whose_file_a_killed_writer_cut_short_are_generated_again(triple
     assert sorted(read(out)["sample_id"].to_pylist()) == ids
     assert "2 sample(s) missing after the pass" in capsys.readouterr().out
     assert len(list(out.glob("*.incomplete"))) == 1  # kept aside, not deleted
+
+
+def test_the_config_is_recorded_and_a_rerun_making_other_negatives_fails_naming_the_field(triplets, tmp_path):
+    """``<output>/_cdns.json`` holds what the negatives depend on; a rerun asking for other ones (seed, mode) is
+    refused before any work, naming the field; batch size, runner and limit may change (they cut the work)."""
+    import json
+
+    out = tmp_path / "out"
+    run(config(triplets, out, "runner=local", "data.limit=1"))
+    recorded = json.loads((out / "_cdns.json").read_text())["config"]
+    assert recorded["cdns.seed"] == 0 and recorded["data.input"] == str(triplets) and recorded["model.ref_adapter"] is None
+    assert not {"cdns.batch_size", "data.limit", "runner", "data.output"} & set(recorded)
+    before = cdns.parquet_files(out)
+    for override, field in [("cdns.seed=1", "cdns.seed"), ("cdns.mode=self-play", "cdns.mode")]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*another config"):
+            run(config(triplets, out, "runner=local", override))
+    assert cdns.parquet_files(out) == before  # nothing written by the refused runs
+    assert counts(run(config(triplets, out, "runner=local", "cdns.batch_size=2", "data.limit=2"))) == (1, 1, 0)
+
+
+def test_an_output_without_a_record_is_refused(triplets, tmp_path):
+    out = tmp_path / "old"
+    run(config(triplets, out, "runner=local", "data.limit=1"))
+    (out / "_cdns.json").unlink()  # written before cdns recorded its config
+    with pytest.raises(ConfigError, match=r"data\.output: .*no record of the config"):
+        run(config(triplets, out, "runner=local"))
+
+
+def cached_triplets(triplets: Path, path: Path, dtype: str = "bf16") -> Path:
+    """``triplets`` with the tiny model's encoder caches (``sfo.records.CACHE_FIELDS``) in ``dtype``, as prepare's
+    ``cache.enabled`` writes them: target/reference latents, T5 embeddings and the pooled CLIP embedding."""
+    from sfo.latents import encode_images
+    from sfo.models import load_flux, model_identity
+    from sfo.records import CACHE_FIELDS, cache_bytes, decode_images
+    from sfo.text import encode_prompts
+
+    model = load_flux("tiny", device="cpu")
+    table = pq.read_table(triplets)
+    target = encode_images(model, decode_images(table["target_png"].to_pylist(), SIZE)).float()  # (N, L, 64)
+    reference = encode_images(model, decode_images(table["reference_png"].to_pylist(), SIZE)).float()
+    text = encode_prompts(model, table["target_text"].to_pylist())
+    embeds, pooled = text.prompt_embeds.float(), text.pooled.float()  # (N, Lt, D), (N, P)
+    n = table.num_rows
+    columns = {
+        "cache_target_latents": [cache_bytes(x.numpy(), dtype) for x in target],
+        "cache_reference_latents": [cache_bytes(x.numpy(), dtype) for x in reference],
+        "cache_prompt_embeds": [cache_bytes(x.numpy(), dtype) for x in embeds],
+        "cache_pooled": [cache_bytes(x.numpy(), dtype) for x in pooled],
+        "cache_latent_tokens": [target.shape[1]] * n, "cache_text_tokens": [embeds.shape[1]] * n,
+        "cache_model": [model_identity("tiny")] * n, "cache_size": [SIZE] * n, "cache_dtype": [dtype] * n,
+    }
+    for field in CACHE_FIELDS:
+        table = table.append_column(field, pa.array(columns[field.name], field.type))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def test_cached_triplets_give_quadruplets_that_refer_to_their_tensors_by_sample_id(triplets, tmp_path, capsys):
+    """With a cache that fits, the output is ``CACHED_QUADRUPLET_SCHEMA``: the triplet's small cache columns and the
+    negatives' latents in the row's ``cache_dtype`` (bf16 here), not the triplet's four tensors; its bytes per row
+    stay within the PNGs + the negative's latents + the file's overhead, well below the cached triplets'."""
+    import numpy as np
+    import torch
+
+    from sfo.latents import encode_images
+    from sfo.models import load_flux
+    from sfo.records import CACHE_META_COLUMNS, CACHE_TENSOR_COLUMNS, CACHED_QUADRUPLET_SCHEMA, decode_images
+
+    source = cached_triplets(triplets, tmp_path / "cached" / "part-0.parquet")
+    out = tmp_path / "out"
+    result = run(config(source, out, "runner=local", f"cdns.rows_per_file={ROWS}"))
+    printed = capsys.readouterr().out
+    assert "the triplets' tensors are referred to by sample_id" in printed
+    assert f"{ROWS} row(s), {result['bytes_per_row'] / 1024:.1f} KiB per row" in printed
+    table = read(out)
+    assert table.schema.equals(CACHED_QUADRUPLET_SCHEMA) and not set(CACHE_TENSOR_COLUMNS) & set(table.column_names)
+    inputs = {r["sample_id"]: r for r in pq.read_table(source).to_pylist()}
+    rows = table.to_pylist()
+    assert all(r[c] == inputs[r["sample_id"]][c] for r in rows for c in CACHE_META_COLUMNS)
+    assert {r["cache_dtype"] for r in rows} == {"bf16"}
+    latents = encode_images(load_flux("tiny", device="cpu"),
+                            decode_images(table["negative_png"].to_pylist(), SIZE)).float()  # (N, L, 64)
+    stored = np.stack([(np.frombuffer(r["cache_negative_latents"], "<u2").astype("<u4") << 16).view("<f4") for r in rows])
+    torch.testing.assert_close(torch.from_numpy(stored).reshape(latents.shape), latents, rtol=2 ** -8, atol=1e-6)
+
+    png = sum(len(r[c]) for r in rows for c in ("reference_png", "target_png", "negative_png")) / len(rows)
+    negative = len(rows[0]["cache_negative_latents"])
+    overhead = 24 * 1024 / ROWS  # one file of ROWS rows: its footer (schema, min/max statistics) and page headers
+    assert result["bytes_per_row"] < png + negative + overhead  # measured: 8.8 KiB < 3.6 + 6 KiB
+    tensors = sum(len(r[c]) for r in inputs.values() for c in CACHE_TENSOR_COLUMNS) / len(rows)  # 5 KiB at 32 px
+    triplet_bytes = source.stat().st_size / len(rows)  # the cached triplets' file, tensors included
+    assert result["bytes_per_row"] < triplet_bytes - tensors / 2 + len(rows[0]["negative_png"]) + negative
+
+
+def test_triplets_cached_before_cache_dtype_read_as_fp32(triplets, tmp_path):
+    """Triplets whose cache predates the ``cache_dtype`` column (fp32 bytes): the output says fp32."""
+    legacy = cached_triplets(triplets, tmp_path / "legacy" / "part-0.parquet", "fp32")
+    pq.write_table(pq.read_table(legacy).drop_columns(["cache_dtype"]), legacy)
+    out = tmp_path / "out"
+    run(config(legacy, out, "runner=local", "data.limit=2"))
+    table = read(out)
+    assert table["cache_dtype"].to_pylist() == ["fp32", "fp32"]
+    assert len(table["cache_negative_latents"][0].as_py()) == (SIZE // 16) ** 2 * 64 * 4
