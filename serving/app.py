@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cluster import storage
 from serving.scheduler import DeadlineExceeded, GroupQueue
 from serving.schema import (
     ADAPTER_SET_NAME,
@@ -117,9 +118,10 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("tiny", description='"tiny" or a local FLUX.1-dev folder (diffusers layout)')
-    adapters: str = Field(description="folder with ref/ and sfo/ (sfo.adapters.save_adapter's layout): "
+    adapters: str = Field(description="folder with ref/ and sfo/ (sfo.adapters.save_adapter's layout; a path, "
+                                      "s3:// or gs://, downloaded once per replica): "
                                       f"the adapter set {DEFAULT_ADAPTER_SET!r}, loaded on every replica")
-    adapter_sets: dict[str, str] = Field(default_factory=dict, description="more adapter sets, name -> folder, "
+    adapter_sets: dict[str, str] = Field(default_factory=dict, description="more adapter sets, name -> folder or URI, "
                                          "loaded on demand per replica with serve.multiplexed (LRU)")
     max_adapter_sets_per_replica: int = Field(2, ge=1, description="adapter_sets a replica holds at once "
                                               "(serve.multiplexed's max_num_models_per_replica)")
@@ -451,7 +453,7 @@ def build_app(args: dict) -> serve.Application:
     """Typed builder (STYLE §9): ``args`` (+ ``SFO_SERVE_*`` env) -> ``AppArgs`` -> Ingress bound to FluxGenerator.
 
     Relative adapter folders that exist here are made absolute, so replicas (whose working directory may
-    differ) find them. ``gpus_per_replica`` > 0 gives each FluxGenerator replica that many GPUs;
+    differ) find them; ``s3://`` / ``gs://`` adapter folders pass as they are (each replica downloads them). ``gpus_per_replica`` > 0 gives each FluxGenerator replica that many GPUs;
     ``max_replicas`` caps its autoscaling. ``SFO_SERVE_TOKEN`` (read here) turns the bearer check on.
     """
     parsed = resolve_args(args)
@@ -460,19 +462,23 @@ def build_app(args: dict) -> serve.Application:
         if name == DEFAULT_ADAPTER_SET or not ADAPTER_SET_NAME.match(name):
             raise ValueError(f"serving args: adapter_sets: {name!r} is not a usable name (letters, digits, '_.-'; "
                              f"not {DEFAULT_ADAPTER_SET!r})")
-    adapter_sets = {name: _absolute(folder) for name, folder in parsed.adapter_sets.items()}
+    adapter_sets = {name: _absolute(folder, f"adapter_sets.{name}") for name, folder in parsed.adapter_sets.items()}
     options: dict[str, Any] = {"autoscaling_config": {**GENERATOR_AUTOSCALING, "max_replicas": parsed.max_replicas}}
     if parsed.gpus_per_replica > 0:
         options["ray_actor_options"] = {**GENERATOR_ACTOR_OPTIONS, "num_gpus": parsed.gpus_per_replica}
     generator = FluxGenerator.options(**options).bind(
-        parsed.model, _absolute(parsed.adapters), parsed.device, parsed.dtype, parsed.max_batch_images,
+        parsed.model, _absolute(parsed.adapters, "adapters"), parsed.device, parsed.dtype, parsed.max_batch_images,
         parsed.fuse_adapters, adapter_sets, parsed.max_adapter_sets_per_replica, parsed.seconds_per_unit)
     token = os.environ.get(TOKEN_ENV, "").strip()
     token_sha256 = hashlib.sha256(token.encode()).hexdigest() if token else None
     return Ingress.bind(generator, limits, tuple(adapter_sets), token_sha256)
 
 
-def _absolute(folder: str) -> str:
-    """A relative path that exists here made absolute (replicas' working directories may differ)."""
+def _absolute(folder: str, field: str) -> str:
+    """A relative path that exists here made absolute (replicas' working directories may differ); an ``s3://`` /
+    ``gs://`` URI as given (each replica downloads it); another scheme is refused naming ``field``."""
+    storage.check_uri(folder, f"serving args: {field}")
+    if storage.is_remote(folder):
+        return folder
     path = Path(folder)
     return str(path.resolve()) if not path.is_absolute() and path.exists() else str(path)

@@ -6,16 +6,22 @@ groups from ``serving.scheduler.GroupQueue``; tests drive it directly too. Jobs 
 has its own seed, so an image is the same whether its request was batched or not. ``should_stop`` is
 asked after every sampling step (through the sampler's ``progress`` callback, so ``sfo`` knows nothing
 of it) and between images: a cancelled or expired group stops within one step.
+
+Adapter folders are local paths or ``s3://`` / ``gs://`` URIs (``cluster.storage``): a URI is downloaded
+once per replica into a temporary folder (outside the working directory) that lives as long as the
+``Generator``, so an adapter set evicted and loaded again is not downloaded again.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from cluster import storage
 from sfo.adapters import REF, SFO, adapter_fingerprint, fused_adapters, load_adapter, use_adapters
 from sfo.latents import decode_tokens
 from sfo.models import load_flux
@@ -43,10 +49,10 @@ def lora_names(adapter_set: str, adapter: str) -> list[str]:
     return [f"{adapter_set.replace('.', '_')}--{name}" for name in names]
 
 
-def _check_folder(folder: Path) -> None:
+def _check_folder(folder: Path, given: str) -> None:
     for name in (REF, SFO):
         if not (folder / name).is_dir():
-            raise FileNotFoundError(f"adapters: no {name}/ folder in {str(folder)!r}; pass the folder the "
+            raise FileNotFoundError(f"adapters: no {name}/ folder in {given!r}; pass the folder the "
                                     "training export writes (runs/train/sfo/adapters)")
 
 
@@ -79,7 +85,7 @@ class Generator:
     Args:
         model: ``"tiny"`` or a local FLUX.1-dev folder (``sfo.models.load_flux``).
         adapters: folder holding ``ref/`` and ``sfo/`` as ``sfo.adapters.save_adapter`` writes them
-            (safetensors only; ``load_adapter`` reads nothing else).
+            (safetensors only; ``load_adapter`` reads nothing else): a path, ``s3://`` or ``gs://``.
         device, dtype: passed to ``load_flux`` (None = its defaults: CUDA+bf16 when available).
         max_batch_images: most images in one sampler call.
         fuse_adapters: fold the all-scoped adapters into a copy of the base weights for each sampler call
@@ -90,8 +96,8 @@ class Generator:
 
     def __init__(self, model: str, adapters: str, *, device: str | None = None, dtype: str | None = None,
                  max_batch_images: int = 8, fuse_adapters: bool | None = None):
-        folder = Path(adapters)
-        _check_folder(folder)
+        self._downloads: dict[str, tempfile.TemporaryDirectory] = {}  # URI -> its download, for this object's life
+        folder = self._local(adapters)
         self.model = load_flux(model, device=device, dtype=dtype)
         load_adapter(self.model.transformer, folder / REF, REF)
         load_adapter(self.model.transformer, folder / SFO, SFO)
@@ -100,7 +106,7 @@ class Generator:
             fuse_adapters = sum(p.numel() for p in self.model.transformer.parameters()) <= FOLD_MAX_PARAMS
         self.fuse_adapters = fuse_adapters
         self._applied = fused_adapters if fuse_adapters else use_adapters
-        self.adapter_sets = {DEFAULT_ADAPTER_SET: str(folder)}  # loaded sets -> their folders
+        self.adapter_sets = {DEFAULT_ADAPTER_SET: adapters}  # loaded sets -> their folders (paths or URIs)
         self.info = {
             "base_model": str(model),
             "device": str(self.model.device),
@@ -112,12 +118,31 @@ class Generator:
             },
         }
 
+    def _local(self, folder: str) -> Path:
+        """A local folder holding ``folder``'s ref/ and sfo/: the path itself, or a URI's download (made once)."""
+        if storage.is_remote(folder):
+            key = storage.absolute(folder)
+            if key not in self._downloads:
+                download = tempfile.TemporaryDirectory(prefix="sfo-adapters-")  # TMPDIR, never the working directory
+                try:
+                    storage.download_folder(folder, Path(download.name) / "adapters")
+                except FileNotFoundError:
+                    download.cleanup()
+                    raise FileNotFoundError(f"adapters: nothing at {folder!r}; pass the folder the training export "
+                                            "wrote (ref/ and sfo/), uploaded as it is") from None
+                self._downloads[key] = download
+            path = Path(self._downloads[key].name) / "adapters"
+        else:
+            path = Path(folder)
+        _check_folder(path, folder)
+        return path
+
     def load_set(self, name: str, folder: str) -> None:
-        """Loads adapter set ``name`` (``folder`` with ref/ and sfo/, safetensors only) beside the others."""
+        """Loads adapter set ``name`` (``folder`` with ref/ and sfo/, safetensors only; a path or a URI) beside
+        the others."""
         if name in self.adapter_sets:
             return
-        path = Path(folder)
-        _check_folder(path)
+        path = self._local(folder)
         ref, sfo = lora_names(name, "sfo")
         try:
             load_adapter(self.model.transformer, path / REF, ref)
@@ -125,7 +150,7 @@ class Generator:
         except Exception:
             self._delete([ref, sfo])
             raise
-        self.adapter_sets[name] = str(path)
+        self.adapter_sets[name] = folder
 
     def unload_set(self, name: str) -> None:
         """Removes adapter set ``name``'s LoRA layers (the default set stays)."""

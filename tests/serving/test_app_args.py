@@ -110,3 +110,15 @@ def test_bad_gpu_arg_raises_naming_the_field_not_a_variable():
     with pytest.raises(ValueError, match="gpus_per_replica") as caught:
         build_app({**ARGS, "gpus_per_replica": -1})
     assert "SFO_SERVE" not in str(caught.value).split(":")[1]  # the bad value came from args, not the environment
+
+
+def test_adapter_folders_given_as_uris_pass_as_they_are_and_other_schemes_are_refused():
+    """An s3:// or gs:// folder reaches the replicas unchanged (each downloads it; Path() would fold 's3://' to
+    's3:/'); a scheme no filesystem serves fails naming the field."""
+    init_args, _ = _generator({**ARGS, "adapters": "s3://bucket/runs/adapters",
+                               "adapter_sets": {"v2": "gs://bucket/v2/adapters"}})
+    assert init_args[1] == "s3://bucket/runs/adapters" and init_args[6] == {"v2": "gs://bucket/v2/adapters"}
+    with pytest.raises(ValueError, match=r"serving args: adapters: .*'ftp'"):
+        build_app({**ARGS, "adapters": "ftp://host/adapters"})
+    with pytest.raises(ValueError, match=r"adapter_sets\.v2: .*names no bucket"):
+        build_app({**ARGS, "adapter_sets": {"v2": "s3:///adapters"}})
