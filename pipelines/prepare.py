@@ -2,7 +2,7 @@
 
     python -m pipelines.prepare --config pipelines/configs/prepare.yaml [key=value ...]
 
-Sources:
+Sources (``pipelines.prepare_sources``):
 - ``shapes``: the shapes world (``sfo.shapes.world``; 48 px, exact oracles), the main job's default.
 - ``synthetic``: simple procedural subjects at any size (no downloads).
 - ``subjects200k``: Subjects200K pairs (paper Sec. 3.1 / App. D.2), either a folder of
@@ -15,68 +15,80 @@ Sources:
 
 Each pair gives one triplet: one panel is the reference, the other the target, described by its
 own description. Which panel is which is decided per pair by a hash of its id (or both ways with
-``both_directions``), so reruns give the same file.
+``both_directions``), so reruns give the same rows.
 
-Rows go to ``part-NNNNN.parquet`` files of ``data.rows_per_file`` rows, each written whole (a temporary
-name, then renamed). Re-running into the same ``data.output`` resumes (``pipelines.resume``): finished
-files are kept, only the missing sample ids are made (and encoded), none is written twice, and the files
-end as an uninterrupted run's; a finished output is left as it is. The config is recorded in
-``<output>/_prepare.json``: a rerun with other content (another source, size, limit, seed, cache...)
-fails naming the field. ``cache.batch_size`` and ``data.rows_per_file`` may change between runs.
+``data.input`` and ``data.output`` are local paths, ``s3://bucket/key`` or ``gs://bucket/key``
+(``cluster.storage``). Rows go to ``part-NNNNN.parquet`` files of ``data.rows_per_file`` rows, numbered in
+source order and each written whole by this process (the driver). Re-running into the same ``data.output``
+resumes (``pipelines.resume``): finished files are kept, only the missing sample ids are made (and
+encoded), none is written twice, and the files end as an uninterrupted run's; a finished output is left
+as it is. The config is recorded in ``<output>/_prepare.json``: a rerun with other content (another
+source, size, limit, seed, cache...) fails naming the field. ``cache.batch_size``, ``data.rows_per_file``
+and ``scaling.*`` may change between runs.
 
 With ``cache.enabled`` the rows also carry the frozen encoders' outputs (``sfo.records.CACHE_FIELDS``:
 VAE latents of target and reference, T5 and pooled CLIP embeddings of the target text, and the
-model and size they were made with), which the sft/sfo jobs use instead of encoding the PNGs
-when their ``model.source`` and ``data.size`` match.
+model, size and storage dtype they were made with), which the sft/sfo jobs use instead of encoding the
+PNGs when their ``model.source`` and ``data.size`` match. The encoding is a Ray Data stage: the source's
+rows (Subjects200K panels cut and resized in Ray tasks) go to an actor pool of ``CacheEncoder``
+(``scaling.num_workers`` actors, ``scaling.gpus_per_worker`` GPUs each with ``scaling.use_gpu``), so the
+model is loaded on the actors, never on the driver, and many GPUs encode at once; the driver receives the
+encoded rows in source order and writes each file. Two dtypes, two fields:
+
+- ``cache.dtype``: the encoders' *compute* dtype (null: bf16 on GPU, fp32 on CPU), as ``model.dtype``.
+- ``cache.store_dtype``: how the tensors are *stored*, ``bf16`` (default: half the bytes; FLUX.1-dev's T5
+  embeddings of one prompt are 4 MiB instead of 8) or ``fp32``; each row's ``cache_dtype`` column says
+  which (``sfo.records.cache_bytes`` / ``decode_cache``).
+
+Without the cache no model is involved: the driver renders and writes the rows itself (no Ray).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import sys
 import time
-from collections.abc import Iterator, Set
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
 
-from pipelines.common import check_dtype
+from cluster import storage
+from pipelines.common import (
+    ScalingConfig, check_cluster_gpus, check_dtype, init_ray, ray_data_progress, use_torch_threads,
+)
 from pipelines.config import job_main, to_dict
+from pipelines.prepare_sources import quality_note, render_rows, shapes_rows, subjects200k_rows, synthetic_rows
 from pipelines.resume import check_same_config, done_keys, parquet_files, write_manifest, write_table_atomic
-from pipelines.synthetic import synthetic_triplets
-from sfo.shapes.world import SIZE as WORLD_SIZE, world_triplets
-from sfo.records import CACHE_FIELDS, TRIPLET_SCHEMA, decode_png, encode_png, float32_bytes, split_subjects200k_pair
+from sfo.records import CACHE_DTYPES, CACHE_FIELDS, TRIPLET_SCHEMA, cache_bytes, decode_png
+from sfo.shapes.world import SIZE as WORLD_SIZE
 
 SOURCES = ("shapes", "synthetic", "subjects200k")
-QUALITY_KEYS = ("compositeStructure", "objectConsistency", "imageQuality")
 ROWS_PER_FILE = 1000
-DEFAULT_SYNTHETIC_ROWS = 16
 STAGE = "prepare"  # its record: <output>/_prepare.json
 # Fields that change how the work is cut, not what any row holds: a rerun may change them (a smaller
 # cache.batch_size after running out of memory). Batches of another size may move cached floats in their
-# last bits (conv reductions), nothing more.
+# last bits (conv reductions), nothing more. Every scaling.* field too.
 EXECUTION_FIELDS = ("data.output", "data.rows_per_file", "cache.batch_size")
+PART = "prepare_part"  # the output file a row goes to, carried through the Ray Data stage (not written)
 
 
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    input: str | None = None  # Subjects200K folder or Parquet shard folder (source subjects200k)
-    output: str = "runs/data/triplets"  # folder of Parquet files
+    input: str | None = None  # Subjects200K folder or Parquet shard folder (source subjects200k): a path, s3:// or gs://
+    output: str = "runs/data/triplets"  # folder of Parquet files (path or URI); reruns resume into it
     limit: int | None = None  # at most this many triplets (synthetic: exactly, default 16)
     size: int = 512  # panels are resized to size x size
     seed: int = 0
     padding: int = 8  # Subjects200K panel padding (0 for padding-free 1024x512 copies)
     min_quality: int = 5  # OminiControl's filter: every quality score >= 5
     both_directions: bool = False  # two triplets per pair (each panel as the reference once)
-    rows_per_file: int = ROWS_PER_FILE  # rows per output file: a kill loses at most the file being made
+    rows_per_file: int = ROWS_PER_FILE  # rows per output file: a kill loses at most the file being made; with the
+    #                                     cache the driver holds one file's encoded rows (FLUX.1-dev: ~4.3 MiB/row in bf16)
 
     def __post_init__(self) -> None:
+        if self.input is not None:
+            self.input = storage.check_uri(self.input, "data.input")
+        self.output = storage.check_uri(self.output, "data.output")
         if self.source not in SOURCES:
             raise ValueError(f"data.source: unknown source {self.source!r}; use one of {list(SOURCES)}")
         if self.source == "subjects200k" and not self.input:
@@ -98,8 +110,9 @@ class CacheConfig:
     enabled: bool = False
     model: str = "tiny"  # the FLUX the training job will load ("tiny" or a local FLUX.1-dev folder)
     size: int | None = None  # pixel side to encode at; default data.size (must equal the training data.size)
-    dtype: str | None = None  # bf16 | fp32; default bf16 on GPU, fp32 on CPU (stored as float32 either way)
-    batch_size: int = 8  # rows per encoder call
+    dtype: str | None = None  # compute dtype, bf16 | fp32; default bf16 on GPU, fp32 on CPU (as model.dtype)
+    store_dtype: str = "bf16"  # how the tensors are stored: bf16 (half the bytes) | fp32; rows' cache_dtype column
+    batch_size: int = 8  # rows per encoder call (per actor)
 
     def __post_init__(self) -> None:
         if self.size is not None and (self.size < 16 or self.size % 16):
@@ -109,130 +122,50 @@ class CacheConfig:
         if not self.model:
             raise ValueError("cache.model: must not be empty; 'tiny' or a local FLUX.1-dev folder")
         check_dtype(self.dtype, "cache")
+        if self.store_dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache.store_dtype: unknown {self.store_dtype!r}; use one of {list(CACHE_DTYPES)}")
 
 
 @dataclass
 class PrepareConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
-
-
-@dataclass(frozen=True)
-class Pair:
-    pair_id: str
-    image: Image.Image
-    item: str
-    descriptions: tuple[str, str]
-    quality: dict | None
-
-
-def read_pair_folder(folder: Path) -> Iterator[Pair]:
-    """Pairs from ``NAME.png`` + ``NAME.txt`` (+ optional ``NAME.json``) files, sorted by name."""
-    for png in sorted(folder.glob("*.png")):
-        txt = png.with_suffix(".txt")
-        if not txt.is_file():
-            raise ValueError(f"data.input: {str(png)!r} has no description file {txt.name!r}")
-        fields = {}
-        for line in txt.read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields[key.strip().lower()] = value.strip()
-        missing = [k for k in ("instance", "description1", "description2") if not fields.get(k)]
-        if missing:
-            raise ValueError(f"data.input: {str(txt)!r} lacks {missing} lines ('Instance: ...', 'Description1: ...')")
-        quality_file = png.with_suffix(".json")
-        quality = json.loads(quality_file.read_text()) if quality_file.is_file() else None
-        yield Pair(png.stem, Image.open(png), fields["instance"], (fields["description1"], fields["description2"]), quality)
-
-
-def read_pair_parquet(folder: Path) -> Iterator[Pair]:
-    """Pairs from Parquet shards in the Hugging Face Subjects200K layout."""
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else [folder]
-    for path in files:
-        table = pq.read_table(path)
-        for name in ("image", "description"):
-            if name not in table.column_names:
-                raise ValueError(f"data.input: {str(path)!r} has no {name!r} column (Subjects200K layout expected)")
-        for index, row in enumerate(table.to_pylist()):
-            image = row["image"]["bytes"] if isinstance(row["image"], dict) else row["image"]
-            desc = row["description"]
-            yield Pair(f"{path.stem}-{index:07d}", Image.open(io.BytesIO(image)), desc["item"],
-                       (desc["description_0"], desc["description_1"]), row.get("quality_assessment"))
-
-
-def passes_quality(quality: dict | None, minimum: int) -> bool:
-    return quality is None or all((quality.get(key) or 0) >= minimum for key in QUALITY_KEYS)
-
-
-def subjects200k_rows(config: DataConfig, stats: dict, skip: Set[str] = frozenset()) -> Iterator[dict]:
-    """The source's rows in order; a row whose sample id is in ``skip`` comes as ``{"sample_id": id}`` only
-    (no panel resized or encoded: a resumed run's finished rows)."""
-    source = Path(config.input)
-    if not source.exists():
-        raise FileNotFoundError(f"data.input: {str(source)!r} does not exist")
-    has_parquet = source.is_file() or any(source.glob("*.parquet"))
-    pairs = read_pair_parquet(source) if has_parquet else read_pair_folder(source)
-    for pair in pairs:
-        stats["pairs"] += 1
-        if pair.quality is None:
-            stats["unscored"] += 1
-        if not passes_quality(pair.quality, config.min_quality):
-            stats["filtered"] += 1
-            continue
-        flip = int(hashlib.sha256(f"{config.seed}/{pair.pair_id}".encode()).hexdigest(), 16) % 2
-        directions = [(0, 1), (1, 0)] if config.both_directions else [(flip, 1 - flip)]
-        panels = None
-        for ref, tgt in directions:
-            sample_id = f"s200k-{pair.pair_id}-{tgt}"
-            if sample_id in skip:
-                yield {"sample_id": sample_id}
-                continue
-            if panels is None:
-                panels = [p.resize((config.size, config.size), Image.BICUBIC)
-                          for p in split_subjects200k_pair(pair.image, padding=config.padding)]
-            yield {
-                "sample_id": sample_id,
-                "item": pair.item,
-                "target_text": pair.descriptions[tgt],
-                "reference_png": encode_png(panels[ref]),
-                "target_png": encode_png(panels[tgt]),
-                "source": f"subjects200k:{source.name}",
-            }
-
-
-def synthetic_rows(config: DataConfig, skip: Set[str] = frozenset()) -> Iterator[dict]:
-    for t in synthetic_triplets(config.limit or DEFAULT_SYNTHETIC_ROWS, config.size, config.seed):
-        yield {"sample_id": t.sample_id} if t.sample_id in skip else {
-            "sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
-            "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "synthetic"}
-
-
-def shapes_rows(config: DataConfig, skip: Set[str] = frozenset()) -> Iterator[dict]:
-    for t in world_triplets(config.limit or DEFAULT_SYNTHETIC_ROWS, config.seed):
-        yield {"sample_id": t.sample_id} if t.sample_id in skip else {
-            "sample_id": t.sample_id, "item": t.item, "target_text": t.target_text,
-            "reference_png": encode_png(t.reference), "target_png": encode_png(t.target), "source": "shapes"}
+    # The encoder actors (cache.enabled only): scaling.num_workers actors, scaling.gpus_per_worker GPUs each
+    # with scaling.use_gpu, scaling.cpus_per_worker CPUs each (and for each Subjects200K render task).
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 class CacheEncoder:
-    """Adds ``CACHE_FIELDS`` to rows: the frozen VAE and text encoders' outputs (no math of its own)."""
+    """Adds ``CACHE_FIELDS`` to rows: the frozen VAE and text encoders' outputs (no math of its own). One
+    instance per Ray Data actor: the model loads there, once.
 
-    def __init__(self, config: CacheConfig, data_size: int) -> None:
+    Args:
+        config: the cache section (model, size, compute ``dtype``, ``store_dtype``, ``batch_size``).
+        data_size: ``data.size``, the default encoding size.
+        scaling: the actors' ``torch_threads``.
+    """
+
+    def __init__(self, config: CacheConfig, data_size: int, scaling: ScalingConfig | None = None) -> None:
         from sfo.models import load_flux, model_identity
 
+        if scaling is not None:
+            use_torch_threads(scaling)
         self.config = config
         self.size = config.size or data_size
         self.identity = model_identity(config.model)
         self.model = load_flux(config.model, dtype=config.dtype)
 
-    def _images(self, column: list[bytes]) -> list[Image.Image]:
+    def _images(self, column: list[bytes]) -> list:
         images = [decode_png(b) for b in column]  # resized as the training job resizes PNGs
         return [im if im.size == (self.size, self.size) else im.resize((self.size, self.size)) for im in images]
 
-    def __call__(self, rows: list[dict]) -> list[dict]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """B triplet rows (a Ray Data ``pyarrow`` batch; extra columns pass through) -> the same rows with
+        ``CACHE_FIELDS``, tensors as ``cache.store_dtype`` bytes."""
         from sfo.latents import encode_images
         from sfo.text import encode_prompts
 
-        out = []
+        rows, out, dtype = batch.to_pylist(), [], self.config.store_dtype
         for start in range(0, len(rows), self.config.batch_size):
             chunk = rows[start:start + self.config.batch_size]
             target = encode_images(self.model, self._images([r["target_png"] for r in chunk])).float().cpu()  # (B, L, 64)
@@ -241,42 +174,106 @@ class CacheEncoder:
             embeds, pooled = text.prompt_embeds.float().cpu(), text.pooled.float().cpu()  # (B, Lt, D), (B, P)
             for i, row in enumerate(chunk):
                 out.append(row | {
-                    "cache_target_latents": float32_bytes(target[i]), "cache_reference_latents": float32_bytes(reference[i]),
-                    "cache_prompt_embeds": float32_bytes(embeds[i]), "cache_pooled": float32_bytes(pooled[i]),
+                    "cache_target_latents": cache_bytes(target[i].numpy(), dtype),
+                    "cache_reference_latents": cache_bytes(reference[i].numpy(), dtype),
+                    "cache_prompt_embeds": cache_bytes(embeds[i].numpy(), dtype),
+                    "cache_pooled": cache_bytes(pooled[i].numpy(), dtype),
                     "cache_latent_tokens": target.shape[1], "cache_text_tokens": embeds.shape[1],
-                    "cache_model": self.identity, "cache_size": self.size,
+                    "cache_model": self.identity, "cache_size": self.size, "cache_dtype": dtype,
                 })
-        return out
+        return pa.Table.from_pylist(out)
+
+
+def render_batch(batch: pa.Table, size: int, padding: int) -> pa.Table:
+    """``prepare_sources.render_rows`` as a Ray Data ``pyarrow`` map: units in, triplet rows (+ ``PART``) out."""
+    return pa.Table.from_pylist(render_rows(batch.to_pylist(), size, padding))
 
 
 def recorded_fields(config: PrepareConfig) -> dict:
-    """What the rows depend on, as dotted field -> plain value (``EXECUTION_FIELDS`` left out; paths resolved)."""
+    """What the rows depend on, as dotted field -> plain value (``EXECUTION_FIELDS`` and ``scaling.*`` left out;
+    paths made absolute, URIs kept)."""
     fields = {f"{section}.{name}": value
               for section, values in to_dict(config).items() for name, value in values.items()}
     if fields["data.input"] is not None:
-        fields["data.input"] = str(Path(fields["data.input"]).resolve())
-    if Path(fields["cache.model"]).exists():  # a FLUX folder, not "tiny"
-        fields["cache.model"] = str(Path(fields["cache.model"]).resolve())
-    return {k: v for k, v in fields.items() if k not in EXECUTION_FIELDS}
+        fields["data.input"] = storage.absolute(fields["data.input"])
+    if storage.exists(fields["cache.model"]):  # a local FLUX folder, not "tiny"
+        fields["cache.model"] = storage.absolute(fields["cache.model"])
+    return {k: v for k, v in fields.items() if k not in EXECUTION_FIELDS and not k.startswith("scaling.")}
 
 
-def free_name(output: Path, index: int) -> Path:
-    """``part-{index}.parquet``, or ``part-{index}-{k}.parquet`` with the first free k when a kept file has the name."""
-    path, k = output / f"part-{index:05d}.parquet", 0
-    while path.exists():
+def free_name(output: str, index: int) -> str:
+    """``part-{index}.parquet``, or ``part-{index}-{k}.parquet`` with the first free k when a kept file has the
+    name (local or URI)."""
+    path, k = storage.join(output, f"part-{index:05d}.parquet"), 0
+    while storage.exists(path):
         k += 1
-        path = output / f"part-{index:05d}-{k}.parquet"
+        path = storage.join(output, f"part-{index:05d}-{k}.parquet")
     return path
 
 
-def run(config: PrepareConfig) -> Path:
+def plan_parts(config: DataConfig, rows, done: set[str]) -> tuple[list[tuple[int, list[dict]]], int]:
+    """(the output files still to make: (part index, its missing units), in source order; the source's total
+    rows). Part k holds rows k * rows_per_file ... of the source (done rows included), as a straight run."""
+    parts: dict[int, list[dict]] = {}
+    total = 0
+    for row in rows:
+        if row["sample_id"] not in done:
+            parts.setdefault(total // config.rows_per_file, []).append(row)
+        total += 1
+        if config.limit is not None and total >= config.limit:
+            break
+    return list(parts.items()), total
+
+
+def encode_on_ray(config: PrepareConfig, parts: list[tuple[int, list[dict]]]):
+    """The cache's Ray Data stage: units -> render tasks -> ``CacheEncoder`` actor pool; yields (part, rows) in
+    source order, one output file's rows at a time (what the driver holds)."""
+    import ray
+
+    init_ray()  # --address, RAY_ADDRESS or a fresh local Ray (the main job's, when it started one)
+    scaling = config.scaling
+    check_cluster_gpus(scaling, STAGE)
+    gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
+    ray_data_progress()
+    context = ray.data.DataContext.get_current()
+    ordered = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # rows come back in source order: files as a straight run's
+    try:
+        # One block per output file: the encoder's batches never span two files, as in a rerun that makes one.
+        ds = ray.data.from_blocks([pa.Table.from_pylist([u | {PART: part} for u in units]) for part, units in parts])
+        ds = ds.map_batches(render_batch, fn_kwargs={"size": config.data.size, "padding": config.data.padding},
+                            batch_size=None, batch_format="pyarrow", num_cpus=scaling.cpus_per_worker)
+        ds = ds.map_batches(
+            CacheEncoder,
+            fn_constructor_kwargs={"config": config.cache, "data_size": config.data.size, "scaling": scaling},
+            compute=ray.data.ActorPoolStrategy(size=scaling.num_workers),
+            batch_size=min(config.cache.batch_size, config.data.rows_per_file),
+            batch_format="pyarrow",
+            num_cpus=scaling.cpus_per_worker,
+            **gpus,
+        )
+        current, rows = None, []
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row[PART] != current and rows:
+                    yield current, rows
+                    rows = []
+                current = row[PART]
+                rows.append(row)
+        if rows:
+            yield current, rows
+    finally:
+        context.execution_options.preserve_order = ordered
+
+
+def run(config: PrepareConfig) -> str:
     """Writes the triplet Parquet files, or the ones an earlier run into ``data.output`` left missing; returns
-    the output folder."""
+    the output folder (path or URI, as given)."""
     data = config.data
-    output = Path(data.output)
+    output = data.output
     manifest = check_same_config(output, STAGE, recorded_fields(config), field_of_output="data.output",
-                                 has_files=output.is_dir() and bool(parquet_files(output)),
-                                 fresh_fix=f"pick a new data.output (or delete {str(output)!r} yourself)")
+                                 has_files=bool(parquet_files(output)),
+                                 fresh_fix=f"pick a new data.output (or delete {output!r} yourself)")
     found, moved = done_keys(output, ["sample_id"])
     done = {key[0] for key in found}
     for path in moved:
@@ -290,42 +287,26 @@ def run(config: PrepareConfig) -> Path:
     stats = {"pairs": 0, "filtered": 0, "unscored": 0}
     sources = {"shapes": shapes_rows, "synthetic": synthetic_rows}
     rows = sources[data.source](data, done) if data.source in sources else subjects200k_rows(data, stats, done)
-    encoder = None  # loaded when the first row to encode comes: a rerun with little left skips the load
-    schema = pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS) if config.cache.enabled else TRIPLET_SCHEMA
-    started, total, written, chunk, part = time.time(), 0, 0, [], 0
-
-    def flush():
-        """Writes the current file's missing rows (all of them unless a kept file holds some)."""
-        nonlocal encoder, chunk, part, written
-        missing = [row for row in chunk if row["sample_id"] not in done]
-        if missing:
-            if config.cache.enabled and encoder is None:
-                encoder = CacheEncoder(config.cache, data.size)
-            out = encoder(missing) if encoder else missing
-            write_table_atomic(pa.Table.from_pylist(out, schema=schema), free_name(output, part))
-            written += len(missing)
-            print(f"  prepare: {total} triplets, {written} new ({written / (time.time() - started):.1f}/s)", flush=True)
-        part += 1
-        chunk = []
-
-    for row in rows:
-        chunk.append(row)
-        total += 1
-        if len(chunk) >= data.rows_per_file:
-            flush()
-        if data.limit is not None and total >= data.limit:
-            break
-    if chunk:
-        flush()
+    parts, total = plan_parts(data, rows, done)
     if total == 0:
         raise ValueError(f"data.input: no triplet survived (pairs read: {stats['pairs']}, "
                          f"below quality {data.min_quality}: {stats['filtered']})")
+    schema = pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS) if config.cache.enabled else TRIPLET_SCHEMA
+    storage.makedirs(output)
+    started, written = time.time(), 0
+    if not parts:
+        made = iter(())
+    elif config.cache.enabled:
+        made = encode_on_ray(config, parts)  # the model loads on the actors only when something is left to encode
+    else:
+        made = ((part, render_rows(units, data.size, data.padding)) for part, units in parts)
+    for part, out in made:
+        write_table_atomic(pa.Table.from_pylist(out, schema=schema), free_name(output, part))
+        written += len(out)
+        print(f"  prepare: {total} triplets, {written} new ({written / (time.time() - started):.1f}/s)", flush=True)
     write_manifest(output, STAGE, manifest | {"finished": {"rows": total}})
-    detail = "" if data.source in sources else (
-        f" from {stats['pairs']} pairs ({stats['filtered']} dropped below quality {data.min_quality}, "
-        f"{stats['unscored']} without scores kept)")
-    cached = (f" with cached latents/embeddings ({encoder.identity}, {encoder.size} px)" if encoder else
-              " with cached latents/embeddings" if config.cache.enabled else "")
+    detail = "" if data.source in sources else quality_note(stats, data.min_quality)
+    cached = f" with cached latents/embeddings ({config.cache.store_dtype})" if config.cache.enabled else ""
     kept = f" ({total - written} kept from an earlier run)" if total > written else ""
     print(f"prepare: wrote {written} triplets{kept}{detail}{cached} to {output} in {time.time() - started:.1f} s",
           flush=True)
