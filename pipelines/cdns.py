@@ -23,7 +23,6 @@ cache's small columns; the sfo job joins the rest back from the triplets (its ``
 
 from __future__ import annotations
 
-import hashlib
 import sys
 import time
 import uuid
@@ -38,6 +37,7 @@ from pipelines.common import (
 )
 from pipelines.config import ConfigError, job_main, to_dict
 from pipelines.dpo_dino import DpoDinoGenerator
+from pipelines.evaluate_io import adapter_sha256
 from pipelines.negatives import (  # noqa: F401 - the job's config and generator, re-exported
     DPO_DINO_MODE, LEGACY_CACHE_DTYPE, NO_ADAPTER, RUNNERS, SEED_BITS, CdnsConfig, CdnsSection, DataConfig,
     NegativeGenerator, sample_seed,
@@ -67,15 +67,6 @@ def check_inputs(config: CdnsConfig) -> list[str]:
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
     return files
-
-
-def adapter_sha256(folder: str | None) -> str | None:
-    """``sha256:<hex>`` of an adapter folder's weight file (read through ``cluster.storage``), None for none."""
-    from sfo.adapters import LORA_WEIGHTS
-
-    if folder is None:
-        return None
-    return "sha256:" + hashlib.sha256(storage.read_bytes(storage.join(folder, LORA_WEIGHTS))).hexdigest()
 
 
 def recorded_fields(config: CdnsConfig) -> dict:

@@ -9,7 +9,8 @@ instance; the Ray Data job runs an actor pool of it, ``runner=local`` a plain lo
 
 Writes ``<output>/images/*.parquet`` (method, subject, prompt, seed, image png, scores),
 ``<output>/summary.json`` and ``summary.csv`` (per method overall and per subject), and prints the
-table. Without ``eval.dreambench`` it runs on the embedded synthetic subjects. Scores from the tiny
+table. ``output`` and the methods' adapter folders are local paths or ``s3://`` / ``gs://`` URIs
+(``cluster.storage``; the files go through ``pipelines.evaluate_io``). Without ``eval.dreambench`` it runs on the embedded synthetic subjects. Scores from the tiny
 random encoders carry ``metrics.RANDOM_ENCODERS_NOTE``.
 
 Re-running into the same ``output`` resumes (``pipelines.resume``): images already written are kept (a
@@ -21,8 +22,6 @@ recorded in ``<output>/_evaluate.json``: a method may be added, but a rerun that
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 import uuid
@@ -30,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from cluster import storage
+from pipelines import evaluate_io
 from pipelines.common import (ModelConfig, ScalingConfig, check_cluster_gpus, check_image_guidance, init_ray,
                               ray_data_progress, use_torch_threads)
 from pipelines.config import ConfigError, job_main, to_dict
-from pipelines.resume import check_same_config, done_keys, first_per_key, parquet_files, write_table_atomic
+from pipelines.evaluate_io import batches_to_make, images_folder, key_of, only_keys  # noqa: F401 - re-exported
+from pipelines.resume import check_same_config, done_keys, parquet_files, write_table_atomic  # noqa: F401
 from sfo.modes import SamplingMode
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -58,12 +59,15 @@ EXECUTION_FIELDS = ("output", "runner", "scaling", "eval.batch_size", "model.ref
 @dataclass
 class MethodConfig:
     name: str = "base"
-    ref_adapter: str | None = None  # folder of the "ref" LoRA (sft job output)
-    sfo_adapter: str | None = None  # folder of the "sfo" LoRA (sfo job output)
+    ref_adapter: str | None = None  # folder of the "ref" LoRA (sft job output): a path, s3:// or gs://
+    sfo_adapter: str | None = None  # folder of the "sfo" LoRA (sfo job output): a path, s3:// or gs://
     active: list[str] = field(default_factory=list)  # adapters applied while sampling, e.g. [ref] or [ref, sfo]
     sampling: SamplingMode | None = None  # this method's sampler mode (sfo.modes); null = the eval section's
 
     def __post_init__(self) -> None:
+        for role in ADAPTER_NAMES:
+            if getattr(self, f"{role}_adapter") is not None:
+                setattr(self, f"{role}_adapter", storage.check_uri(getattr(self, f"{role}_adapter"), f"methods.{role}_adapter"))
         for name in self.active:
             if name not in ADAPTER_NAMES:
                 raise ValueError(f"methods.active: unknown adapter {name!r} in method {self.name!r}; use {list(ADAPTER_NAMES)}")
@@ -119,12 +123,13 @@ class EvaluateConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # model.ref_adapter is unused: methods name adapters
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
     eval: EvalSection = field(default_factory=EvalSection)
-    output: Path = Path("runs/evaluate")
+    output: str = "runs/evaluate"  # a path, s3:// or gs://
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     runner: str = "ray"
 
     def __post_init__(self) -> None:
         check_runner_and_methods(self.runner, self.methods)
+        self.output = storage.check_uri(self.output, "output")
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,7 @@ def load_methods(config, device: str | None = None):
     from sfo.models import load_flux
 
     model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
-    loaded: dict[str, str] = {}  # resolved folder -> adapter name on the transformer
+    loaded: dict[str, str] = {}  # absolute folder or URI -> adapter name on the transformer
     active: dict[str, list[str]] = {}
     for spec in config.methods:
         active[spec.name] = []
@@ -196,10 +201,11 @@ def load_methods(config, device: str | None = None):
             folder = getattr(spec, f"{role}_adapter")
             if folder is None:
                 continue
-            key = str(Path(folder).resolve())
+            key = storage.absolute(folder)
             if key not in loaded:
                 loaded[key] = f"{role}{len(loaded)}"
-                adapters.load_adapter(model.transformer, folder, loaded[key])
+                with storage.local_copy(folder) as local:  # a URI: a temporary download, removed once loaded
+                    adapters.load_adapter(model.transformer, local, loaded[key])
             if role in spec.active:
                 active[spec.name].append(loaded[key])
     applied = config.model.adapter_context()
@@ -277,7 +283,7 @@ def check_methods(config) -> None:
     for index, method in enumerate(config.methods):
         for name in ADAPTER_NAMES:
             folder = getattr(method, f"{name}_adapter")
-            if folder is not None and not (Path(folder) / LORA_WEIGHTS).is_file():
+            if folder is not None and not storage.is_file(storage.join(folder, LORA_WEIGHTS)):
                 raise ConfigError(f"methods[{index}].{name}_adapter: no {LORA_WEIGHTS} in {folder!r} (method {method.name!r})")
 
 
@@ -297,17 +303,7 @@ def check_config(config: EvaluateConfig) -> Benchmark:
         raise ConfigError(str(exc) if str(exc).startswith("eval.") else f"eval.dreambench: {exc}") from None
 
 
-def key_of(row: dict, key: tuple[str, ...]) -> tuple:
-    return tuple(row[c] for c in key)
-
-
-def only_keys(table: pa.Table, keys: list[tuple], key: tuple[str, ...]) -> pa.Table:
-    """The rows of ``table`` whose ``key`` columns are one of ``keys``."""
-    wanted = set(keys)
-    return table.filter(pa.array([k in wanted for k in zip(*(table.column(c).to_pylist() for c in key))], pa.bool_()))
-
-
-def run_local(config, rows: list[dict], folder: Path, evaluator_class=None, prefix: str = "part",
+def run_local(config, rows: list[dict], folder: str, evaluator_class=None, prefix: str = "part",
               keep: list[tuple] | None = None, key: tuple[str, ...] = IMAGE_KEY) -> None:
     """Generates and scores ``rows`` (any methods) in this process, batches of ``eval.batch_size`` rows in
     order, one Parquet file per batch (``{prefix}_{index}.parquet``, each written whole); with ``keep``,
@@ -316,11 +312,12 @@ def run_local(config, rows: list[dict], folder: Path, evaluator_class=None, pref
     size = config.eval.batch_size
     for index, start in enumerate(range(0, len(rows), size)):
         out = evaluator(pa.Table.from_pylist(rows[start:start + size]))
-        write_table_atomic(out if keep is None else only_keys(out, keep, key), folder / f"{prefix}_{index:06d}.parquet")
+        write_table_atomic(out if keep is None else only_keys(out, keep, key),
+                           storage.join(folder, f"{prefix}_{index:06d}.parquet"))
         print(f"[evaluate] {min(start + size, len(rows))}/{len(rows)} images", flush=True)
 
 
-def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None, prefix: str | None = None,
+def run_ray(config, rows: list[dict], folder: str, evaluator_class=None, prefix: str | None = None,
             keep: list[tuple] | None = None, key: tuple[str, ...] = IMAGE_KEY) -> None:
     """Generates and scores ``rows`` (every method's) on one Ray Data actor pool of ``evaluator_class``.
 
@@ -346,30 +343,13 @@ def run_ray(config, rows: list[dict], folder: Path, evaluator_class=None, prefix
     if keep is not None:
         ds = ds.map_batches(only_keys, fn_kwargs={"keys": keep, "key": key}, batch_format="pyarrow", batch_size=None,
                             num_cpus=scaling.cpus_per_worker)
-    ds.write_parquet(str(folder), **({"filename_provider": FilenameProvider(prefix, "parquet")} if prefix else {}))
-
-
-def batches_to_make(rows: list[dict], found: set[tuple], key: tuple[str, ...],
-                    size: int) -> tuple[list[dict], list | None]:
-    """The batches of ``rows`` (cut every ``size`` rows, as a straight run cuts them) that hold a row not in
-    ``found``, concatenated; and the keys of the rows to write (None: all of them).
-
-    Making whole batches gives each image the batch a straight run gave it: a batch's other rows change an
-    image's floats in their last bits (batched kernels), and a resumed run then differs from a straight one.
-    """
-    batches = [rows[i:i + size] for i in range(0, len(rows), size)]
-    todo = [b for b in batches if any(key_of(row, key) not in found for row in b)]
-    made = [row for b in todo for row in b]  # cut every `size` rows again: the same batches (only the last is short)
-    missing = [key_of(row, key) for row in made if key_of(row, key) not in found]
-    return made, (None if len(missing) == len(made) else missing)
+    ds.write_parquet(folder, **({"filename_provider": FilenameProvider(prefix, "parquet")} if prefix else {}))
 
 
 def recorded_fields(config) -> dict:
     """What an evaluation's images depend on, as dotted field -> plain value (``EXECUTION_FIELDS`` left out):
     the model and eval sections (selection included), and per method its active adapters, the sha256 of
     their weight files and its effective sampler mode. Shared with ``pipelines.evaluate_shapes``."""
-    from sfo.adapters import LORA_WEIGHTS
-
     plain = to_dict(config)
     fields = {f"{section}.{name}": value for section in ("model", "eval") for name, value in plain[section].items()}
     for name in ("model.source", "eval.dreambench", "eval.dino_encoder", "eval.clip_encoder"):
@@ -381,19 +361,18 @@ def recorded_fields(config) -> dict:
         fields[f"{key}.sampling"] = to_dict(method.sampling or config.eval.sampling)
         for role in ADAPTER_NAMES:
             folder = getattr(method, f"{role}_adapter")
-            fields[f"{key}.{role}_adapter"] = None if folder is None else "sha256:" + hashlib.sha256(
-                (Path(folder) / LORA_WEIGHTS).read_bytes()).hexdigest()
+            fields[f"{key}.{role}_adapter"] = evaluate_io.adapter_sha256(folder)
     return {k: v for k, v in fields.items() if not any(k == e or k.startswith(e + ".") for e in EXECUTION_FIELDS)}
 
 
 def generate_missing(config, rows: list[dict], key: tuple[str, ...], stage: str, evaluator_class=None) -> None:
     """Generates and scores the ``rows`` not yet under ``<output>/images`` (keyed by ``key``); refuses an output
     made with another config (``pipelines.resume.check_same_config``). Shared with ``pipelines.evaluate_shapes``."""
-    folder = config.output / "images"
+    folder = images_folder(config.output)
     tag = f"[{stage}]"
     check_same_config(config.output, stage, recorded_fields(config), field_of_output="output",
-                      has_files=folder.is_dir() and bool(parquet_files(folder)),
-                      fresh_fix=f"pass a new output=... (or delete {str(folder)!r} yourself)")
+                      has_files=bool(parquet_files(folder)),
+                      fresh_fix=f"pass a new output=... (or delete {folder!r} yourself)")
     found, moved = done_keys(folder, list(key))
     for path in moved:
         print(f"{tag} moved unreadable {path} aside (*.incomplete); its images are generated again", flush=True)
@@ -401,7 +380,6 @@ def generate_missing(config, rows: list[dict], key: tuple[str, ...], stage: str,
     print(f"{tag} {len(rows) - missing} image(s) already in {folder} are kept, {missing} to generate", flush=True)
     if not missing:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     prefix = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # never a kept file's name
     for attempt in range(2 if config.runner == "ray" else 1):
         made, keep = batches_to_make(rows, found, key, config.eval.batch_size)
@@ -416,18 +394,10 @@ def generate_missing(config, rows: list[dict], key: tuple[str, ...], stage: str,
         found = done_keys(folder, list(key))[0]  # moves a file cut short by a killed writer aside
 
 
-def read_images(output: Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA,
+def read_images(output: str | Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA,
                 key: tuple[str, ...] = IMAGE_KEY) -> pa.Table:
-    """The scored images of ``methods`` under ``output/images``, read as ``schema``: in method order, then
-    sorted by ``key``, each ``key`` once (the same table however a resumed run split its files)."""
-    import pyarrow.compute as pc
-
-    folder = output / "images"
-    files = parquet_files(folder) if folder.is_dir() else []
-    if not files:
-        return schema.empty_table()
-    table = pa.concat_tables([pq.read_table(f, schema=schema) for f in files])
-    return pa.concat_tables([first_per_key(table.filter(pc.equal(table["method"], m)), list(key)) for m in methods])
+    """The scored images of ``methods`` under ``output/images`` (``pipelines.evaluate_io.read_images``)."""
+    return evaluate_io.read_images(str(output), methods, schema, key)
 
 
 def summarize(table: pa.Table) -> dict:
@@ -465,15 +435,14 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def write_summary(summary: dict, output: Path) -> None:
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+def write_summary(summary: dict, output: str) -> None:
     lines = ["method,subject,images,dino,clip_i,clip_t,note"]
     note = summary["note"] if summary["random_encoders"] else ""
     for method, m in summary["methods"].items():
         lines.append(f"{method},ALL,{m['images']},{m['dino']:.6f},{m['clip_i']:.6f},{m['clip_t']:.6f},{note}")
         for subject, s in summary["subjects"][method].items():
             lines.append(f"{method},{subject},{s['images']},{s['dino']:.6f},{s['clip_i']:.6f},{s['clip_t']:.6f},{note}")
-    (output / "summary.csv").write_text("\n".join(lines) + "\n")
+    evaluate_io.write_summary(summary, output, lines)
 
 
 def run(config: EvaluateConfig) -> dict:
@@ -487,7 +456,8 @@ def run(config: EvaluateConfig) -> dict:
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     write_summary(summary, config.output)
     print(format_table(summary), flush=True)
-    print(f"[evaluate] wrote {config.output}/summary.json, summary.csv in {time.time() - started:.1f} s", flush=True)
+    print(f"[evaluate] wrote {storage.join(config.output, 'summary.json')}, summary.csv in {time.time() - started:.1f} s",
+          flush=True)
     return summary
 
 

@@ -14,13 +14,13 @@ generated ``eval.seeds`` times per method from its reference and target text. Sa
     python -m pipelines.evaluate_shapes --config pipelines/configs/evaluate_shapes.yaml [key=value ...]
 
 Writes ``<output>/images/*.parquet`` (image, every attribute judged), ``summary.json``
+(``output``: a local path or an ``s3://`` / ``gs://`` URI)
 (per method: rate and standard error of each judgement) and prints the table. Re-running into the same
 ``output`` resumes as ``pipelines.evaluate`` does (record: ``<output>/_evaluate_shapes.json``).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -29,8 +29,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from cluster import storage
+
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
-from pipelines import evaluate
+from pipelines import evaluate_io
 from pipelines.config import job_main
 from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, generate_missing, load_methods,
                                 method_groups, method_samplers)
@@ -72,12 +74,13 @@ class ShapesEvaluateConfig:
     model: ModelConfig = field(default_factory=lambda: ModelConfig(source="shapes"))
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig()])
     eval: WorldEvalSection = field(default_factory=WorldEvalSection)
-    output: Path = Path("runs/evaluate_shapes")
+    output: str = "runs/evaluate_shapes"  # a path, s3:// or gs://
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     runner: str = "ray"
 
     def __post_init__(self) -> None:
         check_runner_and_methods(self.runner, self.methods)
+        self.output = storage.check_uri(self.output, "output")
 
 
 def eval_triplets(section: WorldEvalSection) -> dict:
@@ -134,8 +137,8 @@ class ShapesEvaluator:
         }, schema=IMAGE_SCHEMA)
 
 
-def read_images(output: Path, methods: list[str]) -> pa.Table:
-    return evaluate.read_images(output, methods, IMAGE_SCHEMA, IMAGE_KEY)
+def read_images(output: str | Path, methods: list[str]) -> pa.Table:
+    return evaluate_io.read_images(str(output), methods, IMAGE_SCHEMA, IMAGE_KEY)
 
 
 def summarize(table: pa.Table) -> dict:
@@ -169,9 +172,9 @@ def run(config: ShapesEvaluateConfig) -> dict:
           f"({config.runner}, one model for all methods)", flush=True)
     generate_missing(config, rows, IMAGE_KEY, STAGE, ShapesEvaluator)
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
-    (config.output / "summary.json").write_text(json.dumps(summary, indent=2))
+    evaluate_io.write_summary(summary, config.output)
     print(format_table(summary), flush=True)
-    print(f"[evaluate_shapes] wrote {config.output}/summary.json in {time.time() - started:.1f} s", flush=True)
+    print(f"[evaluate_shapes] wrote {storage.join(config.output, 'summary.json')} in {time.time() - started:.1f} s", flush=True)
     return summary
 
 

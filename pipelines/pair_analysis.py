@@ -8,6 +8,8 @@ Reads the cdns stage's quadruplet Parquet, scores DINO(target_png, negative_png)
   ``data.input`` (Table F trains on Low, Mid, High or all three);
 - ``<output>/histogram.json``: numpy histogram counts/edges of ``pair_dino`` and the thresholds.
 
+Input and output are local paths or ``s3://`` / ``gs://`` URIs (``cluster.storage``); each file is written whole.
+
 Buckets are tertiles of ``pair_dino`` unless ``analysis.thresholds=[low,high]`` is given.
 A plain in-process loop (no Ray): the encoders are small next to generation.
 
@@ -16,17 +18,16 @@ A plain in-process loop (no Ray): the encoders are small next to generation.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from cluster import storage
 from pipelines.config import ConfigError, job_main
+from pipelines.resume import parquet_files
 
 BUCKETS = ("low", "mid", "high")  # ascending pair DINO similarity
 TERTILES = (1 / 3, 2 / 3)
@@ -34,8 +35,8 @@ TERTILES = (1 / 3, 2 / 3)
 
 @dataclass
 class AnalysisSection:
-    input: Path | None = None  # quadruplet Parquet file or folder (the cdns stage's output)
-    output: Path = Path("runs/analysis/pairs")
+    input: str | None = None  # quadruplet Parquet file or folder (the cdns stage's output): a path, s3:// or gs://
+    output: str = "runs/analysis/pairs"  # a path, s3:// or gs://
     bins: int = 20  # histogram bins over [-1, 1]
     thresholds: list[float] | None = None  # [low, high]: pair_dino < low -> low, >= high -> high; null = tertiles
     batch_size: int = 16
@@ -43,6 +44,9 @@ class AnalysisSection:
     clip_encoder: str = "tiny"  # only loaded alongside (Scorer holds both); "tiny" or a CLIP folder
 
     def __post_init__(self) -> None:
+        if self.input is not None:
+            self.input = storage.check_uri(self.input, "analysis.input")
+        self.output = storage.check_uri(self.output, "analysis.output")
         if self.bins < 1:
             raise ValueError(f"analysis.bins: must be at least 1, got {self.bins}")
         if self.thresholds is not None and (len(self.thresholds) != 2 or self.thresholds[0] > self.thresholds[1]):
@@ -87,12 +91,12 @@ def run(config: PairAnalysisConfig) -> dict:
     from sfo.records import QUADRUPLET_SCHEMA, check_schema
 
     a = config.analysis
-    if a.input is None or not a.input.exists():
-        raise ConfigError(f"analysis.input: {str(a.input)!r} does not exist; pass the cdns stage's quadruplet Parquet")
-    files = [a.input] if a.input.is_file() else sorted(p for p in a.input.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    if a.input is None or not storage.exists(a.input):
+        raise ConfigError(f"analysis.input: {a.input!r} does not exist; pass the cdns stage's quadruplet Parquet")
+    files = parquet_files(a.input)
     if not files:
-        raise ConfigError(f"analysis.input: no *.parquet under {str(a.input)!r}")
-    table = pa.concat_tables([pq.read_table(f) for f in files])
+        raise ConfigError(f"analysis.input: no *.parquet under {a.input!r}")
+    table = pa.concat_tables([storage.read_table(f) for f in files])
     try:
         check_schema(table, QUADRUPLET_SCHEMA, "analysis.input")
     except ValueError as exc:
@@ -103,18 +107,17 @@ def run(config: PairAnalysisConfig) -> dict:
     buckets = assign_buckets(scores, low, high)
     table = table.append_column("pair_dino", pa.array(scores, pa.float32())).append_column(
         "pair_bucket", pa.array(buckets, pa.string()))
-    a.output.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, a.output / "quadruplets.parquet")
+    storage.write_table(table, storage.join(a.output, "quadruplets.parquet"))
     counts = {}
     for name in BUCKETS:
         selected = table.filter(pc.equal(table["pair_bucket"], name))
-        pq.write_table(selected, a.output / f"bucket={name}.parquet")
+        storage.write_table(selected, storage.join(a.output, f"bucket={name}.parquet"))
         counts[name] = selected.num_rows
     hist, edges = np.histogram(scores, bins=a.bins, range=(-1.0, 1.0))
     result = {"rows": table.num_rows, "thresholds": [low, high], "counts": counts,
               "histogram": {"counts": hist.tolist(), "edges": edges.tolist()},
               "random_encoders": scorer.random_encoders, "note": RANDOM_ENCODERS_NOTE if scorer.random_encoders else ""}
-    (a.output / "histogram.json").write_text(json.dumps(result, indent=2))
+    storage.write_json(storage.join(a.output, "histogram.json"), result)
     print(f"[pair_analysis] {table.num_rows} pairs, thresholds low={low:.3f} high={high:.3f}, counts {counts}", flush=True)
     for c, left in zip(hist, edges):
         if c:

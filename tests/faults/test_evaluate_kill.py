@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -40,7 +41,7 @@ def test_a_killed_evaluate_job_keeps_its_images_and_the_rerun_ends_as_a_straight
         job.wait()
     files = parquet_files(output / "images")
     kept = evaluate.done_keys(output / "images", list(evaluate.IMAGE_KEY))[0]
-    files = [path for path in files if path.exists()]  # a file cut short was moved aside
+    files = [Path(path) for path in files if Path(path).exists()]  # a file cut short was moved aside
     assert 0 < len(kept) < SUBJECTS * SEEDS, f"kill after the first file: expected partial output, got {len(kept)}"
     stamps = {path: path.stat().st_mtime_ns for path in files}
 

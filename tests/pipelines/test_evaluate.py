@@ -263,7 +263,7 @@ def test_rerun_keeps_images_and_generates_only_the_missing_ones(local_run, datas
     straight, summary = local_run
     output = tmp_path / "eval"
     shutil.copytree(straight, output)
-    files = parquet_files(output / "images")
+    files = [Path(p) for p in parquet_files(output / "images")]
     assert len(files) == 4
     files[1].unlink()
     files[2].write_bytes(files[2].read_bytes()[:200])
