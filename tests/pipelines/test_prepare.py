@@ -33,17 +33,20 @@ def test_synthetic_source_writes_the_triplet_schema(tmp_path):
     assert pq.read_table(again).column("target_png").to_pylist() == table.column("target_png").to_pylist()
 
 
-def test_cache_columns_decode_to_the_encoders_outputs(tmp_path, tiny_flux):
-    """3 rows at 32 px, encoded 2 at a time: (32/16)^2 = 4 tokens of 64 features per image."""
+def test_cache_columns_decode_to_the_encoders_outputs(ray_local, tmp_path, tiny_flux):
+    """3 rows at 32 px, encoded 2 at a time by a Ray Data actor, stored as fp32: (32/16)^2 = 4 tokens of 64
+    features per image."""
     import torch
 
     from sfo.latents import encode_images
     from sfo.models import model_identity
     from sfo.text import encode_prompts
 
-    out = run(_config(tmp_path, "data.limit=3", "data.size=32", "cache.enabled=true", "cache.batch_size=2"))
+    out = run(_config(tmp_path, "data.limit=3", "data.size=32", "cache.enabled=true", "cache.batch_size=2",
+                      "cache.store_dtype=fp32"))
     table = pq.read_table(out)
     check_schema(table, pa.schema(list(TRIPLET_SCHEMA) + CACHE_FIELDS), "cached triplets")
+    assert table.column("cache_dtype").to_pylist() == ["fp32"] * 3
     assert set(table.column("cache_model").to_pylist()) == {model_identity("tiny")}
     assert table.column("cache_size").to_pylist() == [32] * 3
     assert table.column("cache_latent_tokens").to_pylist() == [4] * 3
@@ -60,16 +63,18 @@ def test_cache_columns_decode_to_the_encoders_outputs(tmp_path, tiny_flux):
     torch.testing.assert_close(cached["pooled"], text.pooled)
 
 
-def test_cache_at_another_size_resizes_first(tmp_path, tiny_flux):
+def test_cache_at_another_size_resizes_first(ray_local, tmp_path, tiny_flux):
     import torch
 
     from sfo.latents import encode_images
 
-    table = pq.read_table(run(_config(tmp_path, "data.limit=1", "data.size=32", "cache.enabled=true", "cache.size=48")))
+    table = pq.read_table(run(_config(tmp_path, "data.limit=1", "data.size=32", "cache.enabled=true", "cache.size=48",
+                                      "cache.store_dtype=fp32")))
     assert table.column("cache_size").to_pylist() == [48] and table.column("cache_latent_tokens").to_pylist() == [9]
     image = decode_png(table.column("target_png")[0].as_py()).resize((48, 48))
+    # encoded in a Ray actor (its own torch threads): conv reductions differ in the last float32 bits
     torch.testing.assert_close(torch.from_numpy(decode_cache(table.to_pydict())["target"]),
-                               encode_images(tiny_flux, [image]))
+                               encode_images(tiny_flux, [image]), rtol=1e-4, atol=1e-4)
 
 
 def _pair_folder(tmp_path, scores):
@@ -126,6 +131,89 @@ def test_shared_samples(tmp_path):
     assert table.num_rows == 3 and "Hedgehog" in table.column("item").to_pylist()
 
 
+def test_subjects200k_with_the_cache_renders_in_ray_as_without(ray_local, tmp_path):
+    """The cache's Ray Data stage cuts the pairs' panels itself: same rows as the driver's plain run."""
+    folder = _pair_folder(tmp_path, [5, 5, None])
+    common = ["data.source=subjects200k", f"data.input={folder}", "data.size=32", "data.both_directions=true",
+              "data.rows_per_file=4"]
+    plain = _rows(run(_config(tmp_path / "plain", *common)))
+    cached = _rows(run(_config(tmp_path / "cached", *common, "cache.enabled=true", "cache.batch_size=3")))
+    assert len(plain) == 6
+    assert {k: {c: r[c] for c in TRIPLET_SCHEMA.names} for k, r in cached.items()} == plain
+
+
+def test_subjects200k_from_s3_into_s3(s3_bucket, tmp_path):
+    """Both layouts read from an s3:// prefix (listing, PNG/TXT/JSON objects, Parquet shards) give the rows a
+    local folder gives, written to s3:// with their record."""
+    from cluster import storage
+
+    folder = _pair_folder(tmp_path, [5, 4, None])
+    storage.upload_folder(folder, f"{s3_bucket}/pairs")
+    common = ["data.source=subjects200k", "data.size=32"]
+    local = _rows(run(_config(tmp_path / "local", *common, f"data.input={folder}")))
+    out = run(load_config(PrepareConfig, None, [*common, f"data.input={s3_bucket}/pairs", f"data.output={s3_bucket}/out"]))
+    assert out == f"{s3_bucket}/out" and storage.is_file(f"{s3_bucket}/out/_prepare.json")
+    remote = _rows(out)
+    assert len(remote) == 2 and remote == local
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    rows = [{"image": {"bytes": (folder / f"pair{i}.png").read_bytes(), "path": None},
+             "description": {"item": f"thing {i}", "description_0": f"left {i}", "description_1": f"right {i}"}}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), shards / "train-00000.parquet", row_group_size=2)  # rows in 2 groups
+    storage.upload_folder(shards, f"{s3_bucket}/shards")
+    from_shards = _rows(run(load_config(PrepareConfig, None, [*common, f"data.input={s3_bucket}/shards",
+                                                              f"data.output={s3_bucket}/from-shards"])))
+    assert len(from_shards) == 3 and from_shards == _rows(run(_config(tmp_path / "shards-local", *common,
+                                                                      f"data.input={shards}")))
+
+
+def test_cache_into_s3_in_bf16_resumes_and_writes_nothing_under_the_cwd(ray_local, s3_bucket, tmp_path, monkeypatch,
+                                                                        capsys):
+    """5 rows in files of 2 encoded by the actor pool into s3://: bf16 cells are half an fp32 run's bytes and
+    decode to within bf16's rounding (2^-9 relative) of it. One object deleted: the rerun makes only its 2
+    rows, leaves the others' bytes as they were; the finished output reruns as a no-op; the working
+    directory stays empty throughout."""
+    import os
+
+    import torch
+
+    from cluster import storage
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    common = ["data.limit=5", "data.size=32", "data.rows_per_file=2", "cache.enabled=true", "cache.batch_size=2"]
+    fp32 = _rows(run(load_config(PrepareConfig, None, [*common, "cache.store_dtype=fp32",
+                                                       f"data.output={tmp_path / 'fp32'}"])))
+    output = f"{s3_bucket}/triplets"
+    args = [*common, f"data.output={output}"]
+    assert run(load_config(PrepareConfig, None, args)) == output
+    bf16 = _rows(output)
+    assert bf16.keys() == fp32.keys() and {r["cache_dtype"] for r in bf16.values()} == {"bf16"}
+    ids = sorted(bf16)
+    for column in ("cache_target_latents", "cache_reference_latents", "cache_prompt_embeds", "cache_pooled"):
+        assert all(2 * len(bf16[i][column]) == len(fp32[i][column]) for i in ids)
+    columns = lambda rows: {k: [rows[i][k] for i in ids] for k in rows[ids[0]]}  # noqa: E731
+    for key, value in decode_cache(columns(bf16)).items():
+        torch.testing.assert_close(torch.from_numpy(value), torch.from_numpy(decode_cache(columns(fp32))[key]),
+                                   rtol=2**-8, atol=1e-6)
+
+    objects = {path: storage.read_bytes(path) for path in storage.list_files(output, ".parquet")}
+    assert [storage.basename(p) for p in objects] == [f"part-{i:05d}.parquet" for i in range(3)]
+    lost = storage.join(output, "part-00001.parquet")
+    storage.delete_file(lost)
+    capsys.readouterr()
+    run(load_config(PrepareConfig, None, args))
+    out = capsys.readouterr().out
+    assert "resuming: 3 triplet(s) already" in out and "wrote 2 triplets (3 kept from an earlier run)" in out
+    assert _rows(output) == bf16  # the lost ids made again, each once
+    assert {p: storage.read_bytes(p) for p in objects if p != lost} == {p: b for p, b in objects.items() if p != lost}
+    run(load_config(PrepareConfig, None, args))
+    assert "already holds all 5 triplets of this config; nothing to do" in capsys.readouterr().out
+    assert os.listdir(cwd) == []
+
+
 @pytest.mark.parametrize("overrides,field", [
     (["data.source=laion"], "data.source"),
     (["data.source=subjects200k"], "data.input"),
@@ -133,17 +221,21 @@ def test_shared_samples(tmp_path):
     (["data.limit=0"], "data.limit"),
     (["cache.size=20"], "cache.size"),
     (["cache.dtype=int8"], "cache.dtype"),
+    (["cache.store_dtype=fp16"], "cache.store_dtype"),
+    (["data.output=ftp://host/out"], "data.output"),
+    (["data.source=subjects200k", "data.input=s3:///no-bucket"], "data.input"),
 ])
 def test_bad_configs_name_the_field(tmp_path, overrides, field):
     with pytest.raises(ConfigError, match=field):
         _config(tmp_path, *overrides)
 
 
-def _rows(folder: Path) -> dict:
-    """sample id -> row over the output's Parquet files (each id must come once)."""
+def _rows(folder: str | Path) -> dict:
+    """sample id -> row over the output's Parquet files, local or s3:// (each id must come once)."""
+    from cluster import storage
     from pipelines.resume import parquet_files
 
-    rows = [row for path in parquet_files(folder) for row in pq.read_table(path).to_pylist()]
+    rows = [row for path in parquet_files(folder) for row in storage.read_table(path).to_pylist()]
     ids = [row["sample_id"] for row in rows]
     assert len(ids) == len(set(ids)), "a sample id written twice"
     return {row["sample_id"]: row for row in rows}
@@ -153,7 +245,7 @@ def test_rerun_after_lost_and_cut_files_makes_only_the_missing_rows(tmp_path, ca
     """10 rows in files of 3 (3+3+3+1). One finished file lost, one cut short by a kill: the rerun keeps the
     other two, moves the cut one aside, makes its 3 + the lost file's 3 rows, and ends as a straight run."""
     args = ("data.limit=10", "data.size=16", "data.rows_per_file=3")
-    output = run(_config(tmp_path, *args))
+    output = Path(run(_config(tmp_path, *args)))
     straight = _rows(output)
     assert len(straight) == 10 and sorted(p.name for p in output.glob("*.parquet")) == [
         f"part-{i:05d}.parquet" for i in range(4)]
@@ -173,19 +265,20 @@ def test_rerun_after_lost_and_cut_files_makes_only_the_missing_rows(tmp_path, ca
 def test_finished_rerun_is_a_no_op_that_says_so(tmp_path, capsys, monkeypatch):
     from pipelines import prepare
 
-    output = run(_config(tmp_path, "data.limit=2", "data.size=16"))
+    output = Path(run(_config(tmp_path, "data.limit=2", "data.size=16")))
     before = {p.name: p.stat().st_mtime_ns for p in output.iterdir()}
     monkeypatch.setattr(prepare, "synthetic_rows", lambda *a: pytest.fail("a finished rerun read its source"))
     capsys.readouterr()
-    assert run(_config(tmp_path, "data.limit=2", "data.size=16", "data.rows_per_file=1")) == output
+    assert run(_config(tmp_path, "data.limit=2", "data.size=16", "data.rows_per_file=1")) == str(output)
     assert "already holds all 2 triplets of this config; nothing to do" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in output.iterdir()} == before
 
 
 @pytest.mark.parametrize("override,field", [("data.size=32", "data.size"), ("data.limit=3", "data.limit"),
-                                            ("data.seed=1", "data.seed"), ("cache.enabled=true", "cache.enabled")])
+                                            ("data.seed=1", "data.seed"), ("cache.enabled=true", "cache.enabled"),
+                                            ("cache.store_dtype=fp32", "cache.store_dtype")])
 def test_rerun_with_another_config_names_the_field(tmp_path, override, field):
-    output = run(_config(tmp_path, "data.limit=2", "data.size=16"))
+    output = Path(run(_config(tmp_path, "data.limit=2", "data.size=16")))
     before = {p.name: p.read_bytes() for p in output.iterdir()}
     with pytest.raises(ConfigError, match=rf"^{re.escape(field)}: .*made with another config.*new data\.output"):
         run(_config(tmp_path, "data.limit=2", "data.size=16", override))
