@@ -176,6 +176,19 @@ def measure(row: Row, device: str, peak: float | None, weights_gib: float = 0.0)
     return result
 
 
+class _eager_after:
+    """Leaves ``sfo.transformer``'s blocks eager when a compiled row ends (or fails)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        from sfo.transformer import compile_blocks
+
+        compile_blocks(False)
+        return False
+
+
 class _null:
     def __enter__(self):
         return self
@@ -229,7 +242,7 @@ def build_rows(transformer, config: dict, args: argparse.Namespace, device: str,
     from sfo.latents import condition_ids, grid_ids
     from sfo.objectives import TrainBatch, reference_errors, sfo_objective
     from sfo.text import TextEmbeddings
-    from sfo.transformer import Condition, encode_condition, flux_forward
+    from sfo.transformer import Condition, compile_blocks, encode_condition, flux_forward
 
     side = args.size // 16  # 8x VAE, 2x2 packing
     tokens, text_tokens = side * side, TEXT_TOKENS if not args.shrink else 16
@@ -283,8 +296,9 @@ def build_rows(transformer, config: dict, args: argparse.Namespace, device: str,
     t, noise = torch.rand(n, device=device), latents()
     stored: list = []
 
-    def training_row(checkpointing: bool, live: bool, n_rows: int = n) -> Row:
+    def training_row(checkpointing: bool, live: bool, compiled: bool = False) -> Row:
         def step() -> torch.Tensor:
+            compile_blocks(compiled)
             transformer.gradient_checkpointing = checkpointing  # read by sfo.transformer._run
             if not live and not stored:
                 stored.append(reference_errors(transformer, batch, t, noise))  # as cdns.score.draws stores them
@@ -297,15 +311,18 @@ def build_rows(transformer, config: dict, args: argparse.Namespace, device: str,
         flops = policy * (2 + checkpointing) + (policy if live else 0)  # fwd + bwd (1x), recompute, reference pass
         estimate = memory_plan(config, job="sfo", batch_size=n, gradient_checkpointing=checkpointing, **plan).total
         what = (f"SFO step s/it, batch {n}, checkpointing {'on' if checkpointing else 'off'}, "
-                f"reference errors {'live' if live else 'stored'}")
-        return Row(f"sfo-b{n}-{'ckpt' if checkpointing else 'nockpt'}-{'live' if live else 'stored'}", what, step,
-                   flops, 1, estimate / GIB, args.repeats)
+                f"reference errors {'live' if live else 'stored'}" + (", blocks compiled" if compiled else ""))
+        kind = f"{'ckpt' if checkpointing else 'nockpt'}-{'live' if live else 'stored'}{'-compiled' if compiled else ''}"
+        # Compiled rows: the warm-up step compiles (minutes on FLUX); the context leaves the blocks eager after.
+        return Row(f"sfo-b{n}-{kind}", what, step, flops, 1, estimate / GIB, args.repeats,
+                   context=lambda: _eager_after() if compiled else _null())
 
     rows = [sampling_row(b, cached) for b in (1, 4) for cached in (True, False)]
     rows.append(sampling_row(1, True, serve=True))
     rows += [training_row(True, False), training_row(True, True), training_row(False, False), training_row(False, True)]
     if args.compile:
         rows += [sampling_row(b, True, compiled=True) for b in (1, 4)]
+        rows += [training_row(True, False, compiled=True), training_row(True, True, compiled=True)]
     return [row for row in rows if selected(row.id, args.rows)]
 
 
@@ -322,7 +339,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-repeats", type=int, default=1, help="timed calls per sampling row (default 1)")
     parser.add_argument("--serve-repeats", type=int, default=10, help="requests of the serving-latency row (default 10)")
     parser.add_argument("--sfo-batch", type=int, default=4, help="SFO batch N (2N sequences; default 4, paper App. D.2)")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile sampling rows (last)")
+    parser.add_argument("--compile", action="store_true",
+                        help="add torch.compile rows (last): cached sampling, and SFO steps with the blocks compiled")
+    parser.add_argument("--profile", default=None, metavar="ROW",
+                        help="after the table, one call of this row under torch.profiler: its top kernels by time")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak (default: by name)")
     parser.add_argument("--rows", type=lambda s: s.split(","), default=None,
                         help="comma-separated row ids or patterns, e.g. 'cdns-*,serve-b1' (default: all)")
@@ -354,7 +374,28 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows(transformer, config, args, args.device, dtype)
     run_rows(rows, args.device, peak, args.json, weights_gib)
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.profile:
+        profiled = [row for row in rows if row.id == args.profile]
+        if not profiled:
+            parser.error(f"--profile: no row {args.profile!r} in this run; use one of {[r.id for r in rows]}")
+        print(profile(profiled[0], args.device), flush=True)
     return 0
+
+
+def profile(row: Row, device: str, top: int = 25) -> str:
+    """One call of ``row`` (after a warm-up call) under ``torch.profiler``: the ``top`` kernels by device time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with row.context() if row.context else _null():
+        row.fn()
+        _sync(device)
+        with profiler(activities=activities) as prof:
+            row.fn()
+            _sync(device)
+    key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+    return f"\n{row.id}, one call:\n" + prof.key_averages().table(sort_by=key, row_limit=top)
 
 
 if __name__ == "__main__":
