@@ -1,6 +1,10 @@
-"""Fault test of prepare: SIGKILL the job after its first files, rerun it into the same output: the finished
-files are kept, each sample id is written once, and the files end as an uninterrupted run's (same names,
-same rows, cached encoder outputs included); a rerun of the finished output is a no-op."""
+"""Fault test of prepare: SIGKILL the job (its driver and the local Ray its cache's actor pool runs on) after
+its first files, rerun it into the same output: the finished files are kept, each sample id is written once,
+and the files end as an uninterrupted run's (same names, same rows, cached encoder outputs included); a
+rerun of the finished output is a no-op.
+
+The encoding runs (the rerun, the straight run) are jobs of their own, each with its own fresh Ray, as a
+user would run them: this test process starts no Ray (the pipeline tests' session Ray would refuse a second)."""
 
 from __future__ import annotations
 
@@ -23,8 +27,15 @@ ARGS = ["data.source=synthetic", f"data.limit={ROWS}", "data.size=32", f"data.ro
         "cache.enabled=true", "cache.batch_size=2"]
 
 
+def _job(tmp_path: Path, args: list[str], log: str) -> str:
+    """``python -m pipelines.prepare args`` run to its end (a fresh local Ray of its own); returns its output."""
+    job = start_job("pipelines.prepare", args, tmp_path / log)
+    assert job.wait(timeout=600) == 0, (tmp_path / log).read_text()[-3000:]
+    return (tmp_path / log).read_text()
+
+
 def _files(folder: Path) -> dict[str, list[dict]]:
-    return {path.name: pq.read_table(path).to_pylist() for path in parquet_files(folder)}
+    return {Path(path).name: pq.read_table(path).to_pylist() for path in parquet_files(folder)}
 
 
 @pytest.mark.slow
@@ -46,16 +57,16 @@ def test_a_killed_prepare_job_keeps_its_files_and_the_rerun_ends_as_a_straight_r
     assert 0 < rows_kept < ROWS, f"kill after the first file: expected partial output, got {rows_kept} rows"
     stamps = {name: (output / name).stat().st_mtime_ns for name in kept}
 
-    capsys.readouterr()
-    prepare.run(load_config(prepare.PrepareConfig, None, args))
-    assert f"resuming: {rows_kept} triplet(s) already in" in capsys.readouterr().out
+    rerun = _job(tmp_path, args, "rerun.log")
+    assert f"resuming: {rows_kept} triplet(s) already in" in rerun
+    assert f"wrote {ROWS - rows_kept} triplets ({rows_kept} kept from an earlier run)" in rerun
     assert {name: (output / name).stat().st_mtime_ns for name in kept} == stamps  # finished files untouched
     resumed = _files(output)
     ids = [row["sample_id"] for rows in resumed.values() for row in rows]
     assert len(ids) == ROWS == len(set(ids))  # each sample id exactly once
 
-    straight = _files(prepare.run(load_config(prepare.PrepareConfig, None, [*ARGS, f"data.output={tmp_path / 'straight'}"])))
-    assert resumed == straight  # same files, same rows in them, byte for byte (PNGs and cached floats)
+    _job(tmp_path, [*ARGS, f"data.output={tmp_path / 'straight'}"], "straight.log")
+    assert resumed == _files(tmp_path / "straight")  # same files, same rows in them, byte for byte (PNGs, cached bf16)
 
     capsys.readouterr()
     prepare.run(load_config(prepare.PrepareConfig, None, args))
