@@ -30,7 +30,8 @@ With ``cache.enabled`` the rows also carry the frozen encoders' outputs (``sfo.r
 VAE latents of target and reference, T5 and pooled CLIP embeddings of the target text, and the
 model, size and storage dtype they were made with), which the sft/sfo jobs use instead of encoding the
 PNGs when their ``model.source`` and ``data.size`` match. The encoding is a Ray Data stage: the source's
-rows (Subjects200K panels cut and resized in Ray tasks) go to an actor pool of ``CacheEncoder``
+rows (Subjects200K panels cut and resized in Ray Data, not on the driver; Ray may fuse that map into the
+actors when both ask for the same resources) go to an actor pool of ``CacheEncoder``
 (``scaling.num_workers`` actors, ``scaling.gpus_per_worker`` GPUs each with ``scaling.use_gpu``), so the
 model is loaded on the actors, never on the driver, and many GPUs encode at once; the driver receives the
 encoded rows in source order and writes each file. Two dtypes, two fields:
