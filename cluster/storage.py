@@ -209,6 +209,7 @@ def download_folder(uri: str | Path, local: str | Path) -> Path:
         return target
     if not exists(uri):
         raise FileNotFoundError(f"{uri} does not exist")
+    local.mkdir(parents=True, exist_ok=True)  # copy_files makes subfolders only
     pafs.copy_files(path, str(local.resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return local
 

@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", required=True, help="the cluster's job server, e.g. http://127.0.0.1:8265")
     parser.add_argument("--stages", default=",".join(DEFAULT_CHAIN),
                         help=f"comma-separated, in order; default {','.join(DEFAULT_CHAIN)}; known: {','.join(STAGES)}")
-    parser.add_argument("--runs", type=Path, required=True,
-                        help="the folder the stages read and write, as the cluster's nodes see it (every node: "
-                             "/runs on the k8s/ volume; runs for a cluster.local head on this machine)")
+    parser.add_argument("--runs", required=True,
+                        help="the folder the stages read and write, as the cluster's nodes see it: an object store URI "
+                             "(s3://bucket/runs, gs://bucket/runs), /runs on the k8s/ volume, or runs for a "
+                             "cluster.local head on this machine")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="STAGE:key=value",
                         help="a config override for one stage (repeatable)")
     parser.add_argument("--timeout", type=float, default=None,

@@ -96,6 +96,7 @@ def test_chain_wiring_feeds_each_stage_the_previous_outputs(tmp_path):
     sft_ref = f"{wired['sft']['output.storage_path']}/{wired['sft']['output.name']}/adapters/ref"
     assert wired["cdns"]["model.ref_adapter"] == wired["sfo"]["model.ref_adapter"] == sft_ref
     assert all(Path(v).is_absolute() for o in wired.values() for k, v in o.items() if k != "output.name")
+    assert wired["sfo"]["data.cache_path"] == p["triplets"]  # the cached tensors, joined back by sample id
 
 
 def test_runs_is_required_and_no_stage_timeout_by_default(capsys):
@@ -106,7 +107,7 @@ def test_runs_is_required_and_no_stage_timeout_by_default(capsys):
         parser.parse_args(["--address", "http://127.0.0.1:8265"])
     assert "--runs" in capsys.readouterr().err
     args = parser.parse_args(["--address", "http://127.0.0.1:8265", "--runs", "/runs"])
-    assert args.timeout is None and args.runs == Path("/runs")
+    assert args.timeout is None and args.runs == "/runs"
     assert parser.parse_args(["--address", "a", "--runs", "/runs", "--timeout", "60"]).timeout == 60.0
 
 
@@ -149,3 +150,17 @@ def test_run_job_waits_through_a_long_stage_without_a_timeout(monkeypatch):
     client = _FakeClient(polls=5)
     assert run_job(client, "sft", "python -m pipelines.sft", {}, timeout_s=3600, out=io.StringIO()) == "TIMEOUT"
     assert client.stopped == ["job-1"]
+
+
+def test_chain_on_an_object_store_keeps_uris():
+    """--runs s3://... wires every stage to URIs under it (no local path made of it)."""
+    from cluster.chain import paths, stage_overrides
+
+    wired = {stage: dict(o.split("=", 1) for o in stage_overrides(stage, "s3://bucket/runs/")) for stage in
+             ("prepare", "sft", "cdns", "sfo")}
+
+    assert paths("s3://bucket/runs")["ref_adapter"] == "s3://bucket/runs/train/sft/adapters/ref"
+    assert wired["prepare"]["data.output"] == wired["sfo"]["data.cache_path"] == "s3://bucket/runs/data/triplets"
+    assert wired["sft"]["output.storage_path"] == "s3://bucket/runs/train"
+    with pytest.raises(ValueError, match="--runs"):
+        paths("hdfs://namenode/runs")
