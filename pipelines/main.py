@@ -15,7 +15,13 @@ stage N workers / actors of one GPU each, bf16 and, for transformers above 1B pa
 checkpointing; the training and cdns jobs print their per-GPU memory plan and refuse one above the GPU's
 memory. A FLUX folder with no GPU visible stops at once unless ``--cpu`` says to load it on the CPU.
 
-    python -m pipelines.main --model /models/FLUX.1-dev --gpus 8 --size 512
+    python -m pipelines.main --model /models/FLUX.1-dev --gpus 8 --size 512 --data s3://bucket/subjects200k \
+        --out s3://bucket/runs/flux-1
+
+``--out`` and ``--data`` take local paths or object store URIs (``s3://``, ``gs://``; ``cluster.storage``): every
+stage then reads and writes there, and nothing of the run is written on this machine. With a FLUX folder,
+prepare encodes the text and images once on the GPUs (``--cache``, bf16), so the training jobs load only the
+transformer.
 
     python -m pipelines.main --help
 """
@@ -23,12 +29,12 @@ memory. A FLUX folder with no GPU visible stops at once unless ``--cpu`` says to
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
 from pathlib import Path
 
+from cluster import storage
 from cluster.chain import evaluation_methods, paths, stage_overrides
 from pipelines.common import CHECKPOINTING_PARAMETERS, GPU_DTYPE, model_shape, start_local_ray
 from pipelines.config import load_config
@@ -43,8 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes",
                         help="'shapes' (the shapes world, default), 'tiny' (random weights) or a local FLUX.1-dev folder")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="run folder (default: runs/main-<date>-<time>); must not exist yet")
+    parser.add_argument("--out", default=None,
+                        help="run folder, a local path or s3:// / gs:// URI (default: runs/main-<date>-<time>); must "
+                             "not exist yet")
+    parser.add_argument("--data", default=None,
+                        help="Subjects200K pairs to train on, a folder or URI (PNG + txt pairs, or the Hugging Face "
+                             "Parquet shards; pipelines.prepare); default: the world's or synthetic triplets")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="prepare encodes text and images once (bf16) so training loads only the transformer "
+                             "(default: on for a FLUX folder, off for tiny and shapes)")
     parser.add_argument("--samples", type=int, default=None, help="training triplets (default: 128 shapes, 8 otherwise)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels, a multiple of 16 (default: 32 = the shapes world, else 64)")
@@ -100,8 +113,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--{str(exc).removeprefix('sampling.')}")
     if args.size < 16 or args.size % 16:
         parser.error("--size must be a positive multiple of 16")
-    if args.out is not None and args.out.exists():
+    for name in ("out", "data"):
+        try:
+            storage.check_uri(getattr(args, name) or "", f"--{name}")
+        except ValueError as exc:
+            parser.error(str(exc))
+    if args.out is not None and storage.exists(args.out):
         parser.error(f"--out {args.out} exists already; pick a new folder")
+    if args.data is not None and shapes:
+        parser.error("--data: the shapes world draws its own triplets; pass --model tiny or a FLUX folder with --data")
+    if args.data is not None and not storage.exists(args.data):
+        parser.error(f"--data {args.data} does not exist; pass a Subjects200K folder or URI")
+    if args.cache is None:
+        args.cache = args.model not in ("tiny", "shapes")
+    elif args.cache and shapes:
+        parser.error("--cache: the shapes world's model has no encoders to skip; leave --cache out")
     if args.model not in ("tiny", "shapes"):
         from sfo.models import check_flux_folder
 
@@ -148,18 +174,31 @@ def choose_gpus(model: str, gpus: int | None, cpu: bool) -> int:
 
 def gpu_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
     """Each stage's overrides for ``--gpus N``: the training jobs get N workers of one GPU each, bf16 and (for
-    transformers above ``CHECKPOINTING_PARAMETERS``) gradient checkpointing; cdns and evaluate N actors of one
-    GPU each, bf16. Nothing for a CPU run. (prepare runs in this driver: ``sfo.models.load_flux`` puts its
-    optional encoder cache on the driver's GPU by itself.)"""
+    transformers above ``CHECKPOINTING_PARAMETERS``) gradient checkpointing; prepare's encoders, cdns and
+    evaluate N actors of one GPU each, bf16. Nothing for a CPU run."""
     if not args.gpus:
         return {}
     actors = ["scaling.use_gpu=true", f"scaling.num_workers={args.gpus}", "scaling.gpus_per_worker=1",
               f"model.dtype={GPU_DTYPE}"]
     training = actors + (["train.gradient_checkpointing=true"] if model_shape(args.model).large else [])
-    return {"sft": training, "sfo": training, "cdns": actors, "evaluate": actors}
+    return {"prepare": ["scaling.use_gpu=true", f"scaling.num_workers={args.gpus}", "scaling.gpus_per_worker=1",
+                        f"cache.dtype={GPU_DTYPE}"],
+            "sft": training, "sfo": training, "cdns": actors, "evaluate": actors}
 
 
-def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
+def prepare_overrides(args: argparse.Namespace) -> list[str]:
+    """prepare's source (the world, synthetic triplets or ``--data``'s Subjects200K) and its encoder cache."""
+    source = "shapes" if args.model == "shapes" else "subjects200k" if args.data else "synthetic"
+    extra = [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={source}"]
+    extra += [f"data.input={storage.absolute(args.data)}"] if args.data else []
+    return extra + (["cache.enabled=true", f"cache.model={model_source(args.model)}"] if args.cache else [])
+
+
+def model_source(model: str) -> str:
+    return model if model in ("tiny", "shapes") else str(Path(model).resolve())
+
+
+def stage_configs(args: argparse.Namespace, runs: str) -> dict:
     """The four jobs' configs: their YAML, the chain's paths, then this run's sizes."""
     from pipelines.cdns import CdnsConfig
     from pipelines.evaluate import EvaluateConfig
@@ -180,7 +219,7 @@ def stage_configs(args: argparse.Namespace, runs: Path) -> dict:
     # The world model is small: batches of 8 fit a CPU step (fewer when there are fewer triplets).
     world_batch = [f"train.batch_size={min(8, args.samples)}"] if shapes else []
     extra = {
-        "prepare": [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={'shapes' if shapes else 'synthetic'}"],
+        "prepare": prepare_overrides(args),
         "sft": common + [f"data.size={args.size}", f"train.steps={args.sft_steps}"] + world_batch,
         "cdns": common + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"]
         + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
@@ -202,9 +241,10 @@ SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "serve_config.y
 DEFAULT_SERVE_PORT = 8000
 
 
-def write_serve_config(args: argparse.Namespace, runs: Path, port: int | None = None) -> tuple[Path, str]:
+def write_serve_config(args: argparse.Namespace, runs: str, port: int | None = None) -> tuple[str, str]:
     """``<runs>/serve_config.yaml``: the repository's Serve config with this run's model, adapters, image
-    size, steps and an HTTP port on 127.0.0.1 (8000 when free). Returns the file and the command serving it."""
+    size, steps and an HTTP port on 127.0.0.1 (8000 when free). Returns the file and the command serving it
+    (for a run on an object store: after copying the file to this machine)."""
     import socket
 
     import yaml
@@ -218,33 +258,33 @@ def write_serve_config(args: argparse.Namespace, runs: Path, port: int | None = 
                 sock.bind(("127.0.0.1", 0))
                 port = sock.getsockname()[1]
     config = yaml.safe_load(SERVE_CONFIG.read_text())
-    model = args.model if args.model in ("tiny", "shapes") else str(Path(args.model).resolve())
-    config["applications"][0]["args"].update(model=model, adapters=str(paths(runs)["adapters"].resolve()),
+    config["applications"][0]["args"].update(model=model_source(args.model), adapters=paths(runs)["adapters"],
                                              default_side=args.size, default_steps=args.sample_steps)
     config["http_options"].update(host="127.0.0.1", port=port)
-    path = (runs / "serve_config.yaml").resolve()
-    command = f"{Path(sys.executable).parent / 'serve'} run --address local {path}"
-    path.write_text(f"# {command}\n# written by the main job from {SERVE_CONFIG.name}: this run's model and adapters\n"
-                    + yaml.safe_dump(config, sort_keys=False))
+    path = storage.join(runs, "serve_config.yaml")
+    local = storage.basename(path) if storage.is_remote(path) else path
+    command = f"{Path(sys.executable).parent / 'serve'} run --address local {local}"
+    storage.write_text(path, f"# {command}\n# written by the main job from {SERVE_CONFIG.name}: this run's model and "
+                       "adapters\n" + yaml.safe_dump(config, sort_keys=False))
     return path, command
 
 
-def serve_request(args: argparse.Namespace, runs: Path) -> Path:
+def serve_request(args: argparse.Namespace, runs: str) -> str:
     """Deploys the Ray Serve app on the exported adapters, sends one request, saves the PNG it returns."""
     import base64
 
     import httpx
-    import pyarrow.parquet as pq
     from ray import serve
 
     from cluster.local import free_port
     from serving.app import build_app
 
-    row = pq.read_table(paths(runs)["triplets"]).slice(0, 1).to_pylist()[0]
+    first = storage.list_files(paths(runs)["triplets"], ".parquet")[0]
+    row = storage.read_table(first, ["target_text", "reference_png"]).slice(0, 1).to_pylist()[0]
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app({"model": args.model, "adapters": str(paths(runs)["adapters"])}),
+        serve.run(build_app({"model": model_source(args.model), "adapters": paths(runs)["adapters"]}),
                   name="sfo", route_prefix="/", blocking=False)
         body = {"prompt": row["target_text"], "image": base64.b64encode(row["reference_png"]).decode(),
                 "steps": args.sample_steps, "width": args.size, "height": args.size, "seed": 0, "adapter": "sfo",
@@ -253,89 +293,15 @@ def serve_request(args: argparse.Namespace, runs: Path) -> Path:
         response.raise_for_status()
     finally:
         serve.shutdown()
-    path = runs / "served.png"
-    path.write_bytes(response.content)
-    (runs / "served.json").write_text(json.dumps({k: v for k, v in body.items() if k != "image"}))
+    path = storage.join(runs, "served.png")
+    storage.write_bytes(path, response.content)
+    storage.write_json(storage.join(runs, "served.json"), {k: v for k, v in body.items() if k != "image"}, indent=None)
     return path
-
-
-def training_curves(configs: dict) -> dict[str, dict[str, list]]:
-    """The report's curves from the training jobs' metrics.jsonl: SFT and SFO loss, SFO's implicit accuracy
-    and the policy's flow-matching error against the reference's on positives and negatives."""
-    logs = {stage: configs[stage].output.run_dir / "metrics.jsonl" for stage in ("sft", "sfo") if stage in configs}
-    lines = {stage: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-             for stage, path in logs.items() if path.is_file()}
-    sfo = lines.get("sfo", [])
-    series = lambda key: [(r["step"], r[key]) for r in sfo if key in r]  # noqa: E731
-    panels = {"loss (per step)": {stage: [(r["step"], r["loss"]) for r in rows] for stage, rows in lines.items()},
-              "SFO implicit accuracy (share of pairs ranked right)": {"sfo": series("implicit_accuracy")},
-              "SFO: policy error minus the reference's (above 0: worse than the SFT base on that image)": {
-                  "positive": series("positive_rise"), "negative": series("negative_rise")}}
-    return {title: series for title, series in panels.items() if any(series.values())}
-
-
-def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft") -> str:
-    """One sentence: method ``a`` against ``b``, paired over the images both made (same prompt and seed)."""
-    from sfo.stats import CLAIM_SE, claim, paired_difference
-
-    rows = images.to_pylist()
-    # the image's cell: shapes rows name it by sample_id (their "subject" is a verdict), DreamBench rows by subject
-    cell = lambda r: (r.get("sample_id") or r.get("subject"), r.get("prompt_index"), r["prompt"], r["seed"])  # noqa: E731
-    mine = {m: {cell(r): r for r in rows if r["method"] == m} for m in (a, b)}
-    shared = sorted(set(mine[a]) & set(mine[b]), key=str)
-    if len(shared) < 2:
-        return f"Too few paired images ({len(shared)}) to compare {a} with {b}."
-    parts = []
-    for key, name in keys:
-        d = paired_difference([float(mine[a][c][key]) for c in shared], [float(mine[b][c][key]) for c in shared])
-        outcome = {"better": f"{a} better", "worse": f"{a} worse"}.get(claim(d), "no difference shown")
-        parts.append(f"{name} {d['diff']:+.3f} ± {d['se']:.3f} ({abs(d['z']):.1f} standard errors: {outcome})")
-    return (f"{a.upper()} against the {b.upper()} base, paired over {len(shared)} images (same prompts and seeds): "
-            + "; ".join(parts) + f". A difference is claimed at >= {CLAIM_SE:g} standard errors.")
-
-
-def report(args: argparse.Namespace, runs: Path, configs: dict, summary: dict, pairs: dict) -> Path:
-    import pyarrow as pa
-
-    from pipelines import evaluate, evaluate_shapes
-    from pipelines.config import to_dict
-    from pipelines.report import write_report
-
-    config = configs["evaluate"]
-    methods = [m.name for m in config.methods]
-    served = runs / "served.png"
-    if args.model == "shapes":
-        triplets = evaluate_shapes.eval_triplets(config.eval)
-        images = evaluate_shapes.read_images(config.output, methods).select(
-            ["method", "sample_id", "prompt", "seed", "image_png", "subject", "text"]).rename_columns(
-            ["method", "subject", "prompt", "seed", "image_png", "oracle_subject", "oracle_text"])  # one triplet = one "subject"
-        images = images.append_column("prompt_index", pa.array([0] * len(images), pa.int32()))
-        look = dict(summary={"methods": summary}, references={k: t.reference for k, t in triplets.items()},
-                    metrics=[(k, k if k != "subject" else "subject fidelity") for k in evaluate_shapes.HEADLINE],
-                    metrics_title="Shapes-world oracles (exact): share of images right")
-        judged = evaluate_shapes.read_images(config.output, methods)
-        look["verdict"] = verdict(judged, [("subject", "subject fidelity"), ("text", "text alignment")])
-    else:
-        look = dict(summary=summary, references=evaluate.load_benchmark(config.eval).condition)
-        images = evaluate.read_images(config.output, methods)
-        look["verdict"] = verdict(images, [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T")])
-        if summary.get("random_encoders"):
-            look["verdict"] += " " + summary["note"]
-    look["curves"] = training_curves(configs)
-    request = runs / "served.json"
-    if request.is_file():
-        look["served_caption"] = ("POST /v1/generate with " + ", ".join(
-            f"{k}={v!r}" for k, v in json.loads(request.read_text()).items()) + " and the triplet's reference image")
-    return write_report(
-        runs / "report.html", title=f"SFO run {runs.name} (model {args.model})", images=images, pairs=pairs,
-        served=served.read_bytes() if served.is_file() else None,
-        parameters={"command line": vars(args), **{stage: to_dict(c) for stage, c in configs.items()}}, **look,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runs = (args.out or Path("runs") / time.strftime("main-%Y%m%d-%H%M%S")).resolve()
+    runs = storage.absolute(args.out or Path("runs") / time.strftime("main-%Y%m%d-%H%M%S"))
     started = time.time()
     try:
         configs = stage_configs(args, runs)
@@ -346,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pipelines import cdns, evaluate, evaluate_shapes, pair_analysis, prepare, pretrain, train
+    from pipelines.report import run_report
 
     # address="local": a Ray of its own, even when another cluster runs on this machine.
     started_ray = not ray.is_initialized()
@@ -357,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if started_ray:
             ray.shutdown()
         return 2
-    runs.mkdir(parents=True)
+    storage.makedirs(runs)
     p = paths(runs)
     results: dict = {}
     evaluation = evaluate_shapes if args.model == "shapes" else evaluate
@@ -370,9 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         ("pair_analysis", lambda: pair_analysis.run(configs["pair_analysis"]), f"pair gaps in {p['pairs']}"),
         ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),
         ("evaluate", lambda: evaluation.run(configs["evaluate"]), f"scores in {p['evaluate']}"),
-        ("serve", lambda: serve_request(args, runs), f"one generated image in {runs / 'served.png'}"),
-        ("report", lambda: report(args, runs, configs, results["evaluate"], results["pair_analysis"]),
-         f"report in {runs / 'report.html'}"),
+        ("serve", lambda: serve_request(args, runs), f"one generated image in {storage.join(runs, 'served.png')}"),
+        ("report", lambda: run_report(args, runs, configs, results["evaluate"], results["pair_analysis"]),
+         f"report in {storage.join(runs, 'report.html')}"),
     ]
     try:
         for index, (name, step, output) in enumerate(steps, 1):
@@ -393,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\nDone in {time.time() - started:.0f} s, model {args.model!r}. Everything is under {runs}:")
     print(f"  adapters (diffusers LoRA safetensors): {p['adapters']}")
-    print(f"  report: {runs / 'report.html'}")
+    print(f"  report: {storage.join(runs, 'report.html')}")
     _, command = write_serve_config(args, runs)
     print("  serve these adapters (Ray Serve, HTTP on 127.0.0.1; see README's Serving):")
     print(f"    {command}")

@@ -17,6 +17,8 @@ import pyarrow as pa
 import yaml
 from PIL import Image
 
+from cluster import storage
+
 METRICS = (("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T"))
 PALETTE = ("#8c8c8c", "#1f77b4", "#d62728", "#2ca02c", "#9467bd")
 CHART_W, CHART_H = 480, 220
@@ -178,11 +180,11 @@ def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: li
     return f"<table>{head}{''.join(body)}</table>"
 
 
-def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
+def write_report(path: str | Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
                  pairs: dict | None, parameters: dict, served: bytes | None = None, metrics=METRICS,
                  metrics_title: str = "DreamBench-style metrics", verdict: str | None = None,
                  served_caption: str = "", curves: dict[str, dict[str, list]] | None = None) -> Path:
-    """Writes the HTML report to ``path`` and returns it.
+    """Writes the HTML report to ``path`` (a local path or an object store URI) and returns it.
 
     ``summary["methods"][method]`` holds ``images`` and each ``metrics`` key (and optionally
     ``summary["subjects"][method][subject]`` the same per subject); ``images`` has the columns
@@ -211,6 +213,79 @@ def write_report(path: Path, *, title: str, summary: dict, images: pa.Table, ref
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
              "padding:4px;text-align:center}.warn{color:#b00;font-weight:bold}.verdict{font-size:1.2em;background:#f4f4f4;"
              "padding:.6em}")
-    path.write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                    f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
+    storage.write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                       f"<style>{style}</style></head><body>{''.join(sections)}</body></html>")
     return path
+
+
+def training_curves(configs: dict) -> dict[str, dict[str, list]]:
+    """The report's curves from the training jobs' metrics.jsonl: SFT and SFO loss, SFO's implicit accuracy
+    and the policy's flow-matching error against the reference's on positives and negatives."""
+    logs = {stage: storage.join(configs[stage].output.run_dir, "metrics.jsonl") for stage in ("sft", "sfo")
+            if stage in configs}
+    lines = {stage: [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+             for stage, path in logs.items() if storage.is_file(path)}
+    sfo = lines.get("sfo", [])
+    series = lambda key: [(r["step"], r[key]) for r in sfo if key in r]  # noqa: E731
+    panels = {"loss (per step)": {stage: [(r["step"], r["loss"]) for r in rows] for stage, rows in lines.items()},
+              "SFO implicit accuracy (share of pairs ranked right)": {"sfo": series("implicit_accuracy")},
+              "SFO: policy error minus the reference's (above 0: worse than the SFT base on that image)": {
+                  "positive": series("positive_rise"), "negative": series("negative_rise")}}
+    return {title: series for title, series in panels.items() if any(series.values())}
+
+
+def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft") -> str:
+    """One sentence: method ``a`` against ``b``, paired over the images both made (same prompt and seed)."""
+    from sfo.stats import CLAIM_SE, claim, paired_difference
+
+    rows = images.to_pylist()
+    # the image's cell: shapes rows name it by sample_id (their "subject" is a verdict), DreamBench rows by subject
+    cell = lambda r: (r.get("sample_id") or r.get("subject"), r.get("prompt_index"), r["prompt"], r["seed"])  # noqa: E731
+    mine = {m: {cell(r): r for r in rows if r["method"] == m} for m in (a, b)}
+    shared = sorted(set(mine[a]) & set(mine[b]), key=str)
+    if len(shared) < 2:
+        return f"Too few paired images ({len(shared)}) to compare {a} with {b}."
+    parts = []
+    for key, name in keys:
+        d = paired_difference([float(mine[a][c][key]) for c in shared], [float(mine[b][c][key]) for c in shared])
+        outcome = {"better": f"{a} better", "worse": f"{a} worse"}.get(claim(d), "no difference shown")
+        parts.append(f"{name} {d['diff']:+.3f} ± {d['se']:.3f} ({abs(d['z']):.1f} standard errors: {outcome})")
+    return (f"{a.upper()} against the {b.upper()} base, paired over {len(shared)} images (same prompts and seeds): "
+            + "; ".join(parts) + f". A difference is claimed at >= {CLAIM_SE:g} standard errors.")
+
+
+def run_report(args, runs: str, configs: dict, summary: dict, pairs: dict) -> str:
+    """The main job's ``<runs>/report.html`` (local or on an object store) from what its stages wrote."""
+    from pipelines import evaluate, evaluate_shapes
+    from pipelines.config import to_dict
+
+    config = configs["evaluate"]
+    methods = [m.name for m in config.methods]
+    served = storage.join(runs, "served.png")
+    if args.model == "shapes":
+        triplets = evaluate_shapes.eval_triplets(config.eval)
+        images = evaluate_shapes.read_images(config.output, methods).select(
+            ["method", "sample_id", "prompt", "seed", "image_png", "subject", "text"]).rename_columns(
+            ["method", "subject", "prompt", "seed", "image_png", "oracle_subject", "oracle_text"])  # one triplet = one "subject"
+        images = images.append_column("prompt_index", pa.array([0] * len(images), pa.int32()))
+        look = dict(summary={"methods": summary}, references={k: t.reference for k, t in triplets.items()},
+                    metrics=[(k, k if k != "subject" else "subject fidelity") for k in evaluate_shapes.HEADLINE],
+                    metrics_title="Shapes-world oracles (exact): share of images right")
+        judged = evaluate_shapes.read_images(config.output, methods)
+        look["verdict"] = verdict(judged, [("subject", "subject fidelity"), ("text", "text alignment")])
+    else:
+        look = dict(summary=summary, references=evaluate.load_benchmark(config.eval).condition)
+        images = evaluate.read_images(config.output, methods)
+        look["verdict"] = verdict(images, [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T")])
+        if summary.get("random_encoders"):
+            look["verdict"] += " " + summary["note"]
+    look["curves"] = training_curves(configs)
+    request = storage.join(runs, "served.json")
+    if storage.is_file(request):
+        look["served_caption"] = ("POST /v1/generate with " + ", ".join(
+            f"{k}={v!r}" for k, v in storage.read_json(request).items()) + " and the triplet's reference image")
+    return write_report(
+        storage.join(runs, "report.html"), title=f"SFO run {storage.basename(runs)} (model {args.model})", images=images,
+        pairs=pairs, served=storage.read_bytes(served) if storage.is_file(served) else None,
+        parameters={"command line": vars(args), **{stage: to_dict(c) for stage, c in configs.items()}}, **look,
+    )

@@ -190,10 +190,14 @@ def test_gpus_switch_sets_every_stage_for_flux(tmp_path, monkeypatch):
     args = main_job.parse_args(["--model", str(folder), "--gpus", "8", "--size", "512", "--out", str(tmp_path / "a")])
     assert args.gpus == 8 and args.num_cpus is None  # the local Ray gets every CPU of the machine
     configs = main_job.stage_configs(args, tmp_path / "a")
-    for stage in ("sft", "sfo", "cdns", "evaluate"):
+    for stage in ("prepare", "sft", "sfo", "cdns", "evaluate"):
         scaling = configs[stage].scaling
         assert (scaling.use_gpu, scaling.num_workers, scaling.gpus_per_worker) == (True, 8, 1.0), stage
-        assert configs[stage].model.dtype == "bf16", stage
+        dtype = configs[stage].cache.dtype if stage == "prepare" else configs[stage].model.dtype
+        assert dtype == "bf16", stage
+    cache = configs["prepare"].cache  # a FLUX folder: the encoders run once, in prepare (transformer-only training)
+    assert cache.enabled and cache.model == str(folder.resolve()) and cache.store_dtype == "bf16"
+    assert configs["sfo"].data.cache_path == configs["prepare"].data.output
     for stage in ("sft", "sfo"):
         assert configs[stage].train.gradient_checkpointing and configs[stage].deepspeed.zero_stage == 2
     assert main_job.parse_args(["--model", str(folder), "--out", str(tmp_path / "b")]).gpus == 8  # the default
@@ -239,3 +243,23 @@ def test_gpus_the_ray_cluster_lacks_stop_the_run_before_any_stage(ray_local, tmp
     captured = capsys.readouterr()
     assert "--gpus 1: the Ray cluster has 0 GPU(s)" in captured.err and "[1/" not in captured.out
     assert not (tmp_path / "run").exists()
+
+
+def test_data_and_out_take_object_store_uris_and_bad_ones_name_the_flag(tmp_path, s3_bucket, capsys):
+    """--data names Subjects200K for prepare (a folder or URI); --out may be a URI; other schemes are refused."""
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    args = main_job.parse_args(["--model", "tiny", "--data", str(pairs), "--out", str(tmp_path / "a")])
+    prepare = main_job.stage_configs(args, str(tmp_path / "a"))["prepare"]
+    assert (prepare.data.source, prepare.data.input) == ("subjects200k", str(pairs))
+    assert not prepare.cache.enabled  # tiny: the cache only when asked (--cache)
+    args = main_job.parse_args(["--model", "tiny", "--cache", "--out", f"{s3_bucket}/runs/x"])
+    configs = main_job.stage_configs(args, args.out)
+    assert configs["prepare"].data.output == f"{s3_bucket}/runs/x/data/triplets" and configs["prepare"].cache.enabled
+    assert configs["sft"].output.storage_path == f"{s3_bucket}/runs/x/train"
+    for flags, message in ((["--out", "ftp://host/x"], "--out: 'ftp://host/x' has scheme 'ftp'"),
+                           (["--data", str(tmp_path / "missing")], "--data"),
+                           (["--model", "shapes", "--data", str(pairs)], "the shapes world draws its own triplets")):
+        with pytest.raises(SystemExit):
+            main_job.parse_args(["--model", "tiny", *flags] if "--model" not in flags else flags)
+        assert message in capsys.readouterr().err

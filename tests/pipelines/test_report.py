@@ -41,7 +41,7 @@ def test_report_holds_table_chart_grid_histogram_and_parameters(tmp_path):
 def test_verdict_pairs_the_same_images_and_says_what_it_shows():
     """sfo = [1, 1, 1, 0], sft = [0, 0, 1, 0] on the same four cells: d = [1, 1, 0, 0], +0.5 ± 0.289,
     1.7 standard errors: no difference shown."""
-    from pipelines.main import verdict
+    from pipelines.report import verdict
 
     rows = [{"method": m, "sample_id": f"c{i}", "prompt": "p", "seed": 0, "subject": bool(v), "text": True}
             for m, values in (("sfo", [1, 1, 1, 0]), ("sft", [0, 0, 1, 0])) for i, v in enumerate(values)]
@@ -68,7 +68,7 @@ def test_training_curves_are_drawn_from_the_jobs_metrics(tmp_path):
     import json
     from types import SimpleNamespace
 
-    from pipelines.main import training_curves
+    from pipelines.report import training_curves
     from pipelines.report import line_chart
 
     def job(name: str, rows: list[dict]):
