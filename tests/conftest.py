@@ -54,8 +54,9 @@ def shapes_pretrained(_hermetic_cache):
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """A real S3 protocol server (moto's standalone server) on a free 127.0.0.1 port, for this session; the
-    ``AWS_*`` variables pointing at it are set only inside ``s3_bucket``."""
+    """A real S3 protocol server (moto's standalone server) on a free 127.0.0.1 port, for this session, and the
+    ``AWS_*`` variables pointing at it set for the session (restored after): a Ray started after this fixture
+    (``ray_local`` depends on it) passes them to its workers, so Ray Data and Ray Train reach the server too."""
     import socket
     import subprocess
     import sys
@@ -78,7 +79,16 @@ def s3_server():
                 if server.poll() is not None or time.time() > deadline:
                     raise RuntimeError(f"moto server did not come up on {endpoint}") from None
                 time.sleep(0.2)
-        yield endpoint
+        saved = {name: os.environ.get(name) for name in [*S3_ENV, "AWS_ENDPOINT_URL"]}
+        os.environ.update(S3_ENV | {"AWS_ENDPOINT_URL": endpoint})
+        try:
+            yield endpoint
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -90,13 +100,13 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEF
 
 @pytest.fixture
 def s3_bucket(s3_server, monkeypatch, request):
-    """``s3://<a new bucket>`` on the session's S3 server, with the environment pyarrow and boto read set."""
+    """``s3://<a new bucket>`` on the session's S3 server (the environment pyarrow and boto read is the session's)."""
     import re
 
     import boto3
 
     for name, value in S3_ENV.items():
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, value)  # again: a test before this one may have changed them
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
     bucket = re.sub(r"[^a-z0-9-]", "-", f"t-{request.node.name.lower()}")[:50].strip("-")
     boto3.client("s3").create_bucket(Bucket=bucket)

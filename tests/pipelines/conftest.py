@@ -6,15 +6,20 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_local(_hermetic_cache):
+def ray_local(_hermetic_cache, s3_server):
     """A fresh local Ray with 4 logical CPUs (fractional actors + read/write tasks fit on 2 cores).
 
-    Depends on ``_hermetic_cache`` so workers inherit ``SFO_CACHE_DIR`` from the driver.
+    Depends on ``_hermetic_cache`` and ``s3_server`` so workers inherit ``SFO_CACHE_DIR`` and the test S3
+    server's ``AWS_*`` variables from the driver. A Ray this process started already (a job run in-process
+    by an earlier test) is used as it is.
     """
     import ray
 
     from pipelines.common import start_local_ray
 
-    start_local_ray(num_cpus=4)  # never join a cluster another process started; its workers find only it
+    started = not ray.is_initialized()
+    if started:
+        start_local_ray(num_cpus=4)  # never join a cluster another process started; its workers find only it
     yield ray
-    ray.shutdown()
+    if started:
+        ray.shutdown()
