@@ -6,8 +6,9 @@ metrics, checkpoints (trainable weights + optimiser state only) and exports the 
 
 Layout of ``{output.storage_path}/{output.name}/``: Ray Train's ``checkpoint_*`` folders,
 ``metrics.jsonl`` (one line per step, rank 0), ``summary.json``, and ``adapters/<name>/`` in the
-diffusers LoRA format (``FluxPipeline.load_lora_weights`` reads it). The export and the metrics
-log are written by rank 0 straight to the storage path, so it must be a shared filesystem.
+diffusers LoRA format (``FluxPipeline.load_lora_weights`` reads it). ``output.storage_path`` is a shared
+folder or an ``s3://`` / ``gs://`` URI (``cluster.storage``): Ray Train writes its checkpoints there, and
+rank 0 writes the export and the metrics log through the same filesystem (``pipelines.train_outputs``).
 
 Randomness: each sample's timestep and noise come from a ``torch.Generator`` seeded with
 (train.seed, optimiser step, sample_id), so they do not depend on how samples are laid out over
@@ -23,26 +24,29 @@ alone) and, on GPUs, refuses one above a GPU's memory naming the setting to chan
 
 Data with cached encoder outputs (``sfo.records.CACHE_FIELDS``, from ``prepare`` with
 ``cache.enabled``) skips the VAE and text encoders for targets, references and prompts when the
-cache was made with this job's model and ``data.size`` (``use_cache``). cdns keeps a fitting cache
-and adds the negatives' latents (``sfo.records.CACHED_QUADRUPLET_SCHEMA``), so the sfo job on its
-output runs no encoder; without them it encodes the negatives' PNGs.
+cache was made with this job's model and ``data.size`` (``use_cache``). cdns keeps a fitting cache's small
+columns and adds the negatives' latents (``sfo.records.CACHED_QUADRUPLET_SCHEMA``); the sfo job joins the
+triplets' tensors back from ``data.cache_path`` by ``sample_id`` (``train_data.join_cache``) and runs no
+encoder; without the negatives' latents it encodes their PNGs. When no batch needs an encoder the workers load
+the transformer alone (``load_model``: no VAE, no T5/CLIP, no tokenizers), and ``summary.json`` names what
+they loaded (``components``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import ray.train
 import torch
 
+from cluster import storage
 from pipelines import train_worker
 from pipelines.common import (
     check_cluster_gpus, check_memory_plan, init_ray, model_shape, plan_dtype, ray_data_progress, use_torch_threads,
@@ -50,10 +54,14 @@ from pipelines.common import (
 from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from pipelines.train_data import (  # noqa: F401 - the data side, re-exported for callers of this module
-    _columns, build_batch, epoch_rows, micro_batches, row_batches, sample_seed, stored_draws, timesteps_and_noise,
-    training_dataset, use_cache, use_scores,
+    _columns, build_batch, epoch_rows, micro_batches, needs_encoders, row_batches, sample_seed, stored_draws,
+    timesteps_and_noise, training_dataset, use_cache, use_scores,
+)
+from pipelines.train_outputs import (  # noqa: F401 - the run folder's writers, re-exported
+    MetricsLog, ReportCadence, export, frozen_fingerprint, local_folder, start_metrics_log,
 )
 from sfo import adapters as A
+from sfo.models import FluxModel
 from sfo.objectives import sfo_objective, sft_objective
 
 FROZEN_REF = "ref_frozen"  # variant "direct": a frozen copy of "ref" plays p_ref in Eq. 3
@@ -63,7 +71,7 @@ STATE_FILE = "train_state.json"
 # right, the logit, and how far the policy's error moved from the reference's on the positive and the negative.
 PAIR_STATS = ("implicit_accuracy", "reward_margin", "positive_rise", "negative_rise")
 NEVER_PRINT = 10**9  # DeepSpeed's steps_per_print: we report ourselves
-FINGERPRINT_MAX_PARAMS = 50_000_000  # hash frozen weights only for small models (the tiny preset)
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # unused on cached data
 
 
 def run(cfg: TrainConfig):
@@ -76,6 +84,7 @@ def run(cfg: TrainConfig):
     init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
     check_cluster_gpus(cfg.scaling, cfg.stage)
     cached, scored = use_cache(cfg), use_scores(cfg)
+    encoders = needs_encoders(cfg, cached)
     ray_data_progress()
     data = training_dataset(cfg, _columns(cfg, cached, scored))
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -85,10 +94,10 @@ def run(cfg: TrainConfig):
     ingest.preserve_order = True  # the same shard order on every attempt, so a checkpoint's data position means one thing
     trainer = TorchTrainer(
         train_worker.train_loop,  # = train_loop below, imported only on the workers
-        train_loop_config={"config": cfg, "use_cache": cached, "use_scores": scored},
+        train_loop_config={"config": cfg, "use_cache": cached, "use_scores": scored, "encoders": encoders},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(name=cfg.output.name, storage_path=str(cfg.output.run_dir.parent),
+        run_config=ray.train.RunConfig(name=cfg.output.name, storage_path=storage.absolute(cfg.output.storage_path),
                                        failure_config=ray.train.FailureConfig(max_failures=cfg.output.max_failures)),
         datasets={"train": data},
         dataset_config=ray.train.DataConfig(execution_options=ingest),
@@ -116,16 +125,71 @@ def for_workers(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with the local folders its workers read (``model.source``, ``model.ref_adapter``) made absolute
     against this driver's working directory: Ray Train starts every worker in a working directory of its own
     (its ``WorkingDirectorySetupCallback``), where a relative path such as sfo.yaml's default
-    ``runs/train/sft/adapters/ref`` would not exist."""
+    ``runs/train/sft/adapters/ref`` would not exist. URIs stay as they are."""
     from dataclasses import replace
 
     from sfo.models import SHAPES, TINY
 
     def absolute(path: str | None) -> str | None:
-        return str(Path(path).expanduser().absolute()) if path is not None and Path(path).expanduser().exists() else path
+        if path is None or storage.is_remote(path) or not Path(path).expanduser().exists():
+            return path
+        return str(Path(path).expanduser().absolute())
 
     source = cfg.model.source if cfg.model.source in (TINY, SHAPES) else absolute(cfg.model.source)
     return replace(cfg, model=replace(cfg.model, source=source, ref_adapter=absolute(cfg.model.ref_adapter)))
+
+
+@dataclass
+class TransformerOnly(FluxModel):
+    """A ``FluxModel`` whose pipeline holds the transformer (and the scheduler's config) alone: what a job whose
+    batches are all cached needs. The VAE's scale factor comes from its config.json, not from a loaded VAE."""
+
+    vae_scale: int = 8
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae_scale
+
+
+def model_folder(source: str) -> Path:
+    """The diffusers folder ``sfo.models.load_flux`` loads ``source`` from (the tiny preset: built once)."""
+    from sfo import models
+
+    if source == models.TINY:
+        return models._cached_tiny_folder(models.TinyFluxConfig())
+    if source == models.SHAPES:
+        from sfo.shapes.model import require_pretrained
+
+        return Path(require_pretrained())
+    return models.check_flux_folder(source)
+
+
+def load_model(cfg: TrainConfig, device, encoders: bool = True) -> FluxModel:
+    """The job's model: the whole pipeline (``sfo.models.load_flux``), or with ``encoders`` false the transformer
+    alone (no VAE, text encoders or tokenizers built), frozen and in eval mode as ``load_flux`` leaves it."""
+    from diffusers import FluxPipeline
+
+    from sfo import models
+
+    if encoders:
+        return models.load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
+    device = torch.device(device)
+    dtype = models.parse_dtype(cfg.model.dtype) if cfg.model.dtype else models.default_dtype(device)
+    folder = model_folder(cfg.model.source)
+    pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                        **dict.fromkeys(ENCODER_COMPONENTS))  # None: not loaded
+    pipe.to(device)
+    pipe.transformer.eval().requires_grad_(False)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return TransformerOnly(pipe=pipe, source=cfg.model.source, text_max_length=0, dtype=dtype, device=device,  # no T5
+                           vae_scale=2 ** (len(vae["block_out_channels"]) - 1))
+
+
+def loaded_components(model: FluxModel) -> list[str]:
+    """The pipeline components ``model`` holds (``sfo.models.PIPELINE_COMPONENTS`` that are not None)."""
+    from sfo.models import PIPELINE_COMPONENTS
+
+    return sorted(name for name in PIPELINE_COMPONENTS if getattr(model.pipe, name, None) is not None)
 
 
 def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:
@@ -134,11 +198,13 @@ def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:
         A.add_lora(transformer, cfg.lora.name, cfg.lora.rank, alpha=cfg.lora.alpha, init="gaussian")
         A.set_scope(transformer, cfg.lora.name, cfg.lora.scope)
         return cfg.lora.name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[cfg.lora.name])
-    A.load_adapter(transformer, cfg.model.ref_adapter, A.REF)  # frozen
     beta, variant = cfg.sfo.beta, cfg.sfo.variant
+    with local_folder(cfg.model.ref_adapter) as ref:  # a URI: downloaded to a temporary folder
+        A.load_adapter(transformer, ref, A.REF)  # frozen
+        if variant == "direct":
+            A.load_adapter(transformer, ref, FROZEN_REF)
     anchor = dict(anchor=cfg.sfo.anchor, anchor_weight=cfg.sfo.anchor_weight)
     if variant == "direct":  # paper Table E: SFO on the SFT LoRA itself, against a frozen copy of it
-        A.load_adapter(transformer, cfg.model.ref_adapter, FROZEN_REF)
         A.set_trainable(transformer, [A.REF])
         return A.REF, lambda b, t, n: sfo_objective(transformer, b, t, n, beta=beta, policy=[A.REF],
                                                     reference=[FROZEN_REF], **anchor)
@@ -175,25 +241,6 @@ def deepspeed_config(cfg: TrainConfig, dtype: torch.dtype) -> dict:
     }
 
 
-def frozen_fingerprint(transformer, zero3: bool = False) -> str | None:
-    """sha256 of every frozen parameter (base + frozen adapters), or None for big models.
-
-    Under ZeRO-3 the parameters are gathered first (a collective: every rank must call this).
-    """
-    import deepspeed
-
-    frozen = [(k, p) for k, p in transformer.named_parameters() if not p.requires_grad]
-    size = sum(getattr(p, "ds_numel", p.numel()) for _, p in frozen)
-    if size > FINGERPRINT_MAX_PARAMS:
-        return None
-    digest = hashlib.sha256()
-    with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None, enabled=zero3):
-        for key, param in frozen:
-            digest.update(key.encode())
-            digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def _reduce(values: list[float]) -> list[float]:
     """Sums values over all workers (gloo/nccl), so rank 0 reports global numbers."""
     tensor = torch.tensor(values, dtype=torch.float64)
@@ -202,52 +249,6 @@ def _reduce(values: list[float]) -> list[float]:
         tensor = tensor.to(device)
         torch.distributed.all_reduce(tensor)
     return tensor.cpu().tolist()
-
-
-class ReportCadence:
-    """When the loop calls ``ray.train.report``: every ``train.report_every`` steps, but never sooner than
-    ``train.report_interval_s`` after the previous report.
-
-    Ray Train (V2) hands a worker's reports to its controller through a one-slot queue that the controller
-    drains once per poll of the workers (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a report made
-    sooner than that after the previous one blocks the training loop until the next poll (measured: 2.0 s per
-    step when reporting every 0.05 s step). Only rank 0's clock decides, and the step's all-reduce shares its
-    decision, so every rank calls ``report`` (a collective) at the same steps."""
-
-    def __init__(self, every: int, interval_s: float, clock=time.monotonic):
-        self.every, self.interval_s, self.clock = every, interval_s, clock
-        self.last = -float("inf")
-
-    def due(self, step: int) -> bool:
-        return step % self.every == 0 and self.clock() - self.last >= self.interval_s
-
-    def reported(self) -> None:
-        self.last = self.clock()
-
-
-def start_metrics_log(path: Path, start: int) -> int:
-    """Prepares ``metrics.jsonl`` for a run (re)starting after step ``start``; returns this attempt's number.
-
-    Lines after ``start`` came from an attempt that died before its next checkpoint: they are dropped
-    (atomically), so after any resume or retry the log holds each step exactly once. Attempts count
-    from 1: one more than the largest attempt the log has seen (dropped lines included, so a retry that
-    found no checkpoint and starts over is still told apart from the attempt before it).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept, attempt = [], 1 if not start else 2
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
-                continue
-            attempt = max(attempt, int(record.get("attempt", 1)) + 1)
-            if record.get("step", 0) <= start:
-                kept.append(record)
-    scratch = path.with_name(path.name + ".tmp")
-    scratch.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(scratch, path)
-    return attempt
 
 
 def disable_cpu_shm_comm() -> None:
@@ -268,8 +269,6 @@ def train_loop(loop_config: dict) -> None:
     import deepspeed
     from ray.train.torch import get_device
 
-    from sfo.models import load_flux
-
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = get_device()
@@ -278,12 +277,13 @@ def train_loop(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if cfg.scaling.use_gpu else "gloo")
     # Rank 0 loads first: the tiny model's cache may need building, and with torch.distributed up (Ray Train
     # starts it) transformers writes weights on rank 0 only; the other ranks then load what rank 0 built.
+    encoders = loop_config.get("encoders", True)
     if rank == 0:
-        model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
+        model = load_model(cfg, device, encoders)
     if world > 1:
         torch.distributed.barrier()
     if rank != 0:
-        model = load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
+        model = load_model(cfg, device, encoders)
     transformer = model.transformer
     torch.manual_seed(cfg.train.seed)  # LoRA init draws from the global RNG: same on every rank and layout
     trained, objective = setup_adapters(cfg, transformer)
@@ -296,7 +296,6 @@ def train_loop(loop_config: dict) -> None:
                                            optimizer=build_optimizer(cfg, params, sharded),
                                            config=deepspeed_config(cfg, model.dtype))
 
-    run_dir = cfg.output.run_dir
     start, position = 0, (0, 0)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -305,7 +304,7 @@ def train_loop(loop_config: dict) -> None:
             state = json.loads((Path(folder) / STATE_FILE).read_text())
             start, position = state["step"], tuple(state.get("position", (0, 0)))  # older checkpoints: epoch start
 
-    attempt = start_metrics_log(run_dir / "metrics.jsonl", start) if rank == 0 else 0
+    log = MetricsLog(storage.join(cfg.output.run_dir, "metrics.jsonl"), start) if rank == 0 else None
     stream = micro_batches(cfg, model, loop_config.get("use_cache", False), rank, position)
     scored = loop_config.get("use_scores", False)
     cadence = ReportCadence(cfg.train.report_every, cfg.train.report_interval_s)
@@ -337,9 +336,8 @@ def train_loop(loop_config: dict) -> None:
         if cfg.needs_negatives:
             metrics.update({key: totals[key] / totals["samples"] for key in PAIR_STATS})
         if rank == 0:
-            metrics.update(attempt=attempt, time=time.time())
-            with open(run_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(metrics) + "\n")
+            metrics.update(attempt=log.attempt, time=time.time())
+            log.append(metrics)  # the whole file rewritten: object stores cannot append
             metrics = {k: v for k, v in metrics.items() if k not in ("attempt", "time")}
         every = cfg.train.checkpoint_every
         if step == cfg.train.steps or (every and step % every == 0):
@@ -348,7 +346,7 @@ def train_loop(loop_config: dict) -> None:
         elif report:
             ray.train.report(metrics)
             cadence.reported()
-    _export(cfg, engine, transformer, trained, rank, fingerprint_before)
+    export(cfg, engine, transformer, trained, rank, fingerprint_before, loaded_components(model))
 
 
 def _report_with_checkpoint(engine, metrics: dict, state: dict, rank: int) -> None:
@@ -360,32 +358,6 @@ def _report_with_checkpoint(engine, metrics: dict, state: dict, rank: int) -> No
             (Path(folder) / STATE_FILE).write_text(json.dumps(state))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=f"checkpoint_{state['step']:08d}")
-
-
-def _export(cfg: TrainConfig, engine, transformer, trained: str, rank: int, fingerprint_before) -> None:
-    """Rank 0 writes the trained adapter (gathered from ZeRO-3 shards first) and a summary."""
-    import deepspeed
-
-    params = A.trainable_parameters(transformer)
-    gather = cfg.deepspeed.zero_stage == 3
-    adapters = cfg.output.run_dir / "adapters"
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=gather):
-        if rank == 0:
-            A.save_adapter(transformer, trained, adapters / trained,
-                           state_dict={k: v.detach().clone() for k, v in A.adapter_state_dict(transformer, trained).items()})
-    fingerprint_after = frozen_fingerprint(transformer, zero3=gather)
-    if rank != 0:
-        return
-    if isinstance(cfg, SfoConfig) and trained != A.REF:  # the sfo LoRA only means something on its ref
-        shutil.copytree(cfg.model.ref_adapter, adapters / A.REF, dirs_exist_ok=True)
-    summary = {
-        "stage": cfg.stage, "variant": getattr(getattr(cfg, "sfo", None), "variant", None), "trained": trained,
-        "steps": cfg.train.steps, "world_size": engine.world_size if hasattr(engine, "world_size") else None,
-        "frozen_sha256_before": fingerprint_before,
-        "frozen_sha256_after": fingerprint_after, "zero_stage": cfg.deepspeed.zero_stage,
-        "adapters": sorted(p.name for p in adapters.iterdir()),
-    }
-    (cfg.output.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def main_for(cfg: TrainConfig) -> int:
@@ -401,5 +373,6 @@ def main_for(cfg: TrainConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"done: {cfg.stage} step {result.metrics.get('step')} loss {result.metrics.get('loss')}")
-    print(f"  adapters: {cfg.output.run_dir / 'adapters'}; metrics: {cfg.output.run_dir / 'metrics.jsonl'}")
+    print(f"  adapters: {storage.join(cfg.output.run_dir, 'adapters')}; "
+          f"metrics: {storage.join(cfg.output.run_dir, 'metrics.jsonl')}")
     return 0

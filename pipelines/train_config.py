@@ -7,14 +7,15 @@ milliseconds with its dotted name instead of after a worker group has paid its i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import pyarrow.dataset as pads
-
+from cluster import storage
 from pipelines.common import ModelConfig, ScalingConfig
+from pipelines.config import ConfigError
 from sfo.adapters import LORA_WEIGHTS, REF, REF_RANK, SCOPES, SFO, SFO_RANK
 from sfo.loss import check_anchor
-from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema
+from sfo.records import (
+    CACHE_META_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD, QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema,
+)
 from sfo.timesteps import SCHEMES, TimestepSampling
 
 OPTIMIZERS = ("prodigy", "adamw")
@@ -29,8 +30,11 @@ PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
 
 @dataclass
 class TrainDataConfig:
-    path: str = ""  # Parquet file or folder: triplets (sft) or quadruplets with negatives (sfo)
+    path: str = ""  # Parquet file or folder (local, s3:// or gs://): triplets (sft) or quadruplets with negatives (sfo)
     size: int = 64  # images are resized to size x size; a multiple of 16
+    # The cached triplets (prepare's output) that cdns quadruplets with a cache refer to: their tensors
+    # (sfo.records.CACHE_TENSOR_COLUMNS) are joined back by sample_id (train_data.join_cache). "" = none.
+    cache_path: str = ""
     # Parquet of at most this many MiB is read once into Ray's object store (``train_data.training_dataset``):
     # every epoch after the first then starts at once instead of re-reading the files (seconds each). 0: stream.
     in_memory_mib: float = 1024.0
@@ -38,6 +42,9 @@ class TrainDataConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("data.path: required; point it at the Parquet written by the prepare (sft) or cdns (sfo) job")
+        storage.check_uri(self.path, "data.path")
+        if self.cache_path:
+            storage.check_uri(self.cache_path, "data.cache_path")
         if self.size < PIXEL_MULTIPLE or self.size % PIXEL_MULTIPLE:
             raise ValueError(f"data.size: must be a positive multiple of {PIXEL_MULTIPLE}, got {self.size}")
         if not self.in_memory_mib >= 0:
@@ -149,15 +156,17 @@ class DeepSpeedSection:
 
 @dataclass
 class OutputConfig:
-    storage_path: str = "runs/train"  # a shared filesystem path (local on a laptop, NFS on a cluster)
+    storage_path: str = "runs/train"  # a shared folder (local on a laptop, NFS on a cluster) or s3:// / gs:// URI
     name: str = "sft"  # rerunning with the same storage_path and name resumes from the last checkpoint
     max_failures: int = 0  # Ray Train restarts the worker group from the last checkpoint this often
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage_path).expanduser().resolve() / self.name
+    def run_dir(self) -> str:
+        """The run's folder: an absolute local path, or the URI (never a local ``s3:/...`` path)."""
+        return storage.join(storage.absolute(self.storage_path), self.name)
 
     def __post_init__(self) -> None:
+        storage.check_uri(self.storage_path, "output.storage_path")
         if not self.name or "/" in self.name:
             raise ValueError(f"output.name: must be a plain folder name, got {self.name!r}")
         if self.max_failures < -1:
@@ -194,11 +203,25 @@ class TrainConfig:
             )
 
     def check_inputs(self) -> None:
-        """Checks the files the job reads (data schema, adapters) before anything starts."""
-        if not Path(self.data.path).exists():
+        """Checks the files the job reads (data schema, the cache's triplets, adapters) before anything starts."""
+        if not storage.exists(self.data.path):
             raise ValueError(f"data.path: {self.data.path!r} does not exist; run the prepare/cdns job first")
-        schema = pads.dataset(self.data.path, format="parquet").schema
+        schema = storage.dataset(self.data.path).schema
         check_schema(schema, QUADRUPLET_SCHEMA if self.needs_negatives else TRIPLET_SCHEMA, "data.path")
+        names = set(schema.names)
+        refers = {NEGATIVE_CACHE_FIELD.name, *CACHE_META_COLUMNS} <= names and not set(CACHE_TENSOR_COLUMNS) & names
+        if refers and not self.data.cache_path:
+            raise ConfigError(f"data.cache_path: data.path {self.data.path!r} holds cdns output that refers to the cached "
+                              f"triplets' tensors ({', '.join(CACHE_TENSOR_COLUMNS)}) by sample_id; set data.cache_path "
+                              "to the prepare output cdns read (e.g. data.cache_path=runs/data/triplets)")
+        if self.data.cache_path:
+            if not storage.exists(self.data.cache_path):
+                raise ValueError(f"data.cache_path: {self.data.cache_path!r} does not exist; point it at the cached "
+                                 "triplets (prepare with cache.enabled) that data.path was made from")
+            missing = {"sample_id", *CACHE_TENSOR_COLUMNS} - set(storage.dataset(self.data.cache_path).schema.names)
+            if missing:
+                raise ValueError(f"data.cache_path: {self.data.cache_path!r} lacks the column(s) {sorted(missing)}; "
+                                 "point it at the cached triplets (prepare with cache.enabled)")
 
     @property
     def needs_negatives(self) -> bool:
@@ -235,12 +258,13 @@ class SfoConfig(TrainConfig):
         TrainConfig.__post_init__(self)
         if not self.model.ref_adapter:
             raise ValueError("model.ref_adapter: required for sfo; the folder holding the sft job's 'ref' LoRA")
+        storage.check_uri(self.model.ref_adapter, "model.ref_adapter")
         if self.sfo.variant != "direct" and self.lora.name == REF:
             raise ValueError(f"lora.name: {REF!r} is the frozen SFT adapter; name the new one e.g. {SFO!r}")
 
     def check_inputs(self) -> None:
         super().check_inputs()
-        if not (Path(self.model.ref_adapter) / LORA_WEIGHTS).is_file():
+        if not storage.is_file(storage.join(self.model.ref_adapter, LORA_WEIGHTS)):
             raise ValueError(f"model.ref_adapter: no {LORA_WEIGHTS} in {self.model.ref_adapter!r}; "
                              "pass the adapters/ref folder the sft job wrote")
 

@@ -4,6 +4,9 @@ per-sample timesteps and noise, and the stream of encoded micro-batches from a w
 Randomness: each sample's timestep and noise come from a ``torch.Generator`` seeded with (train.seed,
 optimiser step, sample_id), so they do not depend on how samples are laid out over workers and
 micro-batches. The data order is shuffled per epoch with a seeded local buffer (``epoch_rows``).
+
+cdns output with a cache holds only the cache's small columns and the negatives' latents; the triplets'
+tensors stay in the triplets (``data.cache_path``) and are joined back by ``sample_id`` (``join_cache``).
 """
 
 from __future__ import annotations
@@ -12,35 +15,115 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
 
+from cluster import storage
 from pipelines.common import distinct_rows, score_fingerprint
+from pipelines.config import ConfigError
 from pipelines.train_config import SfoConfig, TrainConfig
 from sfo.latents import encode_images
 from sfo.models import model_identity
 from sfo.objectives import batch_from_cache, encode_batch
-from sfo.records import CACHE_COLUMNS, NEGATIVE_CACHE_FIELD, SCORE_COLUMNS, decode_cache, decode_images
+from sfo.records import (
+    CACHE_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD, SCORE_COLUMNS, decode_cache, decode_images,
+)
 from sfo.timesteps import draw, sample_timesteps
 
 SEED_BYTES = 8
 
 
 def parquet_mib(path: str | Path) -> float:
-    """The MiB of the Parquet at ``path``: a file, or every ``*.parquet`` under a folder."""
-    path = Path(path)
-    files = [path] if path.is_file() else path.rglob("*.parquet")
-    return sum(f.stat().st_size for f in files) / 2**20
+    """The MiB of the Parquet at ``path`` (local, ``s3://``, ``gs://``): a file, or every ``*.parquet`` under a folder."""
+    files = storage.list_files(path, ".parquet")
+    if not files:
+        return 0.0
+    fs, _ = storage.resolve(path)
+    return sum(info.size for info in fs.get_file_info([storage.resolve(f)[1] for f in files])) / 2**20
+
+
+def _names(path: str) -> set[str]:
+    return set(storage.dataset(path).schema.names)
+
+
+def joins_cache(cfg: TrainConfig) -> bool:
+    """Whether the triplets' cache tensors come from ``data.cache_path`` (``data.path`` refers to them by id)."""
+    return bool(cfg.data.cache_path) and not set(CACHE_TENSOR_COLUMNS) & _names(cfg.data.path)
+
+
+def cache_index(path: str) -> dict[str, tuple[str, int]]:
+    """``sample_id`` -> (file, row in file) over the Parquet at ``path``: what ``join_cache`` reads rows by."""
+    index: dict[str, tuple[str, int]] = {}
+    for file in storage.list_files(path, ".parquet"):
+        for row, sample_id in enumerate(storage.read_table(file, columns=["sample_id"]).column(0).to_pylist()):
+            index.setdefault(sample_id, (file, row))
+    return index
+
+
+def _read_rows(file: str, rows: list[int], columns: list[str]) -> pa.Table:
+    """``rows`` of one Parquet file (in that order), reading only the row groups that hold them."""
+    fs, path = storage.resolve(file)
+    with fs.open_input_file(path) as handle:
+        parquet = pq.ParquetFile(handle)
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
+        starts = np.cumsum([0] + sizes)  # row group g holds rows starts[g] .. starts[g + 1] - 1
+        group_of = {r: int(np.searchsorted(starts, r, side="right")) - 1 for r in rows}
+        groups = sorted(set(group_of.values()))
+        table = parquet.read_row_groups(groups, columns=columns)
+    offset = dict(zip(groups, np.cumsum([0] + [sizes[g] for g in groups])))  # where each group starts in ``table``
+    return table.take([int(offset[group_of[r]] + r - starts[group_of[r]]) for r in rows])
+
+
+def join_cache(batch: pa.Table, index: dict[str, tuple[str, int]], columns: list[str] = CACHE_TENSOR_COLUMNS) -> pa.Table:
+    """``batch`` with ``columns`` of the rows of the same ``sample_id`` in the indexed Parquet, rows in order.
+
+    A lookup join per batch (each batch reads only the row groups it needs), in the order the rows came in: the
+    stream stays in file order, which a resume and a seeded shuffle rely on (``row_batches``). Ray Data's own
+    ``Dataset.join`` needs polars (not a dependency here) and hash-shuffles the rows out of their order.
+    """
+    ids = batch.column("sample_id").to_pylist()
+    missing = [i for i in ids if i not in index]
+    if missing:
+        raise ValueError(f"data.cache_path: no row for sample_id(s) {missing[:5]}: data.path was made from other "
+                         "triplets; point data.cache_path at the prepare output cdns read")
+    by_file: dict[str, list[int]] = {}
+    for sample_id in ids:
+        file, row = index[sample_id]
+        by_file.setdefault(file, []).append(row)
+    parts, where, total = [], {}, 0  # where: (file, k-th row asked of it) -> its row in the concatenation
+    for file, rows in by_file.items():
+        parts.append(_read_rows(file, rows, columns))
+        where.update({(file, k): total + k for k in range(len(rows))})
+        total += len(rows)
+    asked = dict.fromkeys(by_file, 0)
+    order = []
+    for sample_id in ids:
+        file = index[sample_id][0]
+        order.append(where[(file, asked[file])])
+        asked[file] += 1
+    for name in columns:
+        found = [part.column(name) for part in parts]
+        batch = batch.append_column(name, pa.concat_arrays([c.combine_chunks() for c in found]).take(order)
+                                    if found else pa.array([], pa.binary()))
+    return batch
 
 
 def training_dataset(cfg: TrainConfig, columns: list[str]) -> ray.data.Dataset:
-    """The job's Ray ``Dataset`` of ``data.path``: materialised in file order when the Parquet is at most
-    ``data.in_memory_mib`` (each epoch after the first then reads the object store, with no read tasks to
-    start), otherwise streamed from the files every epoch."""
-    data = ray.data.read_parquet(cfg.data.path, columns=columns)
-    if parquet_mib(cfg.data.path) > cfg.data.in_memory_mib:
+    """The job's Ray ``Dataset`` of ``data.path`` (with the cache's tensors joined from ``data.cache_path`` when it
+    refers to them): materialised in file order when the Parquet is at most ``data.in_memory_mib`` (each epoch
+    after the first then reads the object store, with no read tasks to start), otherwise streamed from the files
+    every epoch."""
+    joined = [c for c in columns if c in CACHE_TENSOR_COLUMNS] if joins_cache(cfg) else []
+    data = ray.data.read_parquet(cfg.data.path, columns=[c for c in columns if c not in joined])
+    mib = parquet_mib(cfg.data.path)
+    if joined:
+        index = cache_index(cfg.data.cache_path)
+        data = data.map_batches(join_cache, batch_format="pyarrow", fn_kwargs={"index": index, "columns": joined})
+        mib += parquet_mib(cfg.data.cache_path)  # at most: the triplets may hold more rows
+    if mib > cfg.data.in_memory_mib:
         return data
     data.context.execution_options.preserve_order = True  # this dataset's context: the rows stay in file order
     return data.materialize()
@@ -58,8 +141,7 @@ def use_scores(cfg: TrainConfig) -> bool:
     """Whether ``data.path`` carries reference errors (cdns ``score.draws``) made for this job: its model, "ref"
     adapter, ``data.size`` and timestep scheme (``pipelines.common.score_fingerprint``). Decided once, in the
     driver; stored errors that do not fit are reported (one line) and the job runs the reference pass."""
-    names = pads.dataset(cfg.data.path, format="parquet").schema.names
-    if not set(SCORE_COLUMNS) <= set(names):
+    if not set(SCORE_COLUMNS) <= _names(cfg.data.path):
         return False
     if not (isinstance(cfg, SfoConfig) and cfg.sfo.variant == "sfo"):
         print(f"[{cfg.stage}] data.path: stored reference errors unused (they serve Eq. 3 with the ref model as "
@@ -96,7 +178,12 @@ def stored_draws(cfg: TrainConfig, rows: dict, epoch: int, shape: tuple[int, ...
 
 def negatives_cached(cfg: TrainConfig) -> bool:
     """Whether ``data.path``'s rows carry the negatives' latents (cdns on cached triplets)."""
-    return NEGATIVE_CACHE_FIELD.name in pads.dataset(cfg.data.path, format="parquet").schema.names
+    return NEGATIVE_CACHE_FIELD.name in _names(cfg.data.path)
+
+
+def needs_encoders(cfg: TrainConfig, cached: bool) -> bool:
+    """Whether the workers must load the VAE and text encoders: not when every tensor of a batch is cached."""
+    return not cached or (cfg.needs_negatives and not negatives_cached(cfg))
 
 
 def use_cache(cfg: TrainConfig) -> bool:
@@ -105,10 +192,17 @@ def use_cache(cfg: TrainConfig) -> bool:
     Decided once, in the driver: a cache made with another model or size is reported here (one
     line) and the job encodes the PNGs instead.
     """
-    if not set(CACHE_COLUMNS) <= set(pads.dataset(cfg.data.path, format="parquet").schema.names):
+    names = _names(cfg.data.path) | (set(CACHE_TENSOR_COLUMNS) if joins_cache(cfg) else set())
+    if not set(CACHE_COLUMNS) <= names:
         return False
     made = distinct_rows(cfg.data.path, ["cache_model", "cache_size"])
     wanted = (model_identity(cfg.model.source), cfg.data.size)
+    if joins_cache(cfg):
+        meta = ["cache_model", "cache_size", "cache_dtype"]
+        mine, theirs = distinct_rows(cfg.data.path, meta), distinct_rows(cfg.data.cache_path, meta)
+        if not mine <= theirs:
+            raise ConfigError(f"data.cache_path: its cache was made as (model, size, dtype) {sorted(theirs)}, data.path's "
+                              f"rows say {sorted(mine)}; point data.cache_path at the triplets cdns read")
     if made != {wanted}:
         print(f"[{cfg.stage}] data.path: cached latents/embeddings were made with (model, size) {sorted(made)}, "
               f"not {wanted} (model.source, data.size); ignoring them and encoding the PNGs", flush=True)

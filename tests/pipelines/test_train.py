@@ -22,6 +22,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.synthetic import synthetic_triplets
 from pipelines.train_config import SfoConfig, SftConfig
 from sfo.adapters import LORA_WEIGHTS
+from sfo.models import PIPELINE_COMPONENTS
 from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, encode_png
 
 SIZE = 32
@@ -57,8 +58,8 @@ def _sft(tmp: Path, name: str, data: str, *overrides: str) -> SftConfig:
                                          f"output.storage_path={tmp}", f"output.name={name}", *overrides])
 
 
-def _steps(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _steps(run_dir: str | Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def sfo_run(sft_run, data, tmp_path_factory):
 
     sft_cfg, _ = sft_run
     # relative to this process's working directory, as sfo.yaml's default: the workers start in another one
-    ref = os.path.relpath(sft_cfg.output.run_dir / "adapters" / "ref")
+    ref = os.path.relpath(Path(sft_cfg.output.run_dir) / "adapters" / "ref")
     cfg = load_config(SfoConfig, None, [
         f"data.path={data['quadruplets']}", f"data.size={SIZE}", "train.steps=2",
         f"model.ref_adapter={ref}", "train.optimizer=adamw", "train.lr=1e-3",
@@ -96,11 +97,12 @@ def sfo_run(sft_run, data, tmp_path_factory):
 
 def test_sft_exports_ref_and_keeps_base_frozen(sft_run):
     cfg, result = sft_run
-    summary = json.loads((cfg.output.run_dir / "summary.json").read_text())
+    summary = json.loads((Path(cfg.output.run_dir) / "summary.json").read_text())
     assert summary["frozen_sha256_before"] == summary["frozen_sha256_after"]
+    assert summary["components"] == sorted(PIPELINE_COMPONENTS)  # PNG rows: the encoders are loaded
     assert _steps(cfg.output.run_dir) == [1, 2]
     assert result.metrics["step"] == 2 and result.metrics["loss"] > 0
-    ref = load_file(cfg.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    ref = load_file(Path(cfg.output.run_dir) / "adapters" / "ref" / LORA_WEIGHTS)
     assert ref and all(v.numel() > 0 for v in ref.values())  # ZeRO-3 placeholders are empty unless gathered
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in ref.items())  # B starts at 0
 
@@ -109,11 +111,11 @@ def test_sfo_two_workers_zero2_trains_sfo_only_and_loads_in_diffusers(sfo_run, s
     from sfo.models import load_flux
 
     cfg, result = sfo_run
-    adapters = cfg.output.run_dir / "adapters"
-    summary = json.loads((cfg.output.run_dir / "summary.json").read_text())
+    adapters = Path(cfg.output.run_dir) / "adapters"
+    summary = json.loads((Path(cfg.output.run_dir) / "summary.json").read_text())
     assert summary["adapters"] == ["ref", "sfo"]
     assert summary["frozen_sha256_before"] == summary["frozen_sha256_after"]  # base + "ref" untouched
-    ref_in = load_file(sft_run[0].output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    ref_in = load_file(Path(sft_run[0].output.run_dir) / "adapters" / "ref" / LORA_WEIGHTS)
     ref_out = load_file(adapters / "ref" / LORA_WEIGHTS)
     assert ref_in.keys() == ref_out.keys() and all(torch.equal(ref_in[k], ref_out[k]) for k in ref_in)
     sfo = load_file(adapters / "sfo" / LORA_WEIGHTS)
@@ -136,14 +138,14 @@ def test_sfo_resume_continues_step_count(sfo_run):
     cfg.train.steps = 4
     result = run(cfg)
     assert _steps(cfg.output.run_dir) == [1, 2, 3, 4]
-    lines = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (Path(cfg.output.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [line["attempt"] for line in lines] == [1, 1, 2, 2] and all(line["time"] > 0 for line in lines)
     assert result.metrics["step"] == 4 and "attempt" not in result.metrics
     # the resume continued the data where step 2 left it (mid-epoch): steps 3-4 equal an uninterrupted run's
     straight = copy.deepcopy(cfg)
     straight.output.name += "-straight"
     run(straight)
-    again = [json.loads(line) for line in (straight.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (Path(straight.output.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [line["loss"] for line in again] == pytest.approx([line["loss"] for line in lines], rel=1e-5)
 
 
@@ -156,26 +158,50 @@ def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
     two = _sft(tmp_path, "two", data["pair"], *common, "scaling.num_workers=2")
     run(one)
     run(two)
-    log_one, log_two = ([json.loads(line) for line in (c.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+    log_one, log_two = ([json.loads(line) for line in (Path(c.output.run_dir) / "metrics.jsonl").read_text().splitlines()]
                         for c in (one, two))
     for a, b in zip(log_one, log_two, strict=True):  # the averaged gradient itself, not only Adam's sign-like step
         assert a["step"] == b["step"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
-    a = load_file(one.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
-    b = load_file(two.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS)
+    a = load_file(Path(one.output.run_dir) / "adapters" / "ref" / LORA_WEIGHTS)
+    b = load_file(Path(two.output.run_dir) / "adapters" / "ref" / LORA_WEIGHTS)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
 
 def _cached_triplets(folder: Path, *overrides: str) -> str:
-    """Triplets from ``prepare`` with the encoder cache on (the tiny model)."""
+    """Triplets from ``prepare`` with the encoder cache on (the tiny model), stored as fp32: batches built from it
+    equal batches encoded from the PNGs (bf16, the default, rounds them)."""
     from pipelines.prepare import PrepareConfig
     from pipelines.prepare import run as prepare
 
     return str(prepare(load_config(PrepareConfig, None, [f"data.output={folder}", "data.limit=2", f"data.size={SIZE}",
-                                                         "cache.enabled=true", *overrides])))
+                                                         "cache.enabled=true", "cache.store_dtype=fp32", *overrides])))
+
+
+def _cached_quadruplets(triplets: str, folder: Path, tensors: bool) -> str:
+    """Quadruplets over cached triplets as cdns writes them (``tensors`` false: the cache's small columns and the
+    negatives' latents only, rows in reverse order) or with the triplets' tensors kept; each row's target stands in
+    for its negative."""
+    from sfo.records import CACHE_META_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD
+
+    table = pq.read_table(triplets)
+    rows = table.num_rows
+    columns = {name: table.column(name) for name in TRIPLET_SCHEMA.names}
+    columns.update(
+        negative_png=table.column("target_png"), negative_mode=["test"] * rows, negative_image_degradation=["none"] * rows,
+        negative_text_degradation=["none"] * rows, negative_blur_radius=[None] * rows, negative_noise_std=[None] * rows,
+        negative_prompt=table.column("target_text"), negative_seed=list(range(rows)), negative_steps=[1] * rows,
+        negative_guidance=[1.0] * rows, negative_adapter_sha256=["0"] * rows)
+    out = pa.table(columns, schema=QUADRUPLET_SCHEMA)
+    for name in CACHE_META_COLUMNS + (CACHE_TENSOR_COLUMNS if tensors else []):
+        out = out.append_column(name, table.column(name))
+    out = out.append_column(NEGATIVE_CACHE_FIELD.name, table.column("cache_target_latents"))
+    folder.mkdir(parents=True)
+    pq.write_table(out if tensors else out.take(list(reversed(range(rows)))), folder / "part-0.parquet")
+    return str(folder)
 
 
 def _numpy_rows(path: str) -> dict:
@@ -202,26 +228,29 @@ def test_batch_from_cache_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
 
 
 def test_cdns_keeps_the_cache_and_the_sfo_batch_from_it_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
-    """cdns on cached triplets passes their cache through and adds the negatives' latents; the sfo batch
-    from those columns equals the batch encoded from the PNGs, negative included. A cache of another
-    size is dropped with one line."""
+    """cdns on cached triplets keeps their cache's small columns and adds the negatives' latents; the sfo batch
+    from those columns, with the triplets' tensors joined back by sample id (data.cache_path), equals the batch
+    encoded from the PNGs, negative included. A cache of another size is dropped with one line."""
     from pipelines import cdns
     from pipelines.train import build_batch, use_cache
-    from sfo.records import CACHE_COLUMNS, CACHED_QUADRUPLET_SCHEMA
+    from pipelines.train_data import cache_index, join_cache
+    from sfo.records import CACHE_META_COLUMNS, CACHED_QUADRUPLET_SCHEMA
 
     triplets = _cached_triplets(tmp_path / "cached")
     negatives = tmp_path / "quadruplets"
     common = [f"data.input={triplets}", f"cdns.size={SIZE}", "cdns.steps=2", "runner=local"]
     assert cdns.run(load_config(cdns.CdnsConfig, None, common + [f"data.output={negatives}"]))["written"] == 2
-    assert "keeping the cached latents/embeddings" in capsys.readouterr().out
+    assert "the cached latents/embeddings fit" in capsys.readouterr().out
     out, source = pq.read_table(negatives), pq.read_table(triplets)
-    assert out.schema.equals(CACHED_QUADRUPLET_SCHEMA)
+    assert out.schema.equals(CACHED_QUADRUPLET_SCHEMA)  # no tensor columns: they stay in the triplets
     by_id = {r["sample_id"]: r for r in source.to_pylist()}
-    assert all(r[c] == by_id[r["sample_id"]][c] for r in out.to_pylist() for c in CACHE_COLUMNS)
+    assert all(r[c] == by_id[r["sample_id"]][c] for r in out.to_pylist() for c in CACHE_META_COLUMNS)
     cfg = load_config(SfoConfig, None, [f"data.path={negatives}", f"data.size={SIZE}", f"output.storage_path={tmp_path}",
-                                        f"model.ref_adapter={tmp_path}"])
+                                        f"model.ref_adapter={tmp_path}", f"data.cache_path={triplets}"])
     assert use_cache(cfg) and "and the negatives' latents" in capsys.readouterr().out
-    rows = _numpy_rows(str(negatives))
+    joined = tmp_path / "joined.parquet"
+    pq.write_table(join_cache(out, cache_index(triplets)), joined)
+    rows = _numpy_rows(str(joined))
     cached, encoded = build_batch(cfg, tiny_flux, rows, True), build_batch(cfg, tiny_flux, rows, False)
     for a, b in [(cached.negative, encoded.negative), (cached.target, encoded.target),
                  (cached.condition.tokens, encoded.condition.tokens), (cached.text.pooled, encoded.text.pooled)]:
@@ -264,7 +293,9 @@ def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path, capsys
     out = capsys.readouterr().out
     assert out.count("[sft] memory plan per GPU: sft, batch 2, checkpointing off, ZeRO-2 x 1") == 2
     assert out.count("(CPU run: not checked") == 2
-    a, b = (load_file(c.output.run_dir / "adapters" / "ref" / LORA_WEIGHTS) for c in runs)
+    a, b = (load_file(Path(c.output.run_dir) / "adapters" / "ref" / LORA_WEIGHTS) for c in runs)
+    built = [json.loads((Path(c.output.run_dir) / "summary.json").read_text())["components"] for c in runs]
+    assert built == [["scheduler", "transformer"], sorted(PIPELINE_COMPONENTS)]  # cached: no VAE, T5/CLIP, tokenizers
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])

@@ -1,14 +1,17 @@
 """The training jobs' data side (``pipelines.train_data``): the seeded shuffle, resuming at a data position,
-and small Parquet held in memory in file order."""
+small Parquet held in memory in file order, and the cache's tensors joined back from the triplets."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from pipelines.config import ConfigError
-from tests.pipelines.test_train import _sft
+from pipelines.config import ConfigError, load_config
+from pipelines.train_config import SfoConfig, TrainConfig
+from tests.pipelines.test_train import SIZE, _cached_quadruplets, _cached_triplets, _sft
 
 
 @pytest.fixture
@@ -84,3 +87,53 @@ def test_small_parquet_is_read_once_in_file_order_and_large_parquet_streams(ray_
     assert sorted(r["sample_id"] for r in streamed.take_all()) == ids
     with pytest.raises(ConfigError, match=r"data\.in_memory_mib"):
         _sft(tmp_path, "bad", str(folder), "data.in_memory_mib=-1")
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """Cached triplets (prepare, tiny model), quadruplets that kept their tensors, and quadruplets as cdns writes
+    them (the cache's small columns only, rows in another order)."""
+    root = tmp_path_factory.mktemp("cached")
+    triplets = _cached_triplets(root / "triplets")
+    return {"root": root, "triplets": triplets, "full": _cached_quadruplets(triplets, root / "full", True),
+            "refs": _cached_quadruplets(triplets, root / "refs", False)}
+
+
+def _sfo(cached: dict, *overrides: str) -> SfoConfig:
+    return load_config(SfoConfig, None, [f"data.size={SIZE}", f"output.storage_path={cached['root']}",
+                                         f"model.ref_adapter={cached['root']}", *overrides])
+
+
+def test_the_cache_tensors_are_joined_from_data_cache_path_by_sample_id(ray_local, cached, tiny_flux):
+    """The job's dataset of quadruplets without the triplets' tensors, joined with data.cache_path, keeps its
+    file's row order and builds the very batch tensors of quadruplets that kept them; no encoder is needed."""
+    from pipelines.train_data import _columns, build_batch, needs_encoders, training_dataset, use_cache
+
+    full = _sfo(cached, f"data.path={cached['full']}")
+    joined = _sfo(cached, f"data.path={cached['refs']}", f"data.cache_path={cached['triplets']}")
+    TrainConfig.check_inputs(joined)  # the data's checks pass (there is no ref adapter here)
+    assert use_cache(full) and use_cache(joined) and not needs_encoders(joined, True)
+    columns = _columns(joined, True)
+    kept = training_dataset(full, columns).take_all()
+    rows = training_dataset(joined, columns).take_all()
+    assert [r["sample_id"] for r in rows] == [r["sample_id"] for r in reversed(kept)]  # data.path's own order
+    stack = lambda rs: {k: np.array([r[k] for r in rs], dtype=object) for k in columns}  # noqa: E731
+    a, b = build_batch(full, tiny_flux, stack(kept), True), build_batch(joined, tiny_flux, stack(rows[::-1]), True)
+    for x, y in [(a.target, b.target), (a.negative, b.negative), (a.condition.tokens, b.condition.tokens),
+                 (a.text.prompt_embeds, b.text.prompt_embeds), (a.text.pooled, b.text.pooled)]:
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_quadruplets_referring_to_the_cache_need_data_cache_path(cached, tmp_path):
+    """Without data.cache_path the job stops before any work naming the field and the fix; a data.cache_path
+    without the tensors (plain triplets) is refused too."""
+    from pipelines.train import main_for
+    from tests.pipelines.test_train import _write_parquet
+
+    cfg = _sfo(cached, f"data.path={cached['refs']}")
+    with pytest.raises(ConfigError, match=r"data\.cache_path: .*set data\.cache_path.*data\.cache_path=runs/data/triplets"):
+        cfg.check_inputs()
+    assert main_for(cfg) == 2
+    plain = _write_parquet(tmp_path / "plain", 2, False)
+    with pytest.raises(ValueError, match=r"data\.cache_path: .* lacks the column\(s\) \['cache_pooled'"):
+        _sfo(cached, f"data.path={cached['refs']}", f"data.cache_path={plain}").check_inputs()
