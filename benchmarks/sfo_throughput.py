@@ -67,7 +67,7 @@ def _sfo_runs(prefix: str, size: int, rows: int):
                                             f"model.ref_adapter={root / 'sft' / 'adapters' / 'ref'}",
                                             f"output.name={name}", *overrides])
         run(cfg)
-        return [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line) for line in (Path(cfg.output.run_dir) / "metrics.jsonl").read_text().splitlines()]
 
     try:
         yield sfo

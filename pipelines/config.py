@@ -86,6 +86,24 @@ def _convert(value: Any, kind: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {kind!r}")
 
 
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None if field.default is dataclasses.MISSING else field.default
+
+
+def _with_defaults(default: Any, values: dict) -> dict:
+    """``values`` over the fields of ``default``, a section's default instance: a job whose section default
+    differs from the section class's own (SfoConfig's ``output.name`` is "sfo", OutputConfig's "sft") keeps
+    it when only some of the section's keys are given."""
+    merged = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+    for key, value in values.items():
+        if isinstance(value, dict) and dataclasses.is_dataclass(merged.get(key)):
+            value = _with_defaults(merged[key], value)
+        merged[key] = value
+    return merged
+
+
 def _build(cls: type[T], values: dict, prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -95,6 +113,10 @@ def _build(cls: type[T], values: dict, prefix: str = "") -> T:
         raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys are {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
+        if isinstance(value, dict):
+            default = _default(fields[name])
+            if dataclasses.is_dataclass(default) and not isinstance(default, type):
+                value = _with_defaults(default, value)
         kwargs[name] = _convert(value, hints[name], f"{prefix}.{name}" if prefix else name)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

@@ -58,7 +58,7 @@ from pipelines.train_data import (  # noqa: F401 - the data side, re-exported fo
     timesteps_and_noise, training_dataset, use_cache, use_scores,
 )
 from pipelines.train_outputs import (  # noqa: F401 - the run folder's writers, re-exported
-    MetricsLog, ReportCadence, export, frozen_fingerprint, local_folder, start_metrics_log,
+    MetricsLog, ReportCadence, export, frozen_fingerprint, start_metrics_log,
 )
 from sfo import adapters as A
 from sfo.models import FluxModel
@@ -199,7 +199,7 @@ def setup_adapters(cfg: TrainConfig, transformer) -> tuple[str, object]:
         A.set_scope(transformer, cfg.lora.name, cfg.lora.scope)
         return cfg.lora.name, lambda b, t, n: sft_objective(transformer, b, t, n, adapters=[cfg.lora.name])
     beta, variant = cfg.sfo.beta, cfg.sfo.variant
-    with local_folder(cfg.model.ref_adapter) as ref:  # a URI: downloaded to a temporary folder
+    with storage.local_copy(cfg.model.ref_adapter) as ref:  # a URI: downloaded to a temporary folder
         A.load_adapter(transformer, ref, A.REF)  # frozen
         if variant == "direct":
             A.load_adapter(transformer, ref, FROZEN_REF)

@@ -8,12 +8,9 @@ Object stores cannot append: the metrics log lives in rank 0's memory and is wri
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,21 +20,6 @@ from pipelines.train_config import SfoConfig, TrainConfig
 from sfo import adapters as A
 
 FINGERPRINT_MAX_PARAMS = 50_000_000  # hash frozen weights only for small models (the tiny preset)
-
-
-@contextlib.contextmanager
-def local_folder(uri: str) -> Iterator[Path]:
-    """``storage.local_copy`` of a folder such as an adapter's. Until ``storage.download_folder`` creates its local
-    folder first, a folder of files only (no subfolder) fails there: pyarrow's ``copy_files`` creates the folders
-    it finds under the source, not the destination itself; so this one creates it."""
-    if not storage.is_remote(uri):
-        with storage.local_copy(uri) as path:
-            yield path
-        return
-    with tempfile.TemporaryDirectory(prefix="sfo-download-") as folder:
-        target = Path(folder) / storage.basename(uri)
-        target.mkdir()
-        yield storage.download_folder(uri, target)
 
 
 class MetricsLog:
@@ -135,7 +117,7 @@ def export(cfg: TrainConfig, engine, transformer, trained: str, rank: int, finge
     if rank != 0:
         return
     if isinstance(cfg, SfoConfig) and trained != A.REF:  # the sfo LoRA only means something on its ref
-        with local_folder(cfg.model.ref_adapter) as folder:
+        with storage.local_copy(cfg.model.ref_adapter) as folder:
             storage.upload_folder(folder, storage.join(adapters, A.REF))
     summary = {
         "stage": cfg.stage, "variant": getattr(getattr(cfg, "sfo", None), "variant", None), "trained": trained,

@@ -49,3 +49,15 @@ def test_errors_name_the_field(override, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="--config"):
         load_config(Job, tmp_path / "nope.yaml")
+
+
+def test_a_partial_section_keeps_the_jobs_own_section_defaults():
+    """SfoConfig's output defaults to name 'sfo' (OutputConfig's own default is 'sft'): overriding only
+    output.storage_path must not turn the sfo run into the sft run's folder (it resumed from sft's checkpoint)."""
+    from pipelines.train_config import SfoConfig
+
+    config = load_config(SfoConfig, None, ["output.storage_path=s3://bucket/train", "model.ref_adapter=x",
+                                           "lora.rank=8"])
+
+    assert config.output.name == "sfo" and config.output.storage_path == "s3://bucket/train"
+    assert config.lora.name == "sfo" and config.lora.rank == 8  # SfoConfig's lora default: "sfo", rank 16

@@ -114,6 +114,6 @@ def test_the_sfo_job_trains_on_stored_errors(scored, ray_local, tmp_path, capsys
     cfg = _sfo(tmp_path, out, ref, "train.steps=2", "train.batch_size=2", "output.name=scored")
     run(cfg)
     assert "using the stored reference errors" in capsys.readouterr().out
-    log = [json.loads(line) for line in (cfg.output.run_dir / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (Path(cfg.output.run_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in log] == [1, 2]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4) and log[0]["positive_rise"] == pytest.approx(0, abs=1e-5)

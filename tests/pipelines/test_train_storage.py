@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 
 from cluster import storage
 from pipelines.config import load_config
@@ -19,28 +18,7 @@ from tests.pipelines.test_train import SIZE, _cached_quadruplets, _cached_triple
 TRANSFORMER_ONLY = ["scheduler", "transformer"]
 
 
-@pytest.fixture(scope="module")
-def ray_with_s3(ray_local, s3_server):
-    """The session's Ray restarted with the S3 server's ``AWS_*`` variables, which its workers (Ray Data's reads,
-    Ray Train's workers) take from the processes Ray starts; the session's Ray without them again afterwards."""
-    from pipelines.common import start_local_ray
-    from tests.conftest import S3_ENV
-
-    env = {**S3_ENV, "AWS_ENDPOINT_URL": s3_server}
-    before = {name: os.environ.get(name) for name in env}
-    ray_local.shutdown()
-    os.environ.update(env)
-    try:
-        start_local_ray(num_cpus=4)
-    finally:
-        for name, value in before.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-    yield ray_local
-    ray_local.shutdown()
-    start_local_ray(num_cpus=4)
-
-
-def test_sft_then_sfo_on_s3_write_nothing_locally_and_their_adapters_load(ray_with_s3, s3_bucket, tmp_path,
+def test_sft_then_sfo_on_s3_write_nothing_locally_and_their_adapters_load(ray_local, s3_bucket, tmp_path,
                                                                           monkeypatch):
     from pipelines.train import run
     from sfo.models import load_flux
