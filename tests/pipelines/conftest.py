@@ -23,3 +23,16 @@ def ray_local(_hermetic_cache, s3_server):
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ref_adapter(tmp_path_factory):
+    """A "ref" LoRA with non-zero weights saved from the tiny FLUX (stands in for the sft job's output)."""
+    from sfo import adapters
+    from sfo.models import load_flux
+
+    model = load_flux("tiny", device="cpu")
+    adapters.add_lora(model.transformer, adapters.REF, adapters.REF_RANK, init=False)
+    folder = tmp_path_factory.mktemp("adapters") / "ref"
+    adapters.save_adapter(model.transformer, adapters.REF, folder)
+    return folder

@@ -23,19 +23,6 @@ ROWS, SIZE = 4, 32
 FAST = [f"cdns.size={SIZE}", "cdns.steps=2", "cdns.batch_size=2", "runner=local"]
 
 
-@pytest.fixture(scope="module")
-def ref_adapter(tmp_path_factory) -> Path:
-    """A "ref" LoRA with non-zero weights from the tiny FLUX (stands in for the sft job's output)."""
-    from sfo import adapters
-    from sfo.models import load_flux
-
-    model = load_flux("tiny", device="cpu")
-    adapters.add_lora(model.transformer, adapters.REF, adapters.REF_RANK, init=False)
-    folder = tmp_path_factory.mktemp("adapters") / "ref"
-    adapters.save_adapter(model.transformer, adapters.REF, folder)
-    return folder
-
-
 @pytest.fixture
 def empty_cwd(tmp_path, monkeypatch) -> Path:
     cwd = tmp_path / "cwd"

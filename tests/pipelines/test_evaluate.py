@@ -30,19 +30,6 @@ def dataset(tmp_path_factory) -> Path:
     return write_dreambench(tmp_path_factory.mktemp("dreambench") / "dataset")
 
 
-@pytest.fixture(scope="module")
-def ref_adapter(tmp_path_factory) -> Path:
-    """A "ref" LoRA with non-zero weights saved from the tiny FLUX (stands in for the sft job's output)."""
-    from sfo import adapters
-    from sfo.models import load_flux
-
-    model = load_flux("tiny", device="cpu")
-    adapters.add_lora(model.transformer, adapters.REF, adapters.REF_RANK, init=False)
-    folder = tmp_path_factory.mktemp("adapters") / "ref"
-    adapters.save_adapter(model.transformer, adapters.REF, folder)
-    return folder
-
-
 def config(output: Path, *overrides: str) -> EvaluateConfig:
     return load_config(EvaluateConfig, None, [f"output={output}", *FAST, *overrides])
 
