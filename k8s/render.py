@@ -233,8 +233,10 @@ def stages(t: Target = Target()) -> tuple[Stage, ...]:
     methods = (f"[{{name: sft, ref_adapter: {ref}, active: [ref]}}, "
                f"{{name: sfo, ref_adapter: {ref}, sfo_adapter: {sfo}, active: [ref, sfo]}}]")
     found = (
+        # The encoders once, on GPU actors (bf16): sft, cdns and sfo then load the transformer alone.
         Stage("prepare", ("data.source=subjects200k", f"data.input={d}/subjects200k", f"data.output={d}/triplets",
-                          "data.size=512", "data.limit=5000"), deadline_s=2 * HOUR, cpu_pods=1),
+                          "data.size=512", "data.limit=5000", "data.rows_per_file=100", "cache.enabled=true",
+                          f"cache.model={FLUX}"), deadline_s=2 * HOUR, workers=4, cpus_per_worker=4),
         Stage("sft", (f"model.source={FLUX}", f"data.path={d}/triplets", "data.size=512", "train.steps=4000",
                       "train.batch_size=1", "train.grad_accum=4", "train.gradient_checkpointing=true",
                       "train.checkpoint_every=100", f"output.storage_path={p['train']}", "output.max_failures=3"),
@@ -243,6 +245,7 @@ def stages(t: Target = Target()) -> tuple[Stage, ...]:
                        f"data.output={d}/quadruplets", "cdns.size=512", "cdns.batch_size=8"),
               deadline_s=12 * HOUR, workers=4, cpus_per_worker=4),
         Stage("sfo", (f"model.source={FLUX}", f"model.ref_adapter={ref}", f"data.path={d}/quadruplets",
+                      f"data.cache_path={d}/triplets",
                       "data.size=512", "train.steps=300", "train.batch_size=1", "train.gradient_checkpointing=true",
                       "train.checkpoint_every=50", f"output.storage_path={p['train']}", "output.max_failures=3"),
               deadline_s=24 * HOUR, workers=4),
@@ -664,7 +667,7 @@ def parser() -> argparse.ArgumentParser:
                    help="GPUs of one Ray worker pod (8: one pod per 8-GPU node); pod memory and /dev/shm follow")
     p.add_argument("--storage", default="pvc",
                    help="pvc (default), or s3://bucket/prefix | gs://bucket/prefix: the stages' data and runs go "
-                        "there and each GPU pod copies the models locally (the stages' URI support: issue 25)")
+                        "there and each GPU pod copies the models locally")
     p.add_argument("--service-account", default="", help="the pods' ServiceAccount (bucket access)")
     p.add_argument("--pvc-size", default="1Ti", help="the PVC's size (default 1Ti)")
     p.add_argument("--out", type=Path, default=K8S, help="output folder (default k8s/, the committed manifests)")

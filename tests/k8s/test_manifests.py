@@ -602,11 +602,12 @@ def test_weights_job_takes_the_token_from_a_secret_and_downloads_every_model_the
 
 
 def test_every_pod_that_loads_flux_waits_for_the_weights_job():
-    """Each RayJob that loads FLUX.1-dev (all but prepare) holds its head and workers in an init container
-    until the weights Job's marker exists; the marker the waiters look for is the one the Job writes."""
+    """Each RayJob that loads FLUX.1-dev (every stage: prepare's encoder cache too) holds its head and workers in
+    an init container until the weights Job's marker exists; the marker the waiters look for is the one the Job
+    writes."""
     for name, job in JOBS:
         cluster = job["spec"]["rayClusterSpec"]
-        loads = any(a.startswith("model.source=") for a in _entry_args(job))
+        loads = any(a.startswith(("model.source=", "cache.model=/models/")) for a in _entry_args(job))
         for container, group in _containers(cluster):
             spec = (group or cluster["headGroupSpec"])["template"]["spec"]
             inits = [c["name"] for c in spec.get("initContainers", [])]
@@ -684,3 +685,14 @@ def test_weights_job_and_wait_scripts_run(storage, tmp_path, monkeypatch):
     assert (local / render.WEIGHTS_MARKER).is_file()
     assert (local / "FLUX.1-dev" / "transformer" / "diffusion_pytorch_model-00003-of-00003.safetensors").is_file()
     assert not (local / "FLUX.1-dev" / "flux1-dev.safetensors").exists()
+
+
+def test_the_cluster_chain_encodes_once_and_joins_the_cache_back():
+    """prepare encodes the text and images on GPU actors (bf16) so training loads the transformer alone; sfo
+    reads the triplets' tensors back from prepare's output by sample id."""
+    args = {name: dict(a.split("=", 1) for a in _entry_args(job) if "=" in a) for name, job in JOBS}
+    prepare = next(v for k, v in args.items() if k.endswith("prepare"))
+    sfo = next(v for k, v in args.items() if k.endswith("sfo"))
+    assert prepare["cache.enabled"] == "true" and prepare["cache.model"] == render.FLUX
+    assert prepare["scaling.use_gpu"] == "true"
+    assert sfo["data.cache_path"] == prepare["data.output"]
