@@ -163,6 +163,11 @@ class AppArgs(BaseModel):
                       default_steps=self.default_steps, deadlines=self.deadlines())
 
 
+class AdapterSetUnavailable(Exception):
+    """An adapter set this replica could not load (a missing or broken folder, storage unreachable): the
+    ingress answers 503 naming the set, and later requests for it try again."""
+
+
 @serve.deployment(
     ray_actor_options=GENERATOR_ACTOR_OPTIONS,
     autoscaling_config=GENERATOR_AUTOSCALING,
@@ -234,7 +239,11 @@ class FluxGenerator:
         """The job's PNGs. ``timeout_s``: what is left of its deadline. Cancelled (client gone, ingress timed
         out) -> the job leaves the queue or its group stops between steps."""
         if job.adapter_set != DEFAULT_ADAPTER_SET:
-            await self._adapter_set(job.adapter_set)  # routed here by the multiplexed model id (the set's name)
+            try:
+                await self._adapter_set(job.adapter_set)  # routed here by the multiplexed model id (the set's name)
+            except Exception as exc:  # nothing cached: the next request for the set tries again
+                raise AdapterSetUnavailable(f"adapter set {job.adapter_set!r} could not be loaded on this replica: "
+                                            f"{type(exc).__name__}: {str(exc)[:300]}") from exc
         return await self.queue.submit(job, timeout_s)
 
 
@@ -425,6 +434,9 @@ class Ingress:
         except asyncio.CancelledError:
             response.cancel()  # the client is gone: free the replica
             raise
+        except AdapterSetUnavailable as exc:  # Ray's task error is also an instance of its cause's class
+            cause = getattr(exc, "cause", None) or exc
+            raise RequestError("adapter_set", str(cause.args[0]) if cause.args else str(cause), 503) from None
 
 
 def resolve_args(args: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AppArgs:

@@ -40,7 +40,7 @@ JSON = {"Accept": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def strict(server, adapters_dir):
+def strict(server, adapters_dir, tmp_path_factory):
     """Base URL of the strict app; deleted afterwards."""
     import os
 
@@ -54,7 +54,8 @@ def strict(server, adapters_dir):
         app = build_app({"model": "tiny", "adapters": folder, "device": "cpu", "max_side": 256, "max_steps": 100_000,
                          "default_side": 32, "default_steps": 2,
                          "max_image_bytes": 200_000, "max_image_pixels": 512 * 512, "max_replicas": 1,
-                         "adapter_sets": {"alt": folder, "alt2": folder, "alt3": folder},
+                         "adapter_sets": {"alt": folder, "alt2": folder, "alt3": folder,
+                                          "broken": str(tmp_path_factory.mktemp("no-adapters"))},
                          "max_adapter_sets_per_replica": 2, "deadline_base_s": BASE_S,
                          "seconds_per_unit": SECONDS_PER_UNIT, "deadline_safety": 1.0, "request_timeout_s": 60})
     finally:
@@ -158,6 +159,17 @@ def test_multiplexed_adapter_sets_load_once_per_replica_and_evict_lru(strict):
     assert status == 422 and "adapter_set" in text
 
 
+def test_an_adapter_set_that_cannot_load_is_503_naming_it_and_the_replica_keeps_serving(strict):
+    """A set whose folder holds no LoRA files: 503 with field adapter_set and the set's name (a server-side
+    state, not the client's error), again on a retry (a failed load is not cached), and other requests still
+    get their images."""
+    for _ in range(2):
+        status, _, text = _post(strict, body(adapter_set="broken"))
+        assert status == 503 and '"field":"adapter_set"' in text.replace(" ", "") and "'broken'" in text, text
+    assert _post(strict, body())[0] == 200
+    assert "broken" not in _stats()["loaded"]
+
+
 def test_bearer_token(strict):
     with httpx.Client(base_url=strict, timeout=60) as c:
         assert c.get("/healthz").status_code == 200  # open
@@ -169,6 +181,6 @@ def test_bearer_token(strict):
         assert wrong.status_code == 401
         assert c.post("/v1/generate", json=body(), headers={"Authorization": TOKEN}).status_code == 401  # no scheme
         models = c.get("/v1/models", headers=AUTH)
-        assert models.status_code == 200 and models.json()["adapter_sets"] == ["default", "alt", "alt2", "alt3"]
+        assert models.status_code == 200 and models.json()["adapter_sets"] == ["default", "alt", "alt2", "alt3", "broken"]
         assert c.post("/v1/generate", json=body(), headers=AUTH).status_code == 200
 
