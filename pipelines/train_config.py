@@ -14,7 +14,7 @@ from pipelines.config import ConfigError
 from sfo.adapters import LORA_WEIGHTS, REF, REF_RANK, SCOPES, SFO, SFO_RANK
 from sfo.loss import check_anchor
 from sfo.records import (
-    CACHE_META_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD, QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema,
+    CACHE_TENSOR_COLUMNS, QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, check_schema, refers_to_cache,
 )
 from sfo.timesteps import SCHEMES, TimestepSampling
 
@@ -208,13 +208,12 @@ class TrainConfig:
             raise ValueError(f"data.path: {self.data.path!r} does not exist; run the prepare/cdns job first")
         schema = storage.dataset(self.data.path).schema
         check_schema(schema, QUADRUPLET_SCHEMA if self.needs_negatives else TRIPLET_SCHEMA, "data.path")
-        names = set(schema.names)
-        refers = {NEGATIVE_CACHE_FIELD.name, *CACHE_META_COLUMNS} <= names and not set(CACHE_TENSOR_COLUMNS) & names
+        refers = refers_to_cache(schema.names)
         if refers and not self.data.cache_path:
             raise ConfigError(f"data.cache_path: data.path {self.data.path!r} holds cdns output that refers to the cached "
                               f"triplets' tensors ({', '.join(CACHE_TENSOR_COLUMNS)}) by sample_id; set data.cache_path "
                               "to the prepare output cdns read (e.g. data.cache_path=runs/data/triplets)")
-        if self.data.cache_path:
+        if refers:  # otherwise data.cache_path is unused (the chain sets it whether prepare cached or not)
             if not storage.exists(self.data.cache_path):
                 raise ValueError(f"data.cache_path: {self.data.cache_path!r} does not exist; point it at the cached "
                                  "triplets (prepare with cache.enabled) that data.path was made from")

@@ -29,7 +29,7 @@ from sfo.latents import encode_images
 from sfo.models import model_identity
 from sfo.objectives import batch_from_cache, encode_batch
 from sfo.records import (
-    CACHE_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD, SCORE_COLUMNS, decode_cache, decode_images,
+    CACHE_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD, SCORE_COLUMNS, decode_cache, decode_images, refers_to_cache,
 )
 from sfo.timesteps import draw, sample_timesteps
 
@@ -51,7 +51,7 @@ def _names(path: str) -> set[str]:
 
 def joins_cache(cfg: TrainConfig) -> bool:
     """Whether the triplets' cache tensors come from ``data.cache_path`` (``data.path`` refers to them by id)."""
-    return bool(cfg.data.cache_path) and not set(CACHE_TENSOR_COLUMNS) & _names(cfg.data.path)
+    return bool(cfg.data.cache_path) and refers_to_cache(_names(cfg.data.path))
 
 
 def cache_index(path: str) -> dict[str, tuple[str, int]]:

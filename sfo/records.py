@@ -79,6 +79,15 @@ CACHED_QUADRUPLET_SCHEMA = pa.schema(list(QUADRUPLET_SCHEMA) + [f for f in CACHE
 """cdns output with a cache: the triplet, its negative, the negative's latents and the cache's small columns;
 the triplet's tensors (``CACHE_TENSOR_COLUMNS``) are joined back from the triplets by ``sample_id``."""
 
+
+
+def refers_to_cache(names) -> bool:
+    """Whether columns ``names`` are cdns output that refers to its triplets' cached tensors by ``sample_id``:
+    the negative's latents and the small cache columns, none of ``CACHE_TENSOR_COLUMNS``."""
+    names = set(names)
+    return {NEGATIVE_CACHE_FIELD.name, *CACHE_META_COLUMNS} <= names and not set(CACHE_TENSOR_COLUMNS) & names
+
+
 SCORE_FIELDS = [
     # The cdns stage's ``score.draws`` = K: Eq. 3's reference terms computed with the model it already holds.
     pa.field("score_seeds", pa.list_(pa.int64()), nullable=False),  # (K,) draw j's generator seed: its t, then its

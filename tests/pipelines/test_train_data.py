@@ -137,3 +137,23 @@ def test_quadruplets_referring_to_the_cache_need_data_cache_path(cached, tmp_pat
     plain = _write_parquet(tmp_path / "plain", 2, False)
     with pytest.raises(ValueError, match=r"data\.cache_path: .* lacks the column\(s\) \['cache_pooled'"):
         _sfo(cached, f"data.path={cached['refs']}", f"data.cache_path={plain}").check_inputs()
+
+
+def test_cache_path_is_unused_when_the_quadruplets_carry_no_cache(tmp_path, ref_adapter):
+    """The chain sets data.cache_path whether prepare cached or not: quadruplets without any cache (the shapes
+    world, uncached runs) train from their PNGs, and an uncached triplets folder there is no error."""
+    import pyarrow.parquet as pq
+
+    from pipelines.config import load_config
+    from pipelines.train_config import SfoConfig
+    from pipelines.train_data import joins_cache
+    from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA
+
+    for name, schema in (("quadruplets", QUADRUPLET_SCHEMA), ("triplets", TRIPLET_SCHEMA)):
+        (tmp_path / name).mkdir()
+        pq.write_table(schema.empty_table(), tmp_path / name / "part-0.parquet")
+    cfg = load_config(SfoConfig, None, [f"data.path={tmp_path / 'quadruplets'}", f"data.cache_path={tmp_path / 'triplets'}",
+                                        f"model.ref_adapter={ref_adapter}"])
+
+    cfg.check_inputs()  # no error: nothing refers to the triplets' tensors
+    assert not joins_cache(cfg)
