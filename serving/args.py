@@ -55,14 +55,15 @@ class AppArgs(BaseModel):
     fuse_adapters: bool | None = Field(None, description="fold the adapters into a copy of the weights per sampler "
                                        "call (faster; ~16 GB more on FLUX.1-dev in bf16); false = LoRA layers; "
                                        "default: fold models up to 1B transformer parameters only")
-    max_side: int = 1024
-    max_steps: int = 50
-    max_num_images: int = 4
-    max_prompt_chars: int = 2000
-    max_image_bytes: int = 8 * 1024 * 1024
-    max_image_pixels: int = 2048 * 2048
-    default_side: int = 512
-    default_steps: int = 28
+    # The request limits, defaulting to serving.schema.Limits' own.
+    max_side: int = Limits.max_side
+    max_steps: int = Limits.max_steps
+    max_num_images: int = Limits.max_num_images
+    max_prompt_chars: int = Limits.max_prompt_chars
+    max_image_bytes: int = Limits.max_image_bytes
+    max_image_pixels: int = Limits.max_image_pixels
+    default_side: int = Limits.default_side
+    default_steps: int = Limits.default_steps
 
     def deadlines(self) -> Deadlines:
         return Deadlines(base_s=self.deadline_base_s, seconds_per_unit=self.seconds_per_unit,
