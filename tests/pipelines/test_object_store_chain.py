@@ -8,6 +8,7 @@ written under the working directory."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import time
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ROWS, SIZE = 8, 32
 STAGE_SETTINGS = {  # the chain's paths come from cluster.chain; these make each stage small and slow enough to kill
     "prepare": [f"data.limit={ROWS}", f"data.size={SIZE}", "data.rows_per_file=4", "cache.enabled=true", "cache.model=tiny"],
-    "sft": [f"data.size={SIZE}", "train.steps=2", "train.optimizer=adamw", "train.lr=1e-3"],
+    "sft": [f"data.size={SIZE}", "train.steps=2", "train.optimizer=adamw", "train.lr=1e-3", "train.checkpoint_every=1"],
     "cdns": [f"cdns.size={SIZE}", "cdns.steps=4", "cdns.rows_per_file=2", "cdns.batch_size=2", "runner=local"],
     "sfo": [f"data.size={SIZE}", "train.steps=2", "train.optimizer=adamw", "train.lr=1e-3"],
     "evaluate": [f"eval.size={SIZE}", "eval.steps=2", "eval.subjects=1", "eval.prompts=1", "eval.seeds=1"],
@@ -81,6 +82,10 @@ def test_the_chain_runs_on_s3_with_a_killed_cdns_and_writes_nothing_locally(s3_b
     for stage in ("sft", "sfo"):  # every tensor cached (sfo's joined back from the triplets): the transformer alone
         summary = storage.read_json(storage.join(p["train"], stage, "summary.json"))
         assert summary["components"] == ["scheduler", "transformer"], (stage, summary["components"])
+        lines = storage.read_text(storage.join(p["train"], stage, "metrics.jsonl")).splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1, 2], stage  # rank 0's log, written whole
+    checkpoints = {f.split("/train/sft/")[1].split("/")[0] for f in storage.list_files(storage.join(p["train"], "sft"))}
+    assert {"checkpoint_00000001", "checkpoint_00000002"} <= checkpoints, checkpoints  # Ray Train's, on S3
     _run("evaluate", runs, logs)
     summary = storage.read_json(storage.join(p["evaluate"], "summary.json"))
     assert {"sft", "sfo"} <= set(summary["methods"])
