@@ -18,7 +18,7 @@ from cluster import storage
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, score_fingerprint, use_torch_threads
 from sfo.degrade import CDNS_MODES, Degradation
 from sfo.modes import SamplingMode
-from sfo.records import CACHED_QUADRUPLET_SCHEMA, QUADRUPLET_SCHEMA, SCORE_FIELDS, TRIPLET_SCHEMA
+from sfo.records import CACHED_QUADRUPLET_SCHEMA, LEGACY_CACHE_DTYPE, QUADRUPLET_SCHEMA, SCORE_FIELDS, TRIPLET_SCHEMA
 from sfo.timesteps import TimestepSampling
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
@@ -26,7 +26,6 @@ SEED_BITS = 31  # per-sample seeds fit torch.Generator and int64 columns on ever
 RUNNERS = ("ray", "local")
 NO_ADAPTER = "none"  # negative_adapter_sha256 when no "ref" LoRA was loaded
 DPO_DINO_MODE = "dpo-dino"  # paper Table 4 baseline: pipelines.dpo_dino, not a degradation
-LEGACY_CACHE_DTYPE = "fp32"  # the cache of triplets written before sfo.records' cache_dtype column
 
 
 @dataclass

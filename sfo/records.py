@@ -71,6 +71,7 @@ CACHE_COLUMNS = [f.name for f in CACHE_FIELDS]
 CACHE_TENSOR_COLUMNS = ["cache_target_latents", "cache_reference_latents", "cache_prompt_embeds", "cache_pooled"]
 CACHE_META_COLUMNS = [c for c in CACHE_COLUMNS if c not in CACHE_TENSOR_COLUMNS]  # what cdns keeps per row
 CACHE_DTYPES = {"fp32": np.dtype("<f4"), "bf16": np.dtype("<u2")}  # bf16: the upper 16 bits of a float32
+LEGACY_CACHE_DTYPE = "fp32"  # rows cached before the cache_dtype column existed
 NEGATIVE_CACHE_FIELD = pa.field("cache_negative_latents", pa.binary(), nullable=False)
 """The cdns stage's addition to a cached triplet's columns: (L, 64) ``sfo.latents.encode_images`` of the
 negative image (as its PNG decodes), same model, size and ``cache_dtype`` as the row's other cache columns."""
@@ -143,7 +144,7 @@ def decode_cache(columns: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
     text_tokens = {int(x) for x in columns["cache_text_tokens"]}
     if len(tokens) != 1 or len(text_tokens) != 1:
         raise ValueError(f"cache: rows of one batch differ in token counts (latents {tokens}, text {text_tokens})")
-    dtypes = {str(x) for x in columns["cache_dtype"]} if "cache_dtype" in columns else {"fp32"}
+    dtypes = {str(x) for x in columns["cache_dtype"]} if "cache_dtype" in columns else {LEGACY_CACHE_DTYPE}
     if len(dtypes) != 1 or not dtypes <= set(CACHE_DTYPES):
         raise ValueError(f"cache: rows of one batch must share one cache_dtype of {list(CACHE_DTYPES)}, got {dtypes}")
     (latent_tokens,), (lt,), (dtype,) = tokens, text_tokens, dtypes
