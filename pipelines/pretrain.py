@@ -40,6 +40,7 @@ from sfo.text import TextEmbeddings, encode_prompts
 from sfo.timesteps import TimestepSampling, sample_timesteps
 
 CAPTION_WEIGHTS = (0.5, 0.25, 0.25)  # target text, generic text, App. A prompt
+UNCONDITIONAL = ""  # the caption-dropout caption, the unconditional prompt of text guidance
 
 
 @dataclass
@@ -49,6 +50,9 @@ class PretrainConfig:
     lr: float = 1e-3
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10% of lr
     ema: float = 0.995  # decay of the saved weights' moving average
+    # Share of examples trained with the empty caption, so the model also learns the unconditional velocity
+    # that text guidance (``sampler.text_guidance``, classifier-free guidance) extrapolates from. 0 = never.
+    caption_dropout: float = 0.0
     seed: int = 0
     log_every: int = 50
     force: bool = False  # retrain even when the cache holds a pretrained model
@@ -62,6 +66,8 @@ class PretrainConfig:
             raise ValueError(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema: must be in [0, 1), got {self.ema}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout: must be in [0, 1) (e.g. 0.1), got {self.caption_dropout}")
 
     @property
     def folder(self) -> Path:
@@ -70,13 +76,17 @@ class PretrainConfig:
 
 class WorldData:
     """Every (subject, context) target of the world as tokens, every caption as embeddings: a
-    training batch is then an index draw, no rendering or text encoding per step."""
+    training batch is then an index draw, no rendering or text encoding per step. With
+    ``caption_dropout`` p, each example's caption is the empty one (``UNCONDITIONAL``) with probability p."""
 
-    def __init__(self, model: FluxModel, batch: int = 256) -> None:
+    def __init__(self, model: FluxModel, batch: int = 256, caption_dropout: float = 0.0) -> None:
+        self.caption_dropout = caption_dropout
         pairs = [(s, c) for s in W.ALL_SUBJECTS for c in W.ALL_CONTEXTS]
         self.tokens = torch.cat([encode_images(model, [W.render(s, c) for s, c in pairs[i:i + batch]])
                                  for i in range(0, len(pairs), batch)])  # (P, L, D)
-        texts = sorted({text for s, c in pairs for text in W.captions(s, c)})
+        # The empty caption only with dropout: a run without it encodes exactly the batches it always did.
+        texts = sorted({text for s, c in pairs for text in W.captions(s, c)} | ({UNCONDITIONAL} if caption_dropout else set()))
+        self.empty = texts.index(UNCONDITIONAL) if caption_dropout else -1
         index = {text: i for i, text in enumerate(texts)}
         self.caption_ids = torch.tensor([[index[t] for t in W.captions(s, c)] for s, c in pairs])  # (P, 3)
         parts = [encode_prompts(model, texts[i:i + batch]) for i in range(0, len(texts), batch)]
@@ -88,7 +98,10 @@ class WorldData:
     def batch(self, n: int, generator: torch.Generator) -> TrainBatch:
         pair = torch.randint(len(self.tokens), (n,), generator=generator)
         variant = torch.multinomial(torch.tensor(CAPTION_WEIGHTS), n, replacement=True, generator=generator)
-        text = self.text.select(self.caption_ids[pair, variant])
+        ids = self.caption_ids[pair, variant]
+        if self.caption_dropout:  # drawn only when on, so a run without dropout keeps its random stream
+            ids = torch.where(torch.rand(n, generator=generator) < self.caption_dropout, self.empty, ids)
+        text = self.text.select(ids)
         return TrainBatch(target=self.tokens[pair], text=text, condition=None, img_ids=self.img_ids)
 
 
@@ -131,7 +144,7 @@ def pretrain(cfg: PretrainConfig, log=_log) -> Path:
                       dtype=torch.float32, device=torch.device("cpu"))
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
-    data = WorldData(model)
+    data = WorldData(model, caption_dropout=cfg.caption_dropout)
     transformer = pipe.transformer.train()
     ema = copy.deepcopy(transformer).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -27,6 +27,7 @@ from sfo.transformer import Condition, encode_condition, flux_forward, reference
 
 DEFAULT_STEPS = 28  # paper Sec. 4.1
 DEFAULT_GUIDANCE = 3.5  # paper Sec. 4.1 (FLUX.1-dev's guidance embedding)
+UNCONDITIONAL = ""  # text guidance's unconditional prompt (the caption-dropout caption of pretraining)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class SamplerConfig:
     # Image guidance (OminiControl's image_guidance_scale): v = v(no reference) + w (v(reference) - v(no
     # reference)), a second pass without the reference tokens at every step. 1 = off (one pass).
     image_guidance: float = 1.0
+    # Text guidance (classifier-free guidance, for a model trained with caption dropout and no distilled
+    # guidance embedding, e.g. a shapes-world model pretrained with ``caption_dropout``): v = v(empty prompt)
+    # + w (v(prompt) - v(empty prompt)), the reference (if any) kept in both passes. 1 = off (one pass).
+    text_guidance: float = 1.0
     sampling: SamplingMode = SamplingMode()
 
     def __post_init__(self) -> None:
@@ -50,6 +55,8 @@ class SamplerConfig:
             raise ValueError(f"sampler.guidance: must be a finite number >= 0, got {self.guidance!r}")
         if not np.isfinite(self.image_guidance) or self.image_guidance < 0:
             raise ValueError(f"sampler.image_guidance: must be a finite number >= 0 (1 = off), got {self.image_guidance!r}")
+        if not np.isfinite(self.text_guidance) or self.text_guidance < 0:
+            raise ValueError(f"sampler.text_guidance: must be a finite number >= 0 (1 = off), got {self.text_guidance!r}")
         if self.height < 1 or self.width < 1:
             raise ValueError(f"sampler.height/width: must be positive, got {self.height}x{self.width}")
 
@@ -148,11 +155,18 @@ class Sampler:
                              config.width // model.vae_scale_factor)
         self.img_ids = grid_ids(h_tok, w_tok).to(model.device)
         self.condition = None
+        # Text guidance's unconditional pass: the empty prompt, with the reference encoded under it.
+        self.empty_text = encode_prompts(model, [UNCONDITIONAL] * n) if config.text_guidance != 1.0 else None
+        self.empty_condition = None
         if references is not None:
             tokens = encode_images(model, references)  # (B, Lc, 64)
             ref_w, ref_h = references[0].size
             self.condition = Condition(tokens, condition_ids(ref_h // cell, ref_w // cell).to(model.device))
+            self.empty_condition = self.condition
             if config.cache_condition:
+                if self.empty_text is not None:
+                    self.empty_condition = encode_condition(transformer, self.condition, self.empty_text.pooled,
+                                                            self.guidance)
                 self.condition = encode_condition(transformer, self.condition, self.text.pooled, self.guidance)
         self.sigmas = flux_sigmas(model, config.steps, h_tok * w_tok)
         self.rounds: list[int] | None = None  # decoupled: the appearance passes each sample took
@@ -162,16 +176,19 @@ class Sampler:
         return initial_noise(seeds, *self.latent_shape).to(self.model.device, self.model.dtype)  # (B, L, 64)
 
     def velocity(self, x: torch.Tensor, i: int, reference: bool = True, text=None) -> torch.Tensor:
-        """Step ``i``'s velocity (B, L, 64): with the reference (and image guidance) or without it."""
+        """Step ``i``'s velocity (B, L, 64): with the reference (and image guidance) or without it; with
+        text guidance, extrapolated from the empty prompt's velocity (the same reference or none)."""
         t = torch.full((x.shape[0],), float(self.sigmas[i]), device=x.device)
         text = self.text if text is None else text
-        forward = lambda c: flux_forward(self.model.transformer, x, self.img_ids, text, t, self.guidance, c,  # noqa: E731
-                                         joint=not self.config.cache_condition)
-        if not reference or self.condition is None:
-            return forward(None)
-        velocity = forward(self.condition)
-        if self.config.image_guidance != 1.0:
+        forward = lambda c, words=text: flux_forward(self.model.transformer, x, self.img_ids, words, t,  # noqa: E731
+                                                     self.guidance, c, joint=not self.config.cache_condition)
+        with_reference = reference and self.condition is not None
+        velocity = forward(self.condition if with_reference else None)
+        if with_reference and self.config.image_guidance != 1.0:
             velocity = image_guided(velocity, forward(None), self.config.image_guidance)
+        if self.empty_text is not None:
+            unconditioned = forward(self.empty_condition if with_reference else None, self.empty_text)
+            velocity = text_guided(velocity, unconditioned, self.config.text_guidance)
         return velocity
 
     def euler(self, x: torch.Tensor, i: int, velocity: torch.Tensor) -> torch.Tensor:
@@ -249,6 +266,9 @@ class Sampler:
             part.guidance = self.guidance[index]
         if self.condition is not None:
             part.condition = self.condition.select(index)
+            part.empty_condition = self.empty_condition.select(index)
+        if self.empty_text is not None:
+            part.empty_text = self.empty_text.select(index)
         return part
 
     def dual_branch(self, tick=None) -> torch.Tensor:
@@ -285,6 +305,11 @@ def concept_mask(mass: torch.Tensor, threshold: float) -> torch.Tensor:
 def blend_velocities(concept: torch.Tensor, auxiliary: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, L, 64): the concept branch's velocity on the masked tokens (B, L), the auxiliary's elsewhere."""
     return torch.where(mask.to(concept.device)[:, :, None], concept, auxiliary.to(concept.dtype))
+
+
+def text_guided(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
+    """Text (classifier-free) guidance: v_empty + scale (v_prompt - v_empty) for velocities (B, L, 64)."""
+    return unconditioned + scale * (conditioned - unconditioned)
 
 
 def image_guided(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from sfo.shapes.world import (
     ACCENTS, BACKGROUNDS, COLOURS, PATTERNS, POSITIONS, REFERENCE_BACKGROUND, SHAPES, SIDES, SIZE, Context, Subject,
-    box, pattern_mask, shape_mask,
+    box, pattern_mask, render, shape_mask,
 )
 
 FIDELITY_KEYS = ("shape", "colour", "pattern", "accent")  # what the reference shows
@@ -206,3 +206,25 @@ def pair_statistics(triples: Sequence[tuple]) -> dict[str, float]:
         raise ValueError("triples: need at least one (reference, positive, negative)")
     rows = [pair_differences(*t) for t in triples]
     return {"pairs": len(rows), **{k: float(np.mean([r[k] for r in rows])) for k in PAIR_KEYS}}
+
+
+def redraw(reading: Reading) -> np.ndarray | None:
+    """The world's own drawing of the attributes read (uint8 (SIZE, SIZE, 3)), None when any is missing:
+    what a clean sample with this reading would look like."""
+    if any(getattr(reading, k) is None for k in FIDELITY_KEYS + CONTEXT_KEYS):
+        return None
+    subject = Subject(reading.shape, reading.colour, reading.pattern, reading.accent)
+    context = Context(reading.background, reading.position, reading.size)
+    return np.asarray(render(subject, context))
+
+
+def off_pixels(image: Image.Image | np.ndarray, reading: Reading | None = None) -> float:
+    """Share of pixels whose colour is farther than ``MASK_THRESHOLD`` from the world's drawing of the
+    image's own reading (``redraw``): 0 for a clean image, 1 when nothing reads back. Measures how cleanly
+    a sample is drawn, whatever it shows."""
+    reading = read_image(image) if reading is None else reading
+    drawn = redraw(reading)
+    if drawn is None:
+        return 1.0
+    distance = np.linalg.norm(_pixels(image) - drawn.reshape(-1, 3).astype(np.float32), axis=1)
+    return float((distance > MASK_THRESHOLD).mean())

@@ -59,6 +59,41 @@ def test_pretrain_config_names_bad_fields():
         pretrain.PretrainConfig(ema=1.0)
     with pytest.raises(ValueError, match="steps"):
         pretrain.PretrainConfig(steps=0)
+    with pytest.raises(ValueError, match="caption_dropout"):
+        pretrain.PretrainConfig(caption_dropout=1.0)
+
+
+def test_caption_dropout_trains_that_share_on_the_empty_caption(shapes_pretrained):
+    import torch
+
+    from sfo.models import load_flux
+    from sfo.text import encode_prompts
+
+    model = load_flux(str(shapes_pretrained))
+    empty = encode_prompts(model, [pretrain.UNCONDITIONAL]).prompt_embeds[0]
+    is_empty = lambda batch: [torch.equal(e, empty) for e in batch.text.prompt_embeds]  # noqa: E731
+    dropped = is_empty(pretrain.WorldData(model, caption_dropout=0.5).batch(400, torch.Generator().manual_seed(0)))
+    assert 160 < sum(dropped) < 240  # binomial(400, 0.5): mean 200, sd 10
+    kept = pretrain.WorldData(model).batch(400, torch.Generator().manual_seed(0))
+    assert not any(is_empty(kept))
+    # without dropout the random stream is the one every earlier model was trained on: the targets match
+    assert torch.equal(kept.target, pretrain.WorldData(model, caption_dropout=0.5).batch(400, torch.Generator().manual_seed(0)).target)
+
+
+def test_world_quality_reads_back_text_to_image_samples(shapes_pretrained, tmp_path, capsys):
+    from experiments import world_quality
+
+    assert world_quality.main(["--model", str(shapes_pretrained), "--samples", "4", "--steps", "2",
+                               "--text-guidance", "1,2", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "world_quality.json").read_text())
+    assert set(record["results"]) == {"1", "2"}
+    for summary in record["results"].values():
+        assert sum(summary["patterns"].values()) == 4
+        assert all(0 <= summary[k] <= 1 for k in ("text", "complete", "clean", "off_pixels", "shape", "colour"))
+        assert summary["clean"] <= min(summary["text"], summary["complete"])
+    assert (tmp_path / "samples_2.png").is_file() and "| 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        world_quality.main(["--text-guidance", "one"])
 
 
 def test_prepare_writes_the_world_triplets(tmp_path):

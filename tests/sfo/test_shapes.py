@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from sfo.shapes.oracle import BORDER, FIDELITY_KEYS, MASK_THRESHOLD, TEXT_KEYS, Reading, judge, read_image, score
+from sfo.shapes.oracle import (
+    BORDER, FIDELITY_KEYS, MASK_THRESHOLD, TEXT_KEYS, Reading, judge, off_pixels, read_image, redraw, score,
+)
 from sfo.shapes.world import (
     ACCENTS, ALL_CONTEXTS, ALL_SUBJECTS, BACKGROUNDS, COLOURS, REFERENCE_BACKGROUND, SIZE, Context, Subject, box,
     render, render_array, render_reference, shape_mask, world_triplets,
@@ -86,6 +88,17 @@ def test_a_subject_matching_no_template_reads_colours_only():
     """A 6 px square at (20, 20) overlaps every template by < MIN_IOU: no shape, box or pattern."""
     image = render_array(Subject("square", "red", "dots", "black"), 20, 20, 6, BACKGROUNDS["mint"])
     assert read_image(image) == Reading(None, "red", None, "black", "mint", None, None)
+
+
+def test_off_pixels_counts_what_differs_from_the_drawing_of_the_reading():
+    image = np.asarray(render(SUBJECT, CONTEXT)).copy()
+    assert np.array_equal(redraw(read_image(image)), image)
+    assert off_pixels(image) == 0.0
+    image[3:5, 10:15] = COLOURS["red"]  # 10 stray pixels on the background; the reading is unchanged
+    assert read_image(image) == RIGHT and off_pixels(image) == 10 / SIZE**2
+    assert off_pixels(_noise(render(SUBJECT, CONTEXT), 8.0, seed=0)) == 0.0  # mild noise stays under the threshold
+    plain = Image.new("RGB", (SIZE, SIZE), BACKGROUNDS["sky"])
+    assert redraw(read_image(plain)) is None and off_pixels(plain) == 1.0  # nothing to compare against
 
 
 def test_arrays_read_like_images():
