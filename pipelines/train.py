@@ -39,7 +39,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -71,7 +70,6 @@ STATE_FILE = "train_state.json"
 # right, the logit, and how far the policy's error moved from the reference's on the positive and the negative.
 PAIR_STATS = ("implicit_accuracy", "reward_margin", "positive_rise", "negative_rise")
 NEVER_PRINT = 10**9  # DeepSpeed's steps_per_print: we report ourselves
-ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # unused on cached data
 
 
 def run(cfg: TrainConfig):
@@ -139,50 +137,14 @@ def for_workers(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, model=replace(cfg.model, source=source, ref_adapter=absolute(cfg.model.ref_adapter)))
 
 
-@dataclass
-class TransformerOnly(FluxModel):
-    """A ``FluxModel`` whose pipeline holds the transformer (and the scheduler's config) alone: what a job whose
-    batches are all cached needs. The VAE's scale factor comes from its config.json, not from a loaded VAE."""
-
-    vae_scale: int = 8
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return self.vae_scale
-
-
-def model_folder(source: str) -> Path:
-    """The diffusers folder ``sfo.models.load_flux`` loads ``source`` from (the tiny preset: built once)."""
-    from sfo import models
-
-    if source == models.TINY:
-        return models._cached_tiny_folder(models.TinyFluxConfig())
-    if source == models.SHAPES:
-        from sfo.shapes.model import require_pretrained
-
-        return Path(require_pretrained())
-    return models.check_flux_folder(source)
-
-
 def load_model(cfg: TrainConfig, device, encoders: bool = True) -> FluxModel:
     """The job's model: the whole pipeline (``sfo.models.load_flux``), or with ``encoders`` false the transformer
-    alone (no VAE, text encoders or tokenizers built), frozen and in eval mode as ``load_flux`` leaves it."""
-    from diffusers import FluxPipeline
-
+    alone (``sfo.models.load_transformer_only``: no VAE, text encoders or tokenizers built)."""
     from sfo import models
 
     if encoders:
         return models.load_flux(cfg.model.source, device=device, dtype=cfg.model.dtype)
-    device = torch.device(device)
-    dtype = models.parse_dtype(cfg.model.dtype) if cfg.model.dtype else models.default_dtype(device)
-    folder = model_folder(cfg.model.source)
-    pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
-                                        **dict.fromkeys(ENCODER_COMPONENTS))  # None: not loaded
-    pipe.to(device)
-    pipe.transformer.eval().requires_grad_(False)
-    vae = json.loads((folder / "vae" / "config.json").read_text())
-    return TransformerOnly(pipe=pipe, source=cfg.model.source, text_max_length=0, dtype=dtype, device=device,  # no T5
-                           vae_scale=2 ** (len(vae["block_out_channels"]) - 1))
+    return models.load_transformer_only(cfg.model.source, device=device, dtype=cfg.model.dtype)
 
 
 def loaded_components(model: FluxModel) -> list[str]:

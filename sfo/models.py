@@ -118,23 +118,63 @@ def load_flux(
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+    folder = model_folder(source, tiny_config)
     if str(source) == TINY:
-        config = tiny_config or TinyFluxConfig()
-        folder = _cached_tiny_folder(config)
-        max_length = text_max_length or config.text_max_length
+        max_length = text_max_length or (tiny_config or TinyFluxConfig()).text_max_length
     elif str(source) == SHAPES:
-        from sfo.shapes.model import ShapesFluxConfig, require_pretrained
+        from sfo.shapes.model import ShapesFluxConfig
 
-        folder = require_pretrained()
         max_length = text_max_length or ShapesFluxConfig().text_max_length
     else:
-        folder = check_flux_folder(source)
         max_length = text_max_length or 512
     pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     pipe.to(device)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
     return FluxModel(pipe=pipe, source=str(source), text_max_length=max_length, dtype=dtype, device=device)
+
+
+def model_folder(source: str | os.PathLike, tiny_config: TinyFluxConfig | None = None) -> Path:
+    """The diffusers folder ``load_flux`` loads ``source`` from: the tiny preset's (built once per config), the
+    shapes-world model's (``sfo.shapes.model.require_pretrained``) or a checked FLUX folder."""
+    if str(source) == TINY:
+        return _cached_tiny_folder(tiny_config or TinyFluxConfig())
+    if str(source) == SHAPES:
+        from sfo.shapes.model import require_pretrained
+
+        return Path(require_pretrained())
+    return check_flux_folder(source)
+
+
+ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")  # unused on cached data
+
+
+@dataclass
+class TransformerOnly(FluxModel):
+    """A ``FluxModel`` whose pipeline holds the transformer (and the scheduler's config) alone: what a job whose
+    batches are all cached (latents and text embeddings precomputed) needs. The VAE's scale factor comes from
+    its config.json, not from a loaded VAE."""
+
+    vae_scale: int = 8
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae_scale
+
+
+def load_transformer_only(source: str | os.PathLike, *, device: torch.device | str | None = None,
+                          dtype: torch.dtype | str | None = None) -> TransformerOnly:
+    """``load_flux`` without the VAE, text encoders and tokenizers (none is built): frozen, in eval mode."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype) if dtype is not None else default_dtype(device)
+    folder = model_folder(source)
+    pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True,
+                                        **dict.fromkeys(ENCODER_COMPONENTS))  # None: not loaded
+    pipe.to(device)
+    pipe.transformer.eval().requires_grad_(False)
+    vae = json.loads((folder / "vae" / "config.json").read_text())
+    return TransformerOnly(pipe=pipe, source=str(source), text_max_length=0, dtype=dtype, device=device,  # no T5
+                           vae_scale=2 ** (len(vae["block_out_channels"]) - 1))
 
 
 def model_identity(source: str | os.PathLike) -> str:

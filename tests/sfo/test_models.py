@@ -6,6 +6,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
+from sfo import models
 from sfo.models import TINY, TinyFluxConfig, cache_root, load_flux, parse_dtype
 from sfo.sampler import SamplerConfig, generate
 from tests.conftest import shared_path
@@ -114,3 +115,16 @@ def test_incomplete_folder_names_what_is_missing(shrunk_flux_dev, tmp_path):
         weights.unlink()
     with pytest.raises(FileNotFoundError, match="transformer.* holds no weights"):
         load_flux(broken)
+
+
+def test_transformer_only_loads_no_encoder_and_keeps_the_latent_geometry(tiny_flux, shrunk_flux_dev):
+    for source, full in (("tiny", tiny_flux), (str(shrunk_flux_dev), None)):
+        alone = models.load_transformer_only(source, device="cpu")
+        assert all(getattr(alone.pipe, name) is None for name in models.ENCODER_COMPONENTS)
+        assert not any(p.requires_grad for p in alone.transformer.parameters()) and not alone.transformer.training
+        if full is not None:
+            assert alone.vae_scale_factor == full.vae_scale_factor and alone.pixel_multiple == full.pixel_multiple
+            for (name, a), (_, b) in zip(alone.transformer.state_dict().items(), full.transformer.state_dict().items()):
+                assert torch.equal(a, b), name
+        else:
+            assert alone.vae_scale_factor == 8  # FLUX.1-dev's VAE: four levels, three downsamplings
