@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
+import sfo.codec  # noqa: F401 - registers PixelCodec, so a shapes-world folder (its VAE) loads by path too
 from sfo.components import FLUX_DEV_SCHEDULER, build_text_encoders, build_transformer, cache_root  # noqa: F401 (re-exported)
 
 TINY = "tiny"
@@ -110,8 +111,9 @@ def load_flux(
         dtype: ``torch.bfloat16``/``"bf16"``, ``torch.float32``/``"fp32"``...; defaults to
             bf16 on GPU and fp32 on CPU.
         tiny_config: sizes of the tiny preset (ignored for folders).
-        text_max_length: T5 tokens per prompt; defaults to 512 for folders (FLUX.1-dev) and to
-            ``tiny_config.text_max_length`` for the tiny preset.
+        text_max_length: T5 tokens per prompt; defaults to 512 for FLUX.1-dev folders, to the pretrained
+            length for shapes-world folders (``folder_text_length``) and to ``tiny_config.text_max_length``
+            for the tiny preset.
 
     Returns:
         A ``FluxModel`` in eval mode with every parameter frozen.
@@ -126,12 +128,22 @@ def load_flux(
 
         max_length = text_max_length or ShapesFluxConfig().text_max_length
     else:
-        max_length = text_max_length or 512
+        max_length = text_max_length or folder_text_length(folder)
     pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
     pipe.to(device)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
     return FluxModel(pipe=pipe, source=str(source), text_max_length=max_length, dtype=dtype, device=device)
+
+
+def folder_text_length(folder: Path) -> int:
+    """T5 tokens per prompt for a folder: FLUX.1-dev's 512, or the length a shapes-world model was pretrained with
+    (its ``pretrain.json`` sizes, written by ``pipelines.pretrain``), so a pretrained folder loads by path as
+    ``load_flux("shapes")`` loads it."""
+    record = Path(folder) / "pretrain.json"
+    if record.is_file():
+        return int(json.loads(record.read_text())["sizes"]["text_max_length"])
+    return 512
 
 
 def model_folder(source: str | os.PathLike, tiny_config: TinyFluxConfig | None = None) -> Path:
