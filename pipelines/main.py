@@ -61,8 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=None, help="training triplets (default: 128 shapes, 8 otherwise)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels, a multiple of 16 (default: 32 = the shapes world, else 64)")
-    parser.add_argument("--pretrain-steps", type=int, default=1500,
-                        help="shapes world: pretraining steps of the model, run once and cached (default: 1500)")
+    parser.add_argument("--pretrain-steps", type=int, default=3000,
+                        help="shapes world: pretraining steps of the model, run once and cached (default: 3000, the shipped model)")
     parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the 'ref' LoRA (default: 200 shapes, 8)")
     parser.add_argument("--sfo-steps", type=int, default=None, help="SFO steps of the 'sfo' LoRA (default: 50 shapes, 8)")
     parser.add_argument("--sample-steps", type=int, default=28, help="sampling steps (default: 28, as the paper)")

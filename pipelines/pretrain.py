@@ -35,7 +35,7 @@ from sfo.latents import encode_images, grid_ids
 from sfo.models import FluxModel
 from sfo.objectives import TrainBatch, sft_objective
 from sfo.shapes import world as W
-from sfo.shapes.model import SHIPPED, ShapesFluxConfig, build_shapes_pipeline, pretrained_folder, shipped_manifest
+from sfo.shapes.model import MANIFEST, SHIPPED, ShapesFluxConfig, build_shapes_pipeline, pretrained_folder, shipped_manifest
 from sfo.text import TextEmbeddings, encode_prompts
 from sfo.timesteps import TimestepSampling, sample_timesteps
 
@@ -45,7 +45,7 @@ UNCONDITIONAL = ""  # the caption-dropout caption, the unconditional prompt of t
 
 @dataclass
 class PretrainConfig:
-    steps: int = 1500
+    steps: int = 3000
     batch_size: int = 48
     lr: float = 1e-3
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10% of lr
@@ -178,8 +178,33 @@ def pretrain(cfg: PretrainConfig, log=_log) -> Path:
     record = {"config": asdict(cfg), "sizes": asdict(ShapesFluxConfig()), "final_loss": float(np.mean(losses[-50:])),
               "seconds": round(time.time() - start, 1)}
     _save_atomically(pipe, folder, record)
+    if folder.resolve() == SHIPPED.resolve():
+        write_manifest(folder, record)
     log(f"pretrain: saved to {folder} ({record['seconds']:.0f} s, final loss {record['final_loss']:.4f})")
     return folder
+
+
+def write_manifest(folder: Path, record: dict) -> None:
+    """The shipped model's MANIFEST.json (``sfo.shapes.model.verify_shipped`` checks it): the command that made
+    it, when and where, its config and sizes, and the sha256 of every file."""
+    import datetime
+    import hashlib
+    import platform
+
+    config = {k: v for k, v in record["config"].items() if k not in ("force", "output", "log_every")}
+    defaults = {k: v for k, v in asdict(PretrainConfig()).items() if k in config}
+    changed = " ".join(f"{k}={v}" for k, v in config.items() if v != defaults[k])
+    files = {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    manifest = {
+        "what": "the shapes-world FLUX (sfo.shapes.model), pretrained text-to-image; load_flux('shapes') reads it "
+                "when no rebuilt copy is cached",
+        "command": f"python -m pipelines.pretrain output=sfo/shapes/pretrained force=true {changed}".strip(),
+        "made": f"{datetime.date.today()}, {platform.machine()} CPU x {torch.get_num_threads()} threads, torch "
+                f"{torch.__version__}, {record['seconds']:.0f} s",
+        "config": record["config"], "sizes": record["sizes"], "final_loss": record["final_loss"], "files": files,
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _save_atomically(pipe, folder: Path, record: dict) -> None:

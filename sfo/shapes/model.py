@@ -112,6 +112,6 @@ def require_pretrained(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
         return SHIPPED
     raise FileNotFoundError(
         f"model: no pretrained shapes-world model for these sizes (nothing at {folder}, and the shipped model in "
-        f"{SHIPPED} was made for other sizes); run `python -m pipelines.pretrain` once (about 13 minutes on 2 CPU "
+        f"{SHIPPED} was made for other sizes); run `python -m pipelines.pretrain` once (about 17 minutes on 2 CPU "
         "cores), or use model 'tiny'"
     )

@@ -44,14 +44,33 @@ def test_the_shipped_model_matches_its_manifest_and_loads_without_a_cache(tmp_pa
 
     assert shapes_model.verify_shipped() == []
     manifest = shapes_model.shipped_manifest()
-    assert manifest["config"]["steps"] == 1500 and "python -m pipelines.pretrain" in manifest["command"]
+    steps = manifest["config"]["steps"]
+    assert steps >= pretrain.PretrainConfig().steps and "python -m pipelines.pretrain" in manifest["command"]
     monkeypatch.setenv("SFO_CACHE_DIR", str(tmp_path))
     assert shapes_model.require_pretrained() == shapes_model.SHIPPED
     model = load_flux("shapes", device="cpu")
     assert model.transformer.config.num_single_layers == manifest["sizes"]["num_single_layers"]
-    assert pretrain.pretrain(pretrain.PretrainConfig(steps=1500)) == shapes_model.SHIPPED
+    assert pretrain.pretrain(pretrain.PretrainConfig(steps=steps)) == shapes_model.SHIPPED
     assert "using the shipped shapes model" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())  # nothing was trained or written
+
+
+def test_pretraining_into_the_shipped_folder_writes_its_manifest(shapes_pretrained, tmp_path, monkeypatch):
+    import shutil
+
+    from sfo.shapes import model as shapes_model
+
+    shipped = tmp_path / "pretrained"
+    monkeypatch.setattr(shapes_model, "SHIPPED", shipped)
+    monkeypatch.setattr(pretrain, "SHIPPED", shipped)
+    assert pretrain.pretrain(pretrain.PretrainConfig(steps=2, batch_size=4, lr=0.002, output=str(shipped)),
+                             log=lambda _: None) == shipped
+    manifest = shapes_model.shipped_manifest()
+    assert manifest["command"] == "python -m pipelines.pretrain output=sfo/shapes/pretrained force=true steps=2 batch_size=4 lr=0.002"
+    assert shapes_model.verify_shipped() == [] and "pretrain.json" in manifest["files"]
+    (shipped / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"changed")
+    assert shapes_model.verify_shipped() == ["transformer/diffusion_pytorch_model.safetensors"]
+    shutil.rmtree(shipped)
 
 
 def test_pretrain_config_names_bad_fields():
