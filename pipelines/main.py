@@ -63,7 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image side in pixels, a multiple of 16 (default: 32 = the shapes world, else 64)")
     parser.add_argument("--pretrain-steps", type=int, default=3000,
                         help="shapes world: pretraining steps of the model, run once and cached (default: 3000, the shipped model)")
-    parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps of the 'ref' LoRA (default: 200 shapes, 8)")
+    parser.add_argument("--train-sft", action="store_true",
+                        help="train the SFT base ('ref' LoRA) in this run; the shapes world otherwise starts from the "
+                             "shipped one (sfo/shapes/ref, when it was trained on the model in use), as the paper "
+                             "starts from a trained OminiControl; tiny and FLUX folders always train it")
+    parser.add_argument("--ship-ref", action="store_true",
+                        help="shapes world, with --train-sft: replace the shipped SFT base with this run's "
+                             "(pipelines.shipped_ref; its MANIFEST.json records the command)")
+    parser.add_argument("--sft-steps", type=int, default=None,
+                        help="SFT steps of the 'ref' LoRA when it is trained (default: 200 shapes, 8)")
     parser.add_argument("--sfo-steps", type=int, default=None, help="SFO steps of the 'sfo' LoRA (default: 50 shapes, 8)")
     parser.add_argument("--sample-steps", type=int, default=28, help="sampling steps (default: 28, as the paper)")
     parser.add_argument("--dreambench", type=Path, default=None,
@@ -93,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     device.add_argument("--cpu", action="store_true",
                         help="run on the CPU (the default for tiny and shapes; a FLUX folder needs it said)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     shapes = args.model == "shapes"
     defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (50, 8),
                 "eval_subjects": (32, 4)}
@@ -120,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     if args.out is not None and storage.exists(args.out):
         parser.error(f"--out {args.out} exists already; pick a new folder")
+    if args.ship_ref and not (shapes and args.train_sft):
+        parser.error("--ship-ref: ships a shapes-world SFT base this run trains; add --train-sft (and --model shapes)")
     if args.data is not None and shapes:
         parser.error("--data: the shapes world draws its own triplets; pass --model tiny or a FLUX folder with --data")
     if args.data is not None and not storage.exists(args.data):
@@ -299,6 +310,43 @@ def serve_request(args: argparse.Namespace, runs: str) -> str:
     return path
 
 
+def without_out(argv: list[str]) -> list[str]:
+    """A command line without its --out (a run folder is no part of how a result is made)."""
+    kept, skip = [], False
+    for a in argv:
+        if not skip and a != "--out" and not a.startswith("--out="):
+            kept.append(a)
+        skip = a == "--out"
+    return kept
+
+
+def sft_step(args: argparse.Namespace, configs: dict, p: dict) -> tuple:
+    """The chain's sft stage: the shipped SFT base copied in (the shapes world, unless --train-sft or the model in
+    use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped)."""
+    from pipelines import shipped_ref, train
+    from sfo.shapes.model import SHIPPED_REF, shipped_ref as find_shipped
+
+    shipped = find_shipped() if args.model == "shapes" and not args.train_sft else None
+    if shipped is not None:
+        return ("sft", lambda: shipped_ref.copy_shipped(p["ref_adapter"]),
+                f"the shipped 'ref' LoRA ({shipped_ref.describe(shipped)}) in {p['ref_adapter']}; --train-sft trains one")
+
+    def run():
+        started = time.time()
+        result = train.run(configs["sft"])
+        if args.ship_ref:
+            cfg = configs["sft"]
+            record = {"steps": cfg.train.steps, "seed": cfg.train.seed, "rank": cfg.lora.rank, "triplets": args.samples,
+                      "final_loss": (getattr(result, "metrics", None) or {}).get("loss"),
+                      "seconds": time.time() - started}
+            command = "python -m pipelines.main " + " ".join(without_out(args.argv))
+            print(f"[sft] shipped to {shipped_ref.ship(p['ref_adapter'], record, command)}", flush=True)
+        return result
+
+    note = "" if args.model != "shapes" or args.train_sft else f" (no shipped SFT base matches the model in use: {SHIPPED_REF})"
+    return ("sft", run, f"'ref' LoRA in {p['ref_adapter']}{note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = storage.absolute(args.out or Path("runs") / time.strftime("main-%Y%m%d-%H%M%S"))
@@ -332,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
               "the shapes-world model in the cache")] if args.model == "shapes" else []
     steps += [
         ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
-        ("sft", lambda: train.run(configs["sft"]), f"'ref' LoRA in {p['ref_adapter']}"),
+        sft_step(args, configs, p),
         ("cdns", lambda: cdns.run(configs["cdns"]), f"quadruplets in {p['quadruplets']}"),
         ("pair_analysis", lambda: pair_analysis.run(configs["pair_analysis"]), f"pair gaps in {p['pairs']}"),
         ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),

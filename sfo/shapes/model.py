@@ -115,3 +115,37 @@ def require_pretrained(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
         f"{SHIPPED} was made for other sizes); run `python -m pipelines.pretrain` once (about 17 minutes on 2 CPU "
         "cores), or use model 'tiny'"
     )
+
+
+# The shipped SFT base: the "ref" LoRA (OminiControl-style condition tokens) trained on the shipped model, which
+# the demo and the reproduction start from, as the paper starts from a trained OminiControl.
+SHIPPED_REF = Path(__file__).resolve().parent / "ref"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def base_fingerprint(folder: str | Path) -> str:
+    """sha256 of a pretrained folder's transformer weights: what an adapter trained on it depends on."""
+    return _sha256(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def shipped_ref(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path | None:
+    """The shipped "ref" adapter's folder when it was trained on the model ``load_flux("shapes")`` loads (its
+    manifest's ``base`` equals that model's transformer) and every file matches its sha256; else None (a rebuilt
+    model in the cache, or a damaged copy: the SFT base is then trained)."""
+    path = SHIPPED_REF / MANIFEST
+    try:
+        base = require_pretrained(config)
+    except FileNotFoundError:
+        return None
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("base") != base_fingerprint(base):
+        return None
+    present = {str(p.relative_to(SHIPPED_REF)) for p in SHIPPED_REF.rglob("*") if p.is_file() and p.name != MANIFEST}
+    if present != set(manifest["files"]) or any(_sha256(SHIPPED_REF / n) != d for n, d in manifest["files"].items()):
+        return None
+    return SHIPPED_REF

@@ -47,6 +47,7 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     for index, stage in enumerate(stages, 1):
         assert f"[{index}/{len(stages)}] {stage} done" in printed
     assert "already holds the shapes model" in printed  # cached by the fixture: not pretrained again
+    assert "no shipped SFT base matches the model in use" in printed  # so the SFT base is trained
     assert Image.open(out / "served.png").size == (32, 32)
     report = (out / "report.html").read_text()
     assert "Shapes-world oracles" in report and "random encoders" not in report
