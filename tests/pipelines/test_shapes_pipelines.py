@@ -73,6 +73,19 @@ def test_pretraining_into_the_shipped_folder_writes_its_manifest(shapes_pretrain
     shutil.rmtree(shipped)
 
 
+def test_sft_strength_trains_a_ref_and_judges_held_out_cells(shapes_pretrained, tmp_path, capsys):
+    from experiments import sft_strength
+
+    assert sft_strength.main(["--model", str(shapes_pretrained), "--steps", "1", "--triplets", "2", "--batch-size", "2",
+                              "--eval", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert all(0 <= result[k] <= 1 for k in ("subject", "fine", "coarse", "text", "pattern", "accent", "off_pixels"))
+    assert result["subject"] <= min(result["fine"], result["coarse"]) and "--steps 1" in result["command"]
+    assert (tmp_path / "ref" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "grid.png").is_file()
+    with pytest.raises(SystemExit):
+        sft_strength.main(["--rank", "0"])
+
+
 def test_pretrain_config_names_bad_fields():
     with pytest.raises(ValueError, match="ema"):
         pretrain.PretrainConfig(ema=1.0)
