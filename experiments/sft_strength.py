@@ -1,6 +1,7 @@
 """How well an SFT base copies the subject: one "ref" LoRA trained in one process (no Ray), then judged.
 
     python -m experiments.sft_strength [--model shapes|FOLDER] [--steps 2400] [--rank 16] [--triplets 512]
+    python -m experiments.sft_strength --ref sfo/shapes/ref     # judge a trained one (the shipped SFT base)
 
 A screen for the levers of the SFT base (steps, rank, data, the base model), before the jobs confirm one:
 the same pieces as ``experiments.screen``'s SFT (Prodigy as the jobs use it, per-sample seeding, the
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--eval", type=int, default=256, help="held-out cells judged (default: 256)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--ref", default=None,
+                        help="judge this trained 'ref' LoRA folder instead of training one (e.g. sfo/shapes/ref)")
     parser.add_argument("--out", default=None, help="folder for the adapter, result.json and grid.png")
     args = parser.parse_args(argv)
     for name in ("rank", "triplets", "batch_size", "eval"):
@@ -77,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     model = load_flux(args.model, device="cpu")
     torch.manual_seed(args.seed)
     started = time.time()
-    if args.steps:
+    if args.ref:
+        A.load_adapter(model.transformer, args.ref, A.REF)
+    elif args.steps:
         A.add_lora(model.transformer, A.REF, args.rank, init="gaussian")
         data = encoded(model, world_triplets(args.triplets, 0))
         train(model, lambda b, t, n: sft_objective(model.transformer, b, t, n, adapters=[A.REF]), data, args.steps,
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "result.json").write_text(json.dumps(result, indent=2))
-        if args.steps:
+        if args.steps and not args.ref:
             A.save_adapter(model.transformer, A.REF, out / "ref")
         save_grid([c.reference for c in cells[:16]] + images[:48], out / "grid.png")
     return 0

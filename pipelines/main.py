@@ -41,8 +41,9 @@ from pipelines.config import load_config
 from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-# The shapes world's SFT base is rank 16, not the paper's 4 (App. D.1, for the 12B FLUX.1-dev): at 2400 steps on
-# 512 triplets, rank 4 copied the subject in 0.367 of 256 held-out cells and rank 16 in 0.547 (docs/shapes-world.md).
+# The shapes world's SFT base is rank 16, not the paper's 4 (App. D.1, for the 12B FLUX.1-dev): trained by this job
+# for 2400 steps on 512 triplets, rank 4 copied the subject in 0.367 of 256 held-out cells, rank 16 in 0.516
+# (docs/shapes-world.md).
 WORLD_REF_RANK = 16
 CPU_RAY_CPUS = 4  # logical CPUs of the local Ray on the CPU: fractional workers need headroom on 2 cores
 
