@@ -76,11 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(pipelines.shipped_ref; its MANIFEST.json records the command)")
     parser.add_argument("--sft-steps", type=int, default=None,
                         help="SFT steps of the 'ref' LoRA when it is trained (default: 200 shapes, 8)")
-    parser.add_argument("--sfo-steps", type=int, default=None, help="SFO steps of the 'sfo' LoRA (default: 50 shapes, 8)")
+    parser.add_argument("--sfo-steps", type=int, default=None,
+                        help="SFO steps of the 'sfo' LoRA (default: 150 shapes, 8; at 50 Prodigy is still warming up "
+                             "and SFO does not move)")
     parser.add_argument("--sample-steps", type=int, default=28, help="sampling steps (default: 28, as the paper)")
     parser.add_argument("--dreambench", type=Path, default=None,
                         help="DreamBench 'dataset' folder to evaluate on (default: embedded synthetic subjects)")
-    parser.add_argument("--eval-subjects", type=int, default=None, help="subjects evaluated (default: 32 shapes, 4)")
+    parser.add_argument("--eval-subjects", type=int, default=None,
+                        help="subjects evaluated (default: 128 shapes, x 2 seeds = 256 images per method; 4 otherwise)")
     parser.add_argument("--eval-prompts", type=int, default=2, help="prompts per DreamBench subject (default: 2)")
     parser.add_argument("--eval-seeds", type=int, default=2, help="images per (subject, prompt) (default 2; paper 4)")
     parser.add_argument("--preset", choices=("world", "paper"), default=None,
@@ -107,8 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     shapes = args.model == "shapes"
-    defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (50, 8),
-                "eval_subjects": (32, 4)}
+    defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (150, 8),
+                "eval_subjects": (128, 4)}
     for name, (world, other) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, world if shapes else other)
@@ -382,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     evaluation = evaluate_shapes if args.model == "shapes" else evaluate
     steps = [("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=args.pretrain_steps)),
-              "the shapes-world model in the cache")] if args.model == "shapes" else []
+              "the shapes-world model (the shipped one unless a rebuilt one is cached)")] if args.model == "shapes" else []
     steps += [
         ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
         sft_step(args, configs, p),
