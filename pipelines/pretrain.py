@@ -34,13 +34,13 @@ from pipelines.config import job_main
 from sfo.latents import encode_images, grid_ids
 from sfo.models import FluxModel
 from sfo.objectives import TrainBatch, sft_objective
+from sfo.sampler import UNCONDITIONAL  # the caption-dropout caption is text guidance's unconditional prompt
 from sfo.shapes import world as W
 from sfo.shapes.model import MANIFEST, SHIPPED, ShapesFluxConfig, build_shapes_pipeline, pretrained_folder, shipped_manifest
 from sfo.text import TextEmbeddings, encode_prompts
 from sfo.timesteps import TimestepSampling, sample_timesteps
 
 CAPTION_WEIGHTS = (0.5, 0.25, 0.25)  # target text, generic text, App. A prompt
-UNCONDITIONAL = ""  # the caption-dropout caption, the unconditional prompt of text guidance
 
 
 @dataclass
