@@ -129,6 +129,15 @@ def pretrain(cfg: PretrainConfig, log=_log) -> Path:
     folder = cfg.folder
     done = pretrained_steps(folder)
     shipped = shipped_manifest()
+    if cfg.output is None and not cfg.force and 0 < done < cfg.steps and shipped and shipped["config"]["steps"] >= cfg.steps:
+        # A cache left by an older release (the 1500-step model) would be preferred over the shipped model and, being
+        # short of the steps asked, retrained: set it aside (kept, not deleted) and use the shipped model.
+        aside = folder.with_name(f"{folder.name}.{done}-steps")
+        shutil.rmtree(aside, ignore_errors=True)
+        folder.rename(aside)
+        log(f"pretrain: the cached shapes model had {done} steps, the shipped one has {shipped['config']['steps']}: "
+            f"the cached one moved to {aside}")
+        done = 0
     if cfg.output is None and not cfg.force and not done and shipped and shipped["config"]["steps"] >= cfg.steps:
         log(f"pretrain: using the shipped shapes model ({SHIPPED}, {shipped['config']['steps']} steps; "
             "force=true rebuilds it into the cache)")

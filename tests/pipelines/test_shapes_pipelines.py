@@ -27,6 +27,22 @@ def test_pretrain_caches_the_model_and_skips_a_second_run(shapes_pretrained, cap
     assert isinstance(model.vae, PixelCodec) and model.text_max_length == 16
 
 
+def test_a_cached_model_older_than_the_shipped_one_is_set_aside_not_retrained(shapes_pretrained, tmp_path,
+                                                                             monkeypatch):
+    import shutil
+
+    from sfo.shapes import model as shapes_model
+
+    monkeypatch.setenv("SFO_CACHE_DIR", str(tmp_path))
+    stale = shapes_model.pretrained_folder()
+    shutil.copytree(shapes_pretrained, stale)  # 2 steps, as an older release's cache would hold fewer than shipped
+    printed = []
+    assert pretrain.pretrain(pretrain.PretrainConfig(), log=printed.append) == shapes_model.SHIPPED
+    assert not stale.exists() and pretrain.pretrained_steps(stale.with_name(stale.name + ".2-steps")) == 2
+    assert "moved to" in printed[0] and "using the shipped shapes model" in printed[1]
+    assert shapes_model.require_pretrained() == shapes_model.SHIPPED
+
+
 def test_load_flux_shapes_names_the_pretrain_command_when_nothing_is_there(tmp_path, monkeypatch):
     from sfo.models import load_flux
     from sfo.shapes import model as shapes_model
