@@ -159,25 +159,51 @@ def _verdicts(row: dict) -> str:
     return f"<br><small>{' '.join(marks)}</small>" if marks else ""
 
 
-def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: list[str], max_rows: int = 12) -> str:
-    """Per (subject, prompt), the first seed: reference | method 1 | method 2 ..., each image with its oracle
-    verdicts when the table has ``VERDICTS``' columns."""
+def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: list[str], max_rows: int = 12,
+               cells: list[tuple] | None = None) -> str:
+    """Per (subject, prompt), the first seed (or the given ``cells``: (subject, prompt_index, seed)): reference |
+    method 1 | method 2 ..., each image with its oracle verdicts when the table has ``VERDICTS``' columns."""
     columns = ["method", "subject", "prompt_index", "prompt", "seed", "image_png"]
     rows = images.select(columns + [k for k in VERDICTS if k in images.column_names]).to_pylist()
-    first = {}
-    for r in sorted(rows, key=lambda r: r["seed"]):
-        first.setdefault((r["subject"], r["prompt_index"], r["method"]), r)
-    cases = list(dict.fromkeys((s, i) for s, i, _ in first))[:max_rows]
+    by = {(r["subject"], r["prompt_index"], r["seed"], r["method"]): r for r in rows}
+    if cells is None:
+        first: dict = {}
+        for subject, index, seed, _ in sorted(by, key=lambda k: k[2]):
+            first.setdefault((subject, index), seed)
+        cells = [(subject, index, seed) for (subject, index), seed in first.items()]
     head = "<tr><th>prompt</th><th>reference</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in methods) + "</tr>"
     body = []
-    for subject, index in cases:
-        cells = [_img(first[(subject, index, m)]["image_png"]) + _verdicts(first[(subject, index, m)])
-                 if (subject, index, m) in first else "" for m in methods]
-        prompt = next(first[(subject, index, m)]["prompt"] for m in methods if (subject, index, m) in first)
+    for subject, index, seed in cells[:max_rows]:
+        found = [by.get((subject, index, seed, m)) for m in methods]
+        prompt = next(r["prompt"] for r in found if r is not None)
         ref = _img(references[subject]) if subject in references else ""
         body.append(f"<tr><td>{html.escape(subject)}<br><small>{html.escape(prompt)}</small></td><td>{ref}</td>"
-                    + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+                    + "".join(f"<td>{_img(r['image_png']) + _verdicts(r) if r else ''}</td>" for r in found) + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
+
+
+def disagreements(images: pa.Table, a: str = "sfo", b: str = "sft", key: str = "oracle_subject") -> tuple[list, list]:
+    """The cells (subject, prompt_index, seed) where ``a`` and ``b`` got different verdicts ``key``:
+    (those ``a`` got right, those ``b`` got right), each in table order."""
+    if key not in images.column_names:
+        return [], []
+    verdict = {(r["subject"], r["prompt_index"], r["seed"], r["method"]): r[key]
+               for r in images.select(["method", "subject", "prompt_index", "seed", key]).to_pylist()}
+    cells = list(dict.fromkeys(k[:3] for k in verdict))
+    both = [c for c in cells if (*c, a) in verdict and (*c, b) in verdict and verdict[(*c, a)] != verdict[(*c, b)]]
+    return [c for c in both if verdict[(*c, a)]], [c for c in both if verdict[(*c, b)]]
+
+
+def disagreement_section(images: pa.Table, references: dict, methods: list[str], shown: int = 12) -> list[str]:
+    """The report's picked cells: where SFO's and SFT's subject verdicts differ, SFO-right ones first."""
+    sfo_right, sft_right = disagreements(images)
+    if not sfo_right and not sft_right:
+        return []
+    picked = (sfo_right[:shown // 2] + sft_right[:shown // 2] + sfo_right[shown // 2:] + sft_right[shown // 2:])[:shown]
+    note = (f"<p>Picked, not random: the cells where SFO's and SFT's subject verdicts differ, {len(sfo_right)} with "
+            f"SFO right and {len(sft_right)} with SFT right; the first {shown} shown, half of each where both have "
+            "enough, in evaluation order.</p>")
+    return ["<h2>Where SFO and SFT disagree (picked)</h2>", note, image_grid(images, references, methods, shown, picked)]
 
 
 def write_report(path: str | Path, *, title: str, summary: dict, images: pa.Table, references: dict[str, Image.Image],
@@ -200,6 +226,7 @@ def write_report(path: str | Path, *, title: str, summary: dict, images: pa.Tabl
         f"<h2>{html.escape(metrics_title)}</h2>", note, metric_table(summary, metrics),
         "<h2>Methods compared</h2>", note, bar_chart(summary, metrics),
         "<h2>Samples</h2>", image_grid(images, references, methods),
+        *disagreement_section(images, references, methods),
     ]
     if curves:
         sections += ["<h2>Training curves</h2>"] + [line_chart(series, title) for title, series in curves.items()]

@@ -53,8 +53,10 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     assert "Shapes-world oracles" in report and "random encoders" not in report
     assert "SFO against the SFT base, paired over 1 images" in report or "Too few paired images" in report
     assert "POST /v1/generate with prompt=" in report  # the served image is captioned
-    assert report.count("<img") == 1 * (1 + 3) + 1  # one triplet x (reference, base, sft, sfo), the served image
-    assert report.count("subject &#1") == 3  # each generated image with its oracle verdicts
+    picked = "Where SFO and SFT disagree (picked)" in report  # the one cell again, if their verdicts differ
+    # one triplet x (reference, base, sft, sfo) [twice when picked], the served image
+    assert report.count("<img") == (1 + picked) * (1 + 3) + 1
+    assert report.count("subject &#1") == 3 * (1 + picked)  # each generated image with its oracle verdicts
     # sft loss, sfo loss, sfo accuracy, the policy's error rise on positives and on negatives
     assert "Training curves" in report and report.count("<polyline") == 5
     summary = json.loads((out / "evaluate" / "summary.json").read_text())

@@ -92,6 +92,22 @@ def test_training_curves_are_drawn_from_the_jobs_metrics(tmp_path):
     assert training_curves({"sft": SimpleNamespace(output=SimpleNamespace(run_dir=tmp_path / "absent"))}) == {}
 
 
+def test_the_picked_grid_shows_the_cells_where_sfo_and_sft_disagree():
+    from pipelines.report import disagreement_section, disagreements
+
+    verdicts = {("a", 0): (True, False), ("b", 0): (False, True), ("c", 0): (True, True), ("a", 1): (True, True)}
+    rows = [{"method": m, "subject": s, "prompt_index": 0, "prompt": "p", "seed": seed, "image_png": _png("red"),
+             "oracle_subject": v[i], "oracle_text": True}
+            for (s, seed), v in verdicts.items() for i, m in enumerate(("sfo", "sft"))]
+    table = pa.Table.from_pylist(rows)
+    assert disagreements(table) == ([("a", 0, 0)], [("b", 0, 0)])
+    section = "".join(disagreement_section(table, {}, ["sft", "sfo"]))
+    assert "1 with SFO right and 1 with SFT right" in section and section.count("<img") == 2 * 2
+    agreeing = pa.Table.from_pylist([r for r in rows if r["subject"] in ("c",)])
+    assert disagreement_section(agreeing, {}, ["sft", "sfo"]) == []
+    assert disagreements(agreeing.drop_columns(["oracle_subject"])) == ([], [])
+
+
 def test_grid_shows_each_images_oracle_verdicts_when_the_table_has_them():
     from pipelines.report import image_grid
 
