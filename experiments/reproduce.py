@@ -75,6 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/reproduce-<date>-<time>)")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds: each runs sft, cdns and sfo with "
                         "its seed; every method is evaluated on the same held-out cells (default 0)")
+    parser.add_argument("--sft-base", choices=("shipped", "train"), default="shipped",
+                        help="shipped (default): every seed starts from the shipped SFT base (sfo/shapes/ref) when it "
+                             "was trained on the model in use, as the paper starts from a trained OminiControl, and "
+                             "seeds vary SFO; train: each seed trains its own for the budget's sft_steps (the runs "
+                             "before 2026-12-05)")
     parser.add_argument("--cores", type=int, default=CORES,
                         help="cores to use: the sampling stages (cdns, evaluation) run one single-threaded actor per core, "
                              "the SFT base trains with this many torch threads, the other training jobs run one per core, "
@@ -115,11 +120,12 @@ def run(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
     from experiments import modes
-    from pipelines import cdns, evaluate_shapes, prepare, pretrain, train
+    from pipelines import cdns, evaluate_shapes, prepare, pretrain, shipped_ref, train
     from pipelines.cdns import CdnsConfig
     from pipelines.evaluate_shapes import ShapesEvaluateConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
+    from sfo.shapes.model import shipped_ref as find_shipped_ref
     from sfo.shapes.world import SIZE
 
     budget = BUDGETS[args.budget]
@@ -132,6 +138,11 @@ def run(args: argparse.Namespace) -> dict:
                      "preset": args.preset, "preset_overrides": PRESETS[args.preset] + args.sfo_set}
 
     stages("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=budget.pretrain_steps)))
+    shipped = find_shipped_ref() if args.sft_base == "shipped" else None
+    results["sft_base"] = (f"shipped: {shipped_ref.describe(shipped)}" if shipped is not None
+                           else f"trained per seed: {budget.sft_steps} steps")
+    if args.sft_base == "shipped" and shipped is None:
+        print("[reproduce] no shipped SFT base matches the model in use: each seed trains its own", flush=True)
     jobs = [e for e in args.experiments if e != "appA"]
     if jobs:
         # One dataset (world seed 0) for every training seed: seeds vary the training, not the data.
@@ -148,7 +159,10 @@ def run(args: argparse.Namespace) -> dict:
                                     f"output.storage_path={root / 'train'}", f"scaling.torch_threads={args.cores}"]
             sft = lambda c, n, k: train.run(load_config(SftConfig, CONFIGS / "sft.yaml", c + [  # noqa: E731
                 f"data.path={triplets}", f"output.name={n}", f"train.steps={k}"]))
-            stages(f"sft{tag}", lambda c=train_common: sft(c, "sft", budget.sft_steps))
+            if shipped is not None:
+                stages(f"sft{tag}", lambda r=ref: shipped_ref.copy_shipped(str(r)))
+            else:
+                stages(f"sft{tag}", lambda c=train_common: sft(c, "sft", budget.sft_steps))
             for name, overrides in the_plan.negatives.items():
                 out = root / "data" / name
                 if name == ORACLE:
@@ -285,6 +299,7 @@ def format_results(results: dict) -> str:
     preset = results.get("preset", "paper")
     lines = [f"# SFO in the shapes world (preset {preset} {results.get('preset_overrides', [])}, budget "
              f"{json.dumps(results['budget'])}, training seeds {seeds})", "",
+             *([f"SFT base: {results['sft_base']}.", ""] if "sft_base" in results else []),
              "Rates are means over training seeds (± binomial standard error over all images); Δ is the paired "
              "difference against the same seed's SFT base on the same prompts and sample seeds (± the larger of the "
              "evaluation and the seed-to-seed standard error); a difference is claimed at >= 3 standard errors.", ""]

@@ -372,7 +372,9 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     assert reproduce.main(["--budget", "tiny", "--preset", "paper", "--cores", "8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "--cores 8 -> 2" in printed and "training: 12 jobs, 2 at a time" in printed
+    assert "no shipped SFT base matches the model in use" in printed  # the fixture's 2-step model: trained per seed
     results = json.loads((out / "results.json").read_text())
+    assert results["sft_base"] == "trained per seed: 1 steps"
     assert set(results["methods"]) == {"base", "sft", "sft-additional", "sfo-self-play", "sfo-cdns",
                                        "sfo-cdns-uniform", "sfo-cdns-r1", "sfo-cdns-beta100", "sfo-image-only",
                                        "sfo-oracle", "sfo-cdns-sdpo", "sfo-cdns-condition", "sfo-cdns-filtered", "sft-2",
@@ -395,6 +397,7 @@ def test_reproduce_tiny_budget_runs_every_experiment(shapes_pretrained, ray_loca
     assert "score_ref_err_pos" in pq.read_schema(next((out / "data" / "cdns-r2").glob("*.parquet"))).names
     assert "score_ref_err_pos" not in pq.read_schema(next((out / "data" / "cdns-r1").glob("*.parquet"))).names
     report = (out / "report.md").read_text()
+    assert "SFT base: trained per seed" in report
     for title in ("Table 4", "Table C", "Table B", "beta (SFO", "Negatives in", "Positive anchors", "LoRA scope",
                   "What separates the pairs", "Image guidance 2", "filtered by the oracles", "SFT strength",
                   "App. A", "Wall time", "Δ subject vs SFT", "Inference modes", "](modes.svg)"):
