@@ -330,16 +330,21 @@ def without_out(argv: list[str]) -> list[str]:
 
 def sft_step(args: argparse.Namespace, configs: dict, p: dict) -> tuple:
     """The chain's sft stage: the shipped SFT base copied in (the shapes world, unless --train-sft or the model in
-    use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped)."""
+    use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped). Decided
+    when the stage runs, after pretrain has settled which model is in use; its line is then a function."""
     from pipelines import shipped_ref, train
     from sfo.shapes.model import SHIPPED_REF, shipped_ref as find_shipped
 
-    shipped = find_shipped() if args.model == "shapes" and not args.train_sft else None
-    if shipped is not None:
-        return ("sft", lambda: shipped_ref.copy_shipped(p["ref_adapter"]),
-                f"the shipped 'ref' LoRA ({shipped_ref.describe(shipped)}) in {p['ref_adapter']}; --train-sft trains one")
+    said = {}
 
     def run():
+        shipped = find_shipped() if args.model == "shapes" and not args.train_sft else None
+        if shipped is not None:
+            said["line"] = (f"the shipped 'ref' LoRA ({shipped_ref.describe(shipped)}) in {p['ref_adapter']}; "
+                            "--train-sft trains one")
+            return shipped_ref.copy_shipped(p["ref_adapter"])
+        note = "" if args.model != "shapes" or args.train_sft else f" (no shipped SFT base matches the model in use: {SHIPPED_REF})"
+        said["line"] = f"'ref' LoRA in {p['ref_adapter']}{note}"
         started = time.time()
         result = train.run(configs["sft"])
         if args.ship_ref:
@@ -351,8 +356,7 @@ def sft_step(args: argparse.Namespace, configs: dict, p: dict) -> tuple:
             print(f"[sft] shipped to {shipped_ref.ship(p['ref_adapter'], record, command)}", flush=True)
         return result
 
-    note = "" if args.model != "shapes" or args.train_sft else f" (no shipped SFT base matches the model in use: {SHIPPED_REF})"
-    return ("sft", run, f"'ref' LoRA in {p['ref_adapter']}{note}")
+    return ("sft", run, lambda: said["line"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             metrics = getattr(result, "metrics", None)
             summary = "" if not metrics else f" (step {metrics.get('step')}, loss {metrics.get('loss'):.4f})"
+            output = output() if callable(output) else output
             print(f"[{index}/{len(steps)}] {name} done in {time.time() - t0:.0f} s{summary}: {output}", flush=True)
     finally:
         if started_ray:
