@@ -36,7 +36,9 @@ from sfo.models import FluxModel
 from sfo.objectives import TrainBatch, sft_objective
 from sfo.sampler import UNCONDITIONAL  # the caption-dropout caption is text guidance's unconditional prompt
 from sfo.shapes import world as W
-from sfo.shapes.model import MANIFEST, SHIPPED, ShapesFluxConfig, build_shapes_pipeline, pretrained_folder, shipped_manifest
+from sfo.shapes.model import (
+    MANIFEST, SHIPPED, ShapesFluxConfig, build_shapes_pipeline, file_digests, pretrained_folder, shipped_manifest,
+)
 from sfo.text import TextEmbeddings, encode_prompts
 from sfo.timesteps import TimestepSampling, sample_timesteps
 
@@ -197,21 +199,19 @@ def write_manifest(folder: Path, record: dict) -> None:
     """The shipped model's MANIFEST.json (``sfo.shapes.model.verify_shipped`` checks it): the command that made
     it, when and where, its config and sizes, and the sha256 of every file."""
     import datetime
-    import hashlib
     import platform
 
     config = {k: v for k, v in record["config"].items() if k not in ("force", "output", "log_every")}
     defaults = {k: v for k, v in asdict(PretrainConfig()).items() if k in config}
     changed = " ".join(f"{k}={v}" for k, v in config.items() if v != defaults[k])
-    files = {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
-             for f in sorted(folder.rglob("*")) if f.is_file() and f.name != MANIFEST}
     manifest = {
         "what": "the shapes-world FLUX (sfo.shapes.model), pretrained text-to-image; load_flux('shapes') reads it "
                 "when no rebuilt copy is cached",
         "command": f"python -m pipelines.pretrain output=sfo/shapes/pretrained force=true {changed}".strip(),
         "made": f"{datetime.date.today()}, {platform.machine()} CPU x {torch.get_num_threads()} threads, torch "
                 f"{torch.__version__}, {record['seconds']:.0f} s",
-        "config": record["config"], "sizes": record["sizes"], "final_loss": record["final_loss"], "files": files,
+        "config": record["config"], "sizes": record["sizes"], "final_loss": record["final_loss"],
+        "files": file_digests(folder),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

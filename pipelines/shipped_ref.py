@@ -11,7 +11,6 @@ one command, the one its manifest names:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import platform
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 from cluster import storage
 from sfo.adapters import LORA_WEIGHTS
-from sfo.shapes.model import MANIFEST, SHIPPED_REF, base_fingerprint, require_pretrained, shipped_ref
+from sfo.shapes.model import MANIFEST, SHIPPED_REF, base_fingerprint, file_digests, require_pretrained, shipped_ref
 
 
 def describe(folder: Path) -> str:
@@ -56,7 +55,7 @@ def ship(trained: str, record: dict, command: str, target: Path = SHIPPED_REF) -
         "made": f"{datetime.date.today()}, {platform.machine()} CPU, {record.get('seconds', 0):.0f} s of training",
         **{k: record.get(k) for k in ("steps", "seed", "rank", "triplets", "final_loss")},
         "base": base_fingerprint(require_pretrained()),  # the transformer it was trained on
-        "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(staging.iterdir())},
+        "files": file_digests(staging),
     }
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     shutil.rmtree(target, ignore_errors=True)

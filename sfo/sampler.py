@@ -307,14 +307,12 @@ def blend_velocities(concept: torch.Tensor, auxiliary: torch.Tensor, mask: torch
     return torch.where(mask.to(concept.device)[:, :, None], concept, auxiliary.to(concept.dtype))
 
 
-def text_guided(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
-    """Text (classifier-free) guidance: v_empty + scale (v_prompt - v_empty) for velocities (B, L, 64)."""
-    return unconditioned + scale * (conditioned - unconditioned)
-
-
 def image_guided(conditioned: torch.Tensor, unconditioned: torch.Tensor, scale: float) -> torch.Tensor:
     """Image guidance: v_u + scale (v_c - v_u) for velocities (B, L, 64) with / without the reference tokens."""
     return unconditioned + scale * (conditioned - unconditioned)
+
+
+text_guided = image_guided  # text (classifier-free) guidance: v_empty + scale (v_prompt - v_empty), the same extrapolation
 
 
 def generate(

@@ -95,12 +95,24 @@ def verify_shipped(config: ShapesFluxConfig = ShapesFluxConfig()) -> list[str]:
     manifest = shipped_manifest(config)
     if manifest is None:
         return [MANIFEST]
-    present = {str(p.relative_to(SHIPPED)) for p in SHIPPED.rglob("*") if p.is_file() and p.name != MANIFEST
-               and "__pycache__" not in p.parts}
-    bad = sorted(present ^ set(manifest["files"]))
-    bad += [name for name, digest in sorted(manifest["files"].items())
-            if name in present and hashlib.sha256((SHIPPED / name).read_bytes()).hexdigest() != digest]
-    return bad
+    return manifest_mismatches(SHIPPED, manifest["files"])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder`` but its manifest (and ``__pycache__``), by relative path: a
+    shipped folder's ``files`` record."""
+    return {str(p.relative_to(folder)): _sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts}
+
+
+def manifest_mismatches(folder: Path, files: dict[str, str]) -> list[str]:
+    """Files of ``folder`` missing from ``files`` or extra (sorted), then those whose sha256 differs."""
+    digests = file_digests(folder)
+    return sorted(set(digests) ^ set(files)) + [n for n, d in sorted(files.items()) if n in digests and digests[n] != d]
 
 
 def require_pretrained(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
@@ -122,10 +134,6 @@ def require_pretrained(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
 SHIPPED_REF = Path(__file__).resolve().parent / "ref"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def base_fingerprint(folder: str | Path) -> str:
     """sha256 of a pretrained folder's transformer weights: what an adapter trained on it depends on."""
     return _sha256(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors")
@@ -145,7 +153,4 @@ def shipped_ref(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path | None:
     manifest = json.loads(path.read_text())
     if manifest.get("base") != base_fingerprint(base):
         return None
-    present = {str(p.relative_to(SHIPPED_REF)) for p in SHIPPED_REF.rglob("*") if p.is_file() and p.name != MANIFEST}
-    if present != set(manifest["files"]) or any(_sha256(SHIPPED_REF / n) != d for n, d in manifest["files"].items()):
-        return None
-    return SHIPPED_REF
+    return None if manifest_mismatches(SHIPPED_REF, manifest["files"]) else SHIPPED_REF
