@@ -318,47 +318,6 @@ def serve_request(args: argparse.Namespace, runs: str) -> str:
     return path
 
 
-def without_out(argv: list[str]) -> list[str]:
-    """A command line without its --out (a run folder is no part of how a result is made)."""
-    kept, skip = [], False
-    for a in argv:
-        if not skip and a != "--out" and not a.startswith("--out="):
-            kept.append(a)
-        skip = a == "--out"
-    return kept
-
-
-def sft_step(args: argparse.Namespace, configs: dict, p: dict) -> tuple:
-    """The chain's sft stage: the shipped SFT base copied in (the shapes world, unless --train-sft or the model in
-    use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped). Decided
-    when the stage runs, after pretrain has settled which model is in use; its line is then a function."""
-    from pipelines import shipped_ref, train
-    from sfo.shapes.model import SHIPPED_REF, shipped_ref as find_shipped
-
-    said = {}
-
-    def run():
-        shipped = find_shipped() if args.model == "shapes" and not args.train_sft else None
-        if shipped is not None:
-            said["line"] = (f"the shipped 'ref' LoRA ({shipped_ref.describe(shipped)}) in {p['ref_adapter']}; "
-                            "--train-sft trains one")
-            return shipped_ref.copy_shipped(p["ref_adapter"])
-        note = "" if args.model != "shapes" or args.train_sft else f" (no shipped SFT base matches the model in use: {SHIPPED_REF})"
-        said["line"] = f"'ref' LoRA in {p['ref_adapter']}{note}"
-        started = time.time()
-        result = train.run(configs["sft"])
-        if args.ship_ref:
-            cfg = configs["sft"]
-            record = {"steps": cfg.train.steps, "seed": cfg.train.seed, "rank": cfg.lora.rank, "triplets": args.samples,
-                      "final_loss": (getattr(result, "metrics", None) or {}).get("loss"),
-                      "seconds": time.time() - started}
-            command = "python -m pipelines.main " + " ".join(without_out(args.argv))
-            print(f"[sft] shipped to {shipped_ref.ship(p['ref_adapter'], record, command)}", flush=True)
-        return result
-
-    return ("sft", run, lambda: said["line"])
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = storage.absolute(args.out or Path("runs") / time.strftime("main-%Y%m%d-%H%M%S"))
@@ -371,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines import cdns, evaluate, evaluate_shapes, pair_analysis, prepare, pretrain, train
+    from pipelines import cdns, evaluate, evaluate_shapes, pair_analysis, prepare, pretrain, shipped_ref, train
     from pipelines.report import run_report
 
     # address="local": a Ray of its own, even when another cluster runs on this machine.
@@ -392,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
               "the shapes-world model (the shipped one unless a rebuilt one is cached)")] if args.model == "shapes" else []
     steps += [
         ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
-        sft_step(args, configs, p),
+        shipped_ref.sft_stage(args, configs, p),
         ("cdns", lambda: cdns.run(configs["cdns"]), f"quadruplets in {p['quadruplets']}"),
         ("pair_analysis", lambda: pair_analysis.run(configs["pair_analysis"]), f"pair gaps in {p['pairs']}"),
         ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),

@@ -14,6 +14,7 @@ import datetime
 import json
 import platform
 import shutil
+import time
 from pathlib import Path
 
 from cluster import storage
@@ -61,3 +62,43 @@ def ship(trained: str, record: dict, command: str, target: Path = SHIPPED_REF) -
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     return target
+
+
+def without_out(argv: list[str]) -> list[str]:
+    """A command line without its --out (a run folder is no part of how a result is made)."""
+    kept, skip = [], False
+    for a in argv:
+        if not skip and a != "--out" and not a.startswith("--out="):
+            kept.append(a)
+        skip = a == "--out"
+    return kept
+
+
+def sft_stage(args, configs: dict, p: dict) -> tuple:
+    """The chain's sft stage: the shipped SFT base copied in (the shapes world, unless --train-sft or the model in
+    use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped). Decided
+    when the stage runs, after pretrain has settled which model is in use; its line is then a function."""
+    from pipelines import train
+
+    said = {}
+
+    def run():
+        shipped = shipped_ref() if args.model == "shapes" and not args.train_sft else None
+        if shipped is not None:
+            said["line"] = (f"the shipped 'ref' LoRA ({describe(shipped)}) in {p['ref_adapter']}; "
+                            "--train-sft trains one")
+            return copy_shipped(p["ref_adapter"])
+        note = "" if args.model != "shapes" or args.train_sft else f" (no shipped SFT base matches the model in use: {SHIPPED_REF})"
+        said["line"] = f"'ref' LoRA in {p['ref_adapter']}{note}"
+        started = time.time()
+        result = train.run(configs["sft"])
+        if args.ship_ref:
+            cfg = configs["sft"]
+            record = {"steps": cfg.train.steps, "seed": cfg.train.seed, "rank": cfg.lora.rank, "triplets": args.samples,
+                      "final_loss": (getattr(result, "metrics", None) or {}).get("loss"),
+                      "seconds": time.time() - started}
+            command = "python -m pipelines.main " + " ".join(without_out(args.argv))
+            print(f"[sft] shipped to {ship(p['ref_adapter'], record, command)}", flush=True)
+        return result
+
+    return ("sft", run, lambda: said["line"])

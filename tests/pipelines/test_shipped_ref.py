@@ -49,5 +49,5 @@ def test_ship_ref_needs_a_trained_shapes_base(capsys):
         with pytest.raises(SystemExit):
             main_job.parse_args(argv)
         assert "--ship-ref" in capsys.readouterr().err
-    assert main_job.without_out(["--out", "runs/x", "--train-sft", "--out=y", "--sft-steps", "5"]) == [
+    assert shipped_ref.without_out(["--out", "runs/x", "--train-sft", "--out=y", "--sft-steps", "5"]) == [
         "--train-sft", "--sft-steps", "5"]
