@@ -205,9 +205,9 @@ def run_ray(config: CdnsConfig, files: list[str], todo: list[str], prefix: str, 
     check_cluster_gpus(scaling, "cdns")
     gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
     ray_data_progress()
-    # Output files numbered in input order, not in the order the actors finish: training reads them in file
-    # order, so otherwise the same negatives reached the sfo job in another order on every run (and moved its
-    # result by up to 0.02 subject fidelity in the shapes world).
+    # Output files numbered in input order, mostly: Ray Data's streaming repartition below still moves a few
+    # rows between and within files from run to run (seen with Ray 2.60 on uneven input blocks), so the sfo job
+    # sorts its rows by sample_id (``train_data.training_dataset``) rather than trusting this order.
     context = ray.data.DataContext.get_current()
     ordered = context.execution_options.preserve_order
     context.execution_options.preserve_order = True

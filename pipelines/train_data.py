@@ -113,9 +113,13 @@ def join_cache(batch: pa.Table, index: dict[str, tuple[str, int]], columns: list
 
 def training_dataset(cfg: TrainConfig, columns: list[str]) -> ray.data.Dataset:
     """The job's Ray ``Dataset`` of ``data.path`` (with the cache's tensors joined from ``data.cache_path`` when it
-    refers to them): materialised in file order when the Parquet is at most ``data.in_memory_mib`` (each epoch
-    after the first then reads the object store, with no read tasks to start), otherwise streamed from the files
-    every epoch."""
+    refers to them): sorted by ``sample_id`` and materialised when the Parquet is at most ``data.in_memory_mib``
+    (each epoch after the first then reads the object store, with no read tasks to start), otherwise streamed
+    from the files every epoch, in file order.
+
+    Sorted because the writers' row order is not reproducible: Ray Data's streaming repartition in cdns put the
+    same negatives in another order from run to run even with ``preserve_order`` (and a resumed cdns appends its
+    rest in new files). One canonical order makes the same data train the same adapter however it was written."""
     joined = [c for c in columns if c in CACHE_TENSOR_COLUMNS] if joins_cache(cfg) else []
     data = ray.data.read_parquet(cfg.data.path, columns=[c for c in columns if c not in joined])
     mib = parquet_mib(cfg.data.path)
@@ -125,8 +129,8 @@ def training_dataset(cfg: TrainConfig, columns: list[str]) -> ray.data.Dataset:
         mib += parquet_mib(cfg.data.cache_path)  # at most: the triplets may hold more rows
     if mib > cfg.data.in_memory_mib:
         return data
-    data.context.execution_options.preserve_order = True  # this dataset's context: the rows stay in file order
-    return data.materialize()
+    data.context.execution_options.preserve_order = True  # this dataset's context: the sorted order is kept
+    return data.sort("sample_id").materialize()
 
 
 def _columns(cfg: TrainConfig, cached: bool = False, scored: bool = False) -> list[str]:

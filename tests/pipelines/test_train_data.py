@@ -63,9 +63,10 @@ def test_a_stream_started_at_a_yielded_position_continues_it(ordered, tmp_path):
         assert take(straight[k - 1][0], 15 - k) == straight[k:]
 
 
-def test_small_parquet_is_read_once_in_file_order_and_large_parquet_streams(ray_local, tmp_path):
-    """``training_dataset``: under ``data.in_memory_mib`` the rows are materialised in file order (several files,
-    uneven sizes), so every epoch reads the same rows in the same order without re-reading the files."""
+def test_small_parquet_is_read_once_sorted_by_sample_id_and_large_parquet_streams(ray_local, tmp_path):
+    """``training_dataset``: under ``data.in_memory_mib`` the rows are materialised sorted by ``sample_id`` (several
+    files, uneven sizes, rows written out of order as cdns' Ray Data writer may), so every epoch reads the same
+    rows in the same order without re-reading the files, however the writer ordered them."""
     from ray.data.dataset import MaterializedDataset
 
     from pipelines.train_data import parquet_mib, training_dataset
@@ -73,8 +74,9 @@ def test_small_parquet_is_read_once_in_file_order_and_large_parquet_streams(ray_
     folder = tmp_path / "parts"
     folder.mkdir()
     ids = [f"s-{i:03d}" for i in range(30)]
+    written = ids[20:22] + ids[3:12] + ids[:3] + ids[22:] + ids[12:20]
     for k, (lo, hi) in enumerate([(0, 3), (3, 20), (20, 22), (22, 30)]):
-        pq.write_table(pa.table({"sample_id": ids[lo:hi]}), folder / f"part-{k}.parquet")
+        pq.write_table(pa.table({"sample_id": written[lo:hi]}), folder / f"part-{k}.parquet")
     assert parquet_mib(folder) == pytest.approx(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
     global_order = ray_local.data.DataContext.get_current().execution_options.preserve_order
     small = training_dataset(_sft(tmp_path, "mem", str(folder)), ["sample_id"])
@@ -105,8 +107,9 @@ def _sfo(cached: dict, *overrides: str) -> SfoConfig:
 
 
 def test_the_cache_tensors_are_joined_from_data_cache_path_by_sample_id(ray_local, cached, tiny_flux):
-    """The job's dataset of quadruplets without the triplets' tensors, joined with data.cache_path, keeps its
-    file's row order and builds the very batch tensors of quadruplets that kept them; no encoder is needed."""
+    """The job's dataset of quadruplets without the triplets' tensors, joined with data.cache_path (rows written in
+    another order), gives the same rows in the same order and builds the very batch tensors of quadruplets that
+    kept them; no encoder is needed."""
     from pipelines.train_data import _columns, build_batch, needs_encoders, training_dataset, use_cache
 
     full = _sfo(cached, f"data.path={cached['full']}")
@@ -116,9 +119,9 @@ def test_the_cache_tensors_are_joined_from_data_cache_path_by_sample_id(ray_loca
     columns = _columns(joined, True)
     kept = training_dataset(full, columns).take_all()
     rows = training_dataset(joined, columns).take_all()
-    assert [r["sample_id"] for r in rows] == [r["sample_id"] for r in reversed(kept)]  # data.path's own order
+    assert [r["sample_id"] for r in rows] == [r["sample_id"] for r in kept] == sorted(r["sample_id"] for r in kept)
     stack = lambda rs: {k: np.array([r[k] for r in rs], dtype=object) for k in columns}  # noqa: E731
-    a, b = build_batch(full, tiny_flux, stack(kept), True), build_batch(joined, tiny_flux, stack(rows[::-1]), True)
+    a, b = build_batch(full, tiny_flux, stack(kept), True), build_batch(joined, tiny_flux, stack(rows), True)
     for x, y in [(a.target, b.target), (a.negative, b.negative), (a.condition.tokens, b.condition.tokens),
                  (a.text.prompt_embeds, b.text.prompt_embeds), (a.text.pooled, b.text.pooled)]:
         torch.testing.assert_close(x, y, rtol=0, atol=0)
