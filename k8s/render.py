@@ -472,10 +472,10 @@ def raycluster(t: Target) -> dict:
 
 
 def serve_env(t: Target, max_replicas: int = SERVE_MAX_GPUS) -> dict[str, str]:
-    """serving/args.py ENV_OVERRIDES: FLUX.1-dev, the sfo job's export, one GPU per FluxGenerator replica, and
-    as many replicas at most as the GPU group has pods (one GPU each)."""
+    """serving/args.py ENV_OVERRIDES: FLUX.1-dev, the sfo job's export, one GPU per FluxGenerator replica, one
+    replica kept warm (the GPU group's minReplicas) and as many at most as the group has pods (one GPU each)."""
     return {"SFO_SERVE_MODEL": FLUX, "SFO_SERVE_ADAPTERS": paths(t)["sfo_export"], "SFO_SERVE_GPUS_PER_REPLICA": "1",
-            "SFO_SERVE_MAX_REPLICAS": str(max_replicas)}
+            "SFO_SERVE_MIN_REPLICAS": "1", "SFO_SERVE_MAX_REPLICAS": str(max_replicas)}
 
 
 def _serve_pod_env(t: Target, max_replicas: int = SERVE_MAX_GPUS) -> dict:

@@ -10,6 +10,7 @@ embedded verbatim by the RayService, serves the tiny model on a laptop and FLUX.
     SFO_SERVE_ADAPTERS          args.adapters
     SFO_SERVE_GPUS_PER_REPLICA  args.gpus_per_replica: GPUs per FluxGenerator replica (> 0 adds num_gpus)
     SFO_SERVE_MAX_REPLICAS      args.max_replicas: FluxGenerator autoscaling's upper bound (the cluster's GPUs)
+    SFO_SERVE_MIN_REPLICAS      args.min_replicas: FluxGenerator replicas kept warm (default 1)
     SFO_SERVE_TOKEN             (no arg) when set, /v1/* need "Authorization: Bearer <token>" (401 otherwise)
 They are read where ``build_app`` runs (a Ray node), so set them on every node of the cluster.
 
@@ -76,7 +77,8 @@ logger = logging.getLogger("ray.serve")
 # on load that lasted UPSCALE_DELAY_S (a burst shorter than a cold start is over before a new replica could
 # help), and keep a replica DOWNSCALE_DELAY_S after its load ends (several cold starts: a replica that costs
 # minutes to start is not given back between two bursts). max_replicas comes from args / SFO_SERVE_MAX_REPLICAS
-# (the cluster's GPUs), min_replicas stays 1 so a request never waits for a cold start.
+# (the cluster's GPUs), min_replicas from args / SFO_SERVE_MIN_REPLICAS (default 1: a request never waits for a
+# cold start; more keep that many GPUs warm).
 UPSCALE_DELAY_S = 30
 DOWNSCALE_DELAY_S = 600
 GENERATOR_AUTOSCALING = {
@@ -144,9 +146,9 @@ class FluxGenerator:
         return self.generator.info
 
     def stats(self) -> dict[str, Any]:
-        """This replica's adapter-set loads and groups run (for tests and debugging)."""
-        return {"loads": dict(self.loads), "loaded": sorted(self.generator.adapter_sets),
-                "groups_run": self.queue.groups_run}
+        """This replica's id, adapter-set loads and groups run (for tests and debugging)."""
+        return {"replica": serve.get_replica_context().replica_id.unique_id, "loads": dict(self.loads),
+                "loaded": sorted(self.generator.adapter_sets), "groups_run": self.queue.groups_run}
 
     def _load(self, name: str, tracked: bool = True) -> None:
         """Loads set ``name`` if it is not loaded. ``tracked``: serve.multiplexed holds it (no longer evicted)."""
@@ -380,7 +382,7 @@ def build_app(args: dict) -> serve.Application:
 
     Relative adapter folders that exist here are made absolute, so replicas (whose working directory may
     differ) find them; ``s3://`` / ``gs://`` adapter folders pass as they are (each replica downloads them). ``gpus_per_replica`` > 0 gives each FluxGenerator replica that many GPUs;
-    ``max_replicas`` caps its autoscaling. ``SFO_SERVE_TOKEN`` (read here) turns the bearer check on.
+    ``min_replicas`` / ``max_replicas`` bound its autoscaling. ``SFO_SERVE_TOKEN`` (read here) turns the bearer check on.
     """
     parsed = resolve_args(args)
     limits = parsed.limits()  # validates the limits and the deadline rule here, before any replica starts
@@ -389,7 +391,8 @@ def build_app(args: dict) -> serve.Application:
             raise ValueError(f"serving args: adapter_sets: {name!r} is not a usable name (letters, digits, '_.-'; "
                              f"not {DEFAULT_ADAPTER_SET!r})")
     adapter_sets = {name: absolute_folder(folder, f"adapter_sets.{name}") for name, folder in parsed.adapter_sets.items()}
-    options: dict[str, Any] = {"autoscaling_config": {**GENERATOR_AUTOSCALING, "max_replicas": parsed.max_replicas}}
+    options: dict[str, Any] = {"autoscaling_config": {**GENERATOR_AUTOSCALING, "min_replicas": parsed.min_replicas,
+                                                      "max_replicas": parsed.max_replicas}}
     if parsed.gpus_per_replica > 0:
         options["ray_actor_options"] = {**GENERATOR_ACTOR_OPTIONS, "num_gpus": parsed.gpus_per_replica}
     generator = FluxGenerator.options(**options).bind(

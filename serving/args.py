@@ -21,6 +21,7 @@ ENV_OVERRIDES = {
     "adapters": "SFO_SERVE_ADAPTERS",
     "gpus_per_replica": "SFO_SERVE_GPUS_PER_REPLICA",
     "max_replicas": "SFO_SERVE_MAX_REPLICAS",
+    "min_replicas": "SFO_SERVE_MIN_REPLICAS",
 }
 
 
@@ -42,6 +43,8 @@ class AppArgs(BaseModel):
     gpus_per_replica: float = Field(0.0, ge=0, allow_inf_nan=False,
                                     description="num_gpus of each FluxGenerator replica; 0 = CPU only")
     max_replicas: int = Field(2, ge=1, description="FluxGenerator autoscaling's max_replicas")
+    min_replicas: int = Field(1, ge=1, description="FluxGenerator replicas kept warm (autoscaling's min_replicas): "
+                              "each holds a GPU while idle, and spares requests a cold start of minutes")
     request_timeout_s: float = Field(REQUEST_TIMEOUT_S, gt=0, allow_inf_nan=False,
                                      description="the longest deadline a request may have; requests whose work "
                                      "needs more are refused (422 on 'work'); keep http_options.request_timeout_s "
@@ -90,12 +93,17 @@ def resolve_args(args: Mapping[str, Any], environ: Mapping[str, str] | None = No
     environ = os.environ if environ is None else environ
     from_env = {field: environ[var] for field, var in ENV_OVERRIDES.items() if environ.get(var, "").strip()}
     try:
-        return AppArgs.model_validate({**dict(args), **from_env})
+        parsed = AppArgs.model_validate({**dict(args), **from_env})
     except ValidationError as exc:
         names = sorted({f"{ENV_OVERRIDES[str(err['loc'][0])]} (environment)"
                         if err["loc"] and str(err["loc"][0]) in from_env else ".".join(map(str, err["loc"]))
                         for err in exc.errors()})
         raise ValueError(f"serving args: invalid {', '.join(names)}: {exc}") from None
+    if parsed.min_replicas > parsed.max_replicas:
+        raise ValueError(f"serving args: min_replicas ({parsed.min_replicas}) is above max_replicas "
+                         f"({parsed.max_replicas}); lower min_replicas (SFO_SERVE_MIN_REPLICAS) or raise max_replicas "
+                         "(SFO_SERVE_MAX_REPLICAS)")
+    return parsed
 
 
 def absolute_folder(folder: str, field: str) -> str:

@@ -389,7 +389,7 @@ def test_render_check_passes_and_has_help():
 
 
 SERVE_ENV = {"SFO_SERVE_MODEL": "/models/FLUX.1-dev", "SFO_SERVE_ADAPTERS": "/runs/train/sfo/adapters",
-             "SFO_SERVE_GPUS_PER_REPLICA": "1", "SFO_SERVE_MAX_REPLICAS": "4"}
+             "SFO_SERVE_GPUS_PER_REPLICA": "1", "SFO_SERVE_MIN_REPLICAS": "1", "SFO_SERVE_MAX_REPLICAS": "4"}
 
 
 def test_rayservice_pods_override_the_laptop_serve_args():

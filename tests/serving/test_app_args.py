@@ -43,6 +43,7 @@ def test_args_alone_give_the_laptop_defaults():
     assert actor == GENERATOR_ACTOR_OPTIONS == {"num_cpus": 0.5}  # CPU only: no num_gpus key at all
     generator, (_, limits, adapter_sets, token) = _bound(ARGS)
     assert generator._deployment_config.autoscaling_config.max_replicas == 2
+    assert generator._deployment_config.autoscaling_config.min_replicas == 1
     assert generator._deployment_config.autoscaling_config.upscale_delay_s == UPSCALE_DELAY_S
     assert generator._deployment_config.autoscaling_config.downscale_delay_s == DOWNSCALE_DELAY_S
     assert limits.deadlines.request_timeout_s == 600 and adapter_sets == () and token is None
@@ -53,6 +54,12 @@ def test_max_replicas_from_the_environment_and_adapter_sets(monkeypatch):
     generator, (_, _, adapter_sets, _) = _bound({**ARGS, "adapter_sets": {"v2": "/runs/v2/adapters"},
                                                  "max_adapter_sets_per_replica": 3})
     assert generator._deployment_config.autoscaling_config.max_replicas == 8
+    monkeypatch.setenv("SFO_SERVE_MIN_REPLICAS", "3")
+    assert _bound(ARGS)[0]._deployment_config.autoscaling_config.min_replicas == 3
+    monkeypatch.setenv("SFO_SERVE_MIN_REPLICAS", "9")  # above max_replicas: refused naming both and the fix
+    with pytest.raises(ValueError, match=r"min_replicas \(9\) is above max_replicas \(8\).*SFO_SERVE_MIN_REPLICAS"):
+        build_app(ARGS)
+    monkeypatch.delenv("SFO_SERVE_MIN_REPLICAS")
     assert generator.init_args[6:8] == ({"v2": "/runs/v2/adapters"}, 3)
     assert adapter_sets == ("v2",)
     for bad in ("default", "../x", ".hidden", "a/b"):
