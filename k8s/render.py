@@ -98,6 +98,9 @@ POD_BASE_GI = 6  # raylet, dashboard agent, runtime-env agent, log monitor: ever
 HEAD_WORK_GI, HEAD_SHM_GI, HEAD_CPUS = 10, 4, 4  # drivers, the Train / Serve controllers and the HTTP proxy
 CPU_POD_WORK_GI, CPU_POD_SHM_GI, CPU_POD_CPUS = 24, 8, 8  # prepare: Ray Data over images, no model
 MODELS_DISK_GI = 48  # object-store storage: a pod-local copy of /models (FLUX.1-dev 34 GB + encoders 2 GB)
+CONFIGS_DISK_GI = 1  # ... and on a head, the models' configs and tokenizers only (what the drivers read)
+# Files the head's copy leaves out: the weights (no driver loads a model; they check its configs)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".onnx", ".gguf")
 
 
 def pod_memory_gi(gpus: int) -> int:
@@ -299,8 +302,16 @@ else:
 while not ready():
     print("waiting for job/{WEIGHTS_JOB} (marker {WEIGHTS_MARKER})", flush=True)
     time.sleep(15)
-if uri and os.environ.get("SFO_COPY_MODELS") == "1":
+copy = os.environ.get("SFO_COPY_MODELS")
+if uri and copy == "1":
     pafs.copy_files(uri, local, use_threads=True)
+elif uri and copy == "configs":  # a head: the drivers read configs and tokenizers, never the weights
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if info.type == pafs.FileType.File and not info.path.endswith({WEIGHT_SUFFIXES!r}):
+            target = Path(local, os.path.relpath(info.path, root))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with fs.open_input_stream(info.path) as source:
+                target.write_bytes(source.read())
 print("weights ready", flush=True)
 """
 
@@ -332,14 +343,15 @@ print("done:", done, flush=True)
 """
 
 
-def _volumes(t: Target, shm: int, models_copy: bool = False) -> list[dict]:
+def _volumes(t: Target, shm: int, models_copy: str = "") -> list[dict]:
     volumes = [] if t.object_store else [{"name": "shared", "persistentVolumeClaim": {"claimName": PVC}}]
     if t.object_store and models_copy:
-        volumes.append({"name": "models", "emptyDir": {"sizeLimit": f"{MODELS_DISK_GI}Gi"}})
+        size = MODELS_DISK_GI if models_copy == "1" else CONFIGS_DISK_GI
+        volumes.append({"name": "models", "emptyDir": {"sizeLimit": f"{size}Gi"}})
     return volumes + [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm}Gi"}}]
 
 
-def _mounts(t: Target, models_copy: bool = False) -> list[dict]:
+def _mounts(t: Target, models_copy: str = "") -> list[dict]:
     if t.object_store:
         mounts = [{"name": "models", "mountPath": MODELS}] if models_copy else []
     else:
@@ -348,10 +360,10 @@ def _mounts(t: Target, models_copy: bool = False) -> list[dict]:
     return mounts + [{"name": "dshm", "mountPath": "/dev/shm"}]
 
 
-def _wait_container(t: Target, models_copy: bool) -> dict:
+def _wait_container(t: Target, models_copy: str) -> dict:
     env = {}
     if t.object_store:
-        env = {"SFO_MODELS_URI": t.models_uri, **({"SFO_COPY_MODELS": "1"} if models_copy else {})}
+        env = {"SFO_MODELS_URI": t.models_uri, **({"SFO_COPY_MODELS": models_copy} if models_copy else {})}
     mounts = [m for m in _mounts(t, models_copy) if m["mountPath"] == MODELS]
     return {"name": "wait-for-weights", "image": t.image, "imagePullPolicy": t.pull_policy,
             "command": ["python", "-c", WAIT_SCRIPT],
@@ -368,9 +380,11 @@ def _env(env: dict) -> list[dict]:
 def _template(t: Target, container: str, cpus: int, work_gi: int, shm: int, gpus: int = 0,
               ports: list[dict] | None = None, env: dict[str, str] | None = None, needs_models: bool = False) -> dict:
     """A Ray pod: ``work_gi`` for its processes + ``shm`` of /dev/shm + Ray's base, as its memory limit."""
-    models_copy = needs_models and t.object_store and gpus > 0
+    # Object storage: a GPU pod copies the models ("1"), a head their configs and tokenizers ("configs": its
+    # drivers check the model's shape and the encoders' folders before any worker starts).
+    models_copy = ("1" if gpus > 0 else "configs") if needs_models and t.object_store else ""
     limits = {"cpu": str(cpus), "memory": f"{work_gi + shm + POD_BASE_GI}Gi",
-              **({"ephemeral-storage": f"{MODELS_DISK_GI + 16}Gi"} if models_copy else {}),
+              **({"ephemeral-storage": f"{MODELS_DISK_GI + 16}Gi"} if models_copy == "1" else {}),
               **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
     env_vars = {"SFO_CACHE_DIR": t.cache_dir, **(env or {})}  # a str value, or a valueFrom mapping
     spec: dict = {}

@@ -77,7 +77,7 @@ class MethodConfig:
 
 @dataclass
 class EvalSection:
-    dreambench: Path | None = None  # DreamBench 'dataset' folder; null = embedded synthetic subjects
+    dreambench: str | None = None  # DreamBench 'dataset' folder (a path, s3:// or gs://); null = synthetic subjects
     descriptive_names: bool = True  # paper App. D.3 subject names instead of the class word
     subjects: list[str] | int | None = None  # names, or the first N subjects; null = all
     prompts: int | None = None  # the first N prompts per subject; null = all (25)
@@ -154,9 +154,14 @@ def load_benchmark(section: EvalSection) -> Benchmark:
         return Benchmark({k: [(0, t.target_text)] for k, t in triplets.items()},
                          {k: t.reference for k, t in triplets.items()}, {k: [t.reference] for k, t in triplets.items()},
                          {k: t.item for k, t in triplets.items()})
+    with storage.local_copy(section.dreambench) as folder:  # s3:// / gs://: downloaded here, read, removed
+        return _dreambench_benchmark(section, folder)
+
+
+def _dreambench_benchmark(section: EvalSection, folder: Path) -> Benchmark:
     from sfo.dreambench import load_dreambench
 
-    bench = load_dreambench(section.dreambench)
+    bench = load_dreambench(folder)
     names = list(bench.subjects)
     if isinstance(section.subjects, int):
         names = names[: section.subjects]
@@ -294,9 +299,14 @@ def check_config(config: EvaluateConfig) -> Benchmark:
         folder = getattr(config.eval, name)
         if folder != "tiny" and not (Path(folder) / "config.json").is_file():
             raise ConfigError(f"eval.{name}: {folder!r} is not a local transformers model folder (no config.json)")
-    if config.eval.dreambench is not None and not config.eval.dreambench.is_dir():
-        raise ConfigError(f"eval.dreambench: {str(config.eval.dreambench)!r} does not exist; pass DreamBench's "
-                          "'dataset' folder or null for the embedded synthetic subjects")
+    if config.eval.dreambench is not None:
+        try:
+            storage.check_uri(config.eval.dreambench, "eval.dreambench")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not storage.is_dir(config.eval.dreambench):
+            raise ConfigError(f"eval.dreambench: {config.eval.dreambench!r} does not exist; pass DreamBench's "
+                              "'dataset' folder (a path, s3:// or gs://) or null for the embedded synthetic subjects")
     try:
         return load_benchmark(config.eval)
     except (ValueError, FileNotFoundError) as exc:

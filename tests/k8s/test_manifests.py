@@ -502,15 +502,25 @@ def test_object_store_paths_point_at_the_bucket():
         assert args["sfo-evaluate"]["output"] == f"{prefix}/runs/evaluate"
         assert args["sfo-sft"]["model.source"] == "/models/FLUX.1-dev"
         for job in jobs.values():
-            for container, group in _containers(job["spec"]["rayClusterSpec"]):
-                if group is None or GPU not in container["resources"]["limits"]:
+            cluster = job["spec"]["rayClusterSpec"]
+            for container, group in _containers(cluster):
+                # GPU pods copy the models; a head (its driver checks the model's and encoders' configs) copies
+                # their configs and tokenizers only. prepare's uncached default needs no model.
+                spec = (group or cluster["headGroupSpec"])["template"]["spec"]
+                if not cluster["workerGroupSpecs"] or "initContainers" not in spec:
                     continue
-                spec = group["template"]["spec"]
                 (init,) = spec["initContainers"]
                 env = {e["name"]: e["value"] for e in init["env"]}
-                assert env == {"SFO_MODELS_URI": f"{prefix}/models", "SFO_COPY_MODELS": "1"}
+                copy = "1" if group is not None and GPU in container["resources"]["limits"] else "configs"
+                assert env == {"SFO_MODELS_URI": f"{prefix}/models", "SFO_COPY_MODELS": copy}
                 assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
-                assert _gi(container["resources"]["limits"]["ephemeral-storage"]) >= render.MODELS_DISK_GI
+                size = next(v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if v["name"] == "models")
+                if copy == "1":
+                    assert _gi(container["resources"]["limits"]["ephemeral-storage"]) >= render.MODELS_DISK_GI
+                    assert _gi(size) == render.MODELS_DISK_GI
+                else:
+                    assert _gi(size) == render.CONFIGS_DISK_GI
+            assert "initContainers" in cluster["headGroupSpec"]["template"]["spec"], job["metadata"]["name"]
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4, 8])
@@ -685,6 +695,17 @@ def test_weights_job_and_wait_scripts_run(storage, tmp_path, monkeypatch):
     assert (local / render.WEIGHTS_MARKER).is_file()
     assert (local / "FLUX.1-dev" / "transformer" / "diffusion_pytorch_model-00003-of-00003.safetensors").is_file()
     assert not (local / "FLUX.1-dev" / "flux1-dev.safetensors").exists()
+    if storage == "object":  # a head's copy: every config and tokenizer file the pods get, no weights
+        head = tmp_path / "head"
+        head.mkdir()
+        _run_script(render.WAIT_SCRIPT, {**wait_env, "SFO_COPY_MODELS": "configs", "SFO_MODELS_LOCAL": str(head)},
+                    monkeypatch)
+        pod_files = {p.relative_to(local) for p in local.rglob("*") if p.is_file()}
+        head_files = {p.relative_to(head) for p in head.rglob("*") if p.is_file()}
+        assert head_files == {p for p in pod_files if not p.name.endswith(render.WEIGHT_SUFFIXES)}
+        assert Path("FLUX.1-dev/transformer/config.json") in head_files
+        assert Path("FLUX.1-dev/tokenizer_2/spiece.model") in head_files
+        assert not any(p.suffix == ".safetensors" for p in head_files)
 
 
 def test_the_cluster_chain_encodes_once_and_joins_the_cache_back():

@@ -101,3 +101,24 @@ def test_evaluate_writes_into_s3_with_adapters_from_s3(s3_bucket, ref_adapter, t
     assert local == summary
     assert evaluate.read_images(tmp_path / "local", ["base", "sft"]).to_pylist() == images.to_pylist()
     assert os.listdir(empty_cwd) == []
+
+
+def test_evaluate_reads_dreambench_from_s3(s3_bucket, tmp_path, empty_cwd):
+    """eval.dreambench may be an s3:// folder (the cluster's object-store renders point it there): the same
+    subjects, prompts and reference pixels as the local folder, nothing left in the working directory; a
+    missing one is refused before any work, naming the field."""
+    from tests.sfo.test_dreambench import write_dreambench
+
+    local = write_dreambench(tmp_path / "dataset")
+    remote = storage.join(s3_bucket, "data", "dreambench")
+    storage.upload_folder(local, remote)
+    section = lambda folder: evaluate.EvalSection(dreambench=folder, size=32, prompts=2)  # noqa: E731
+    mine, theirs = evaluate.load_benchmark(section(remote)), evaluate.load_benchmark(section(str(local)))
+    assert mine.prompts == theirs.prompts and mine.items == theirs.items and set(mine.prompts) == {"backpack", "dog"}
+    for subject, images in theirs.references.items():
+        assert [im.tobytes() for im in mine.references[subject]] == [im.tobytes() for im in images]
+    assert not any(empty_cwd.iterdir())
+    missing = load_config(evaluate.EvaluateConfig, None, [f"output={tmp_path / 'out'}",
+                                                         f"eval.dreambench={storage.join(s3_bucket, 'absent')}"])
+    with pytest.raises(ConfigError, match=r"eval\.dreambench: .*absent.* does not exist"):
+        evaluate.check_config(missing)
