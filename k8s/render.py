@@ -682,7 +682,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="pvc",
                    help="pvc (default), or s3://bucket/prefix | gs://bucket/prefix: the stages' data and runs go "
                         "there and each GPU pod copies the models locally")
-    p.add_argument("--service-account", default="", help="the pods' ServiceAccount (bucket access)")
+    p.add_argument("--service-account", default="", help="the pods' ServiceAccount (bucket access through GKE "
+                   "Workload Identity / EKS IRSA; without it, the nodes' credentials)")
     p.add_argument("--pvc-size", default="1Ti", help="the PVC's size (default 1Ti)")
     p.add_argument("--out", type=Path, default=K8S, help="output folder (default k8s/, the committed manifests)")
     p.add_argument("--check", action="store_true",
@@ -714,6 +715,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in extra:
         (out / path).unlink()
         print(f"removed {out / path}")
+    if target.object_store and not target.service_account:
+        print(f"note: --storage {target.storage} without --service-account: the pods reach the bucket with the "
+              "node's own credentials (EKS node role, GKE node service account) or not at all; k8s/README.md "
+              "'Object storage' binds a ServiceAccount to the bucket", file=sys.stderr)
     return 0
 
 

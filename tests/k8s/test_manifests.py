@@ -388,6 +388,12 @@ def test_render_check_passes_and_has_help():
     assert checked.returncode == 0, checked.stderr
 
 
+def test_object_storage_without_a_service_account_says_how_the_pods_reach_the_bucket(tmp_path, capsys):
+    for account, noted in (([], True), (["--service-account", "sfo-sa"], False)):
+        assert render.main(["--storage", "s3://bucket/sfo", "--out", str(tmp_path / str(noted)), *account]) == 0
+        assert ("without --service-account" in capsys.readouterr().err) == noted
+
+
 SERVE_ENV = {"SFO_SERVE_MODEL": "/models/FLUX.1-dev", "SFO_SERVE_ADAPTERS": "/runs/train/sfo/adapters",
              "SFO_SERVE_GPUS_PER_REPLICA": "1", "SFO_SERVE_MIN_REPLICAS": "1", "SFO_SERVE_MAX_REPLICAS": "4"}
 
