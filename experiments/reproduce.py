@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     import pyarrow as pa
 
     from experiments import modes
-    from pipelines import cdns, evaluate_shapes, prepare, pretrain, shipped_ref, train
+    from pipelines import cdns, evaluate_shapes, prepare, pretrain, shipped, train
     from pipelines.cdns import CdnsConfig
     from pipelines.evaluate_shapes import ShapesEvaluateConfig
     from pipelines.prepare import PrepareConfig
@@ -138,10 +138,10 @@ def run(args: argparse.Namespace) -> dict:
                      "preset": args.preset, "preset_overrides": PRESETS[args.preset] + args.sfo_set}
 
     stages("pretrain", lambda: pretrain.pretrain(pretrain.PretrainConfig(steps=budget.pretrain_steps)))
-    shipped = find_shipped_ref() if args.sft_base == "shipped" else None
-    results["sft_base"] = (f"shipped: {shipped_ref.describe(shipped)}" if shipped is not None
+    base_ref = find_shipped_ref() if args.sft_base == "shipped" else None
+    results["sft_base"] = (f"shipped: {shipped.describe(base_ref)}" if base_ref is not None
                            else f"trained per seed: {budget.sft_steps} steps")
-    if args.sft_base == "shipped" and shipped is None:
+    if args.sft_base == "shipped" and base_ref is None:
         print("[reproduce] no shipped SFT base matches the model in use: each seed trains its own", flush=True)
     jobs = [e for e in args.experiments if e != "appA"]
     if jobs:
@@ -159,8 +159,8 @@ def run(args: argparse.Namespace) -> dict:
                                     f"output.storage_path={root / 'train'}", f"scaling.torch_threads={args.cores}"]
             sft = lambda c, n, k: train.run(load_config(SftConfig, CONFIGS / "sft.yaml", c + [  # noqa: E731
                 f"data.path={triplets}", f"output.name={n}", f"train.steps={k}"]))
-            if shipped is not None:
-                stages(f"sft{tag}", lambda r=ref: shipped_ref.copy_shipped(str(r)))
+            if base_ref is not None:
+                stages(f"sft{tag}", lambda r=ref: shipped.copy_shipped(str(r)))
             else:
                 stages(f"sft{tag}", lambda c=train_common: sft(c, "sft", budget.sft_steps))
             for name, overrides in the_plan.negatives.items():

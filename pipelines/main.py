@@ -37,6 +37,7 @@ from pathlib import Path
 from cluster import storage
 from cluster.chain import evaluation_methods, paths, stage_overrides
 from pipelines.common import CHECKPOINTING_PARAMETERS, GPU_DTYPE, model_shape, start_local_ray
+from pipelines import shipped
 from pipelines.config import load_config
 from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
 
@@ -67,13 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="image side in pixels, a multiple of 16 (default: 32 = the shapes world, else 64)")
     parser.add_argument("--pretrain-steps", type=int, default=3000,
                         help="shapes world: pretraining steps of the model, run once and cached (default: 3000, the shipped model)")
-    parser.add_argument("--train-sft", action="store_true",
-                        help="train the SFT base ('ref' LoRA) in this run; the shapes world otherwise starts from the "
-                             "shipped one (sfo/shapes/ref, when it was trained on the model in use), as the paper "
-                             "starts from a trained OminiControl; tiny and FLUX folders always train it")
-    parser.add_argument("--ship-ref", action="store_true",
-                        help="shapes world, with --train-sft: replace the shipped SFT base with this run's "
-                             "(pipelines.shipped_ref; its MANIFEST.json records the command)")
+    shipped.add_arguments(parser)  # --train-sft, --ship-ref, --train-sfo, --ship-sfo, --sfo-seed
     parser.add_argument("--sft-steps", type=int, default=None,
                         help="SFT steps of the 'ref' LoRA when it is trained (default: 200 shapes, 8)")
     parser.add_argument("--sfo-steps", type=int, default=None,
@@ -136,8 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(str(exc))
     if args.out is not None and storage.exists(args.out):
         parser.error(f"--out {args.out} exists already; pick a new folder")
-    if args.ship_ref and not (shapes and args.train_sft):
-        parser.error("--ship-ref: ships a shapes-world SFT base this run trains; add --train-sft (and --model shapes)")
+    shipped.check_arguments(parser, args)
     if args.data is not None and shapes:
         parser.error("--data: the shapes world draws its own triplets; pass --model tiny or a FLUX folder with --data")
     if args.data is not None and not storage.exists(args.data):
@@ -243,7 +237,8 @@ def stage_configs(args: argparse.Namespace, runs: str) -> dict:
         "cdns": common + [f"cdns.size={args.size}", f"cdns.steps={args.sample_steps}"]
         + (["cdns.batch_size=16", f"cdns.blur_radius={CDNS_BLUR_RADIUS}"] if shapes else []),  # the world's radius
         "pair_analysis": [],
-        "sfo": common + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset],
+        "sfo": common + [f"data.size={args.size}", f"train.steps={args.sfo_steps}"] + world_batch + PRESETS[args.preset]
+        + ([f"train.seed={args.sfo_seed}"] if args.sfo_seed is not None else []),
         "evaluate": common + evaluation + modes + [evaluation_methods(runs, base=True)],  # base: the report's floor row
     }
     for stage, overrides in gpu_overrides(args).items():
@@ -330,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipelines import cdns, evaluate, evaluate_shapes, pair_analysis, prepare, pretrain, shipped_ref, train
+    from pipelines import cdns, evaluate, evaluate_shapes, pair_analysis, prepare, pretrain
     from pipelines.report import run_report
 
     # address="local": a Ray of its own, even when another cluster runs on this machine.
@@ -351,10 +346,10 @@ def main(argv: list[str] | None = None) -> int:
               "the shapes-world model (the shipped one unless a rebuilt one is cached)")] if args.model == "shapes" else []
     steps += [
         ("prepare", lambda: prepare.run(configs["prepare"]), f"triplets in {p['triplets']}"),
-        shipped_ref.sft_stage(args, configs, p),
+        shipped.sft_stage(args, configs, p),
         ("cdns", lambda: cdns.run(configs["cdns"]), f"quadruplets in {p['quadruplets']}"),
         ("pair_analysis", lambda: pair_analysis.run(configs["pair_analysis"]), f"pair gaps in {p['pairs']}"),
-        ("sfo", lambda: train.run(configs["sfo"]), f"'ref' + 'sfo' LoRAs in {p['adapters']}"),
+        shipped.sfo_stage(args, configs, p),
         ("evaluate", lambda: evaluation.run(configs["evaluate"]), f"scores in {p['evaluate']}"),
         ("serve", lambda: serve_request(args, runs), f"one generated image in {storage.join(runs, 'served.png')}"),
         ("report", lambda: run_report(args, runs, configs, results["evaluate"], results["pair_analysis"]),

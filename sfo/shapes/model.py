@@ -139,11 +139,15 @@ def base_fingerprint(folder: str | Path) -> str:
     return _sha256(Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-def shipped_ref(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path | None:
-    """The shipped "ref" adapter's folder when it was trained on the model ``load_flux("shapes")`` loads (its
-    manifest's ``base`` equals that model's transformer) and every file matches its sha256; else None (a rebuilt
-    model in the cache, or a damaged copy: the SFT base is then trained)."""
-    path = SHIPPED_REF / MANIFEST
+# The shipped SFO adapter: the "sfo" LoRA trained with Eq. 3 on CDNS negatives on top of the shipped "ref" one; the
+# demo starts from it (its budget cannot train one that shows SFO's gain at 3 standard errors).
+SHIPPED_SFO = Path(__file__).resolve().parent / "sfo"
+
+
+def _verified(folder: Path, config: ShapesFluxConfig, **expected: str) -> Path | None:
+    """``folder`` when its manifest's ``base`` is the transformer of the model ``load_flux("shapes")`` loads, its
+    other ``expected`` entries hold, and every file matches its sha256; else None."""
+    path = folder / MANIFEST
     try:
         base = require_pretrained(config)
     except FileNotFoundError:
@@ -151,6 +155,27 @@ def shipped_ref(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path | None:
     if not path.is_file():
         return None
     manifest = json.loads(path.read_text())
-    if manifest.get("base") != base_fingerprint(base):
+    if manifest.get("base") != base_fingerprint(base) or any(manifest.get(k) != v for k, v in expected.items()):
         return None
-    return None if manifest_mismatches(SHIPPED_REF, manifest["files"]) else SHIPPED_REF
+    return None if manifest_mismatches(folder, manifest["files"]) else folder
+
+
+def shipped_ref(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path | None:
+    """The shipped "ref" adapter's folder when it was trained on the model ``load_flux("shapes")`` loads (its
+    manifest's ``base`` equals that model's transformer) and every file matches its sha256; else None (a rebuilt
+    model in the cache, or a damaged copy: the SFT base is then trained)."""
+    return _verified(SHIPPED_REF, config)
+
+
+def ref_fingerprint(folder: str | Path) -> str:
+    """sha256 of a "ref" adapter's weights: what an "sfo" adapter trained on top of it depends on."""
+    from sfo.adapters import LORA_WEIGHTS
+
+    return _sha256(Path(folder) / LORA_WEIGHTS)
+
+
+def shipped_sfo(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path | None:
+    """The shipped "sfo" adapter's folder when the shipped "ref" one is in use (``shipped_ref``) and the "sfo" one
+    was trained on top of it and on the same model (its manifest's ``base`` and ``ref``), every file intact."""
+    ref = shipped_ref(config)
+    return None if ref is None else _verified(SHIPPED_SFO, config, ref=ref_fingerprint(ref))
