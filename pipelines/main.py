@@ -29,6 +29,7 @@ transformer.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
@@ -47,6 +48,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 # (docs/shapes-world.md).
 WORLD_REF_RANK = 16
 CPU_RAY_CPUS = 4  # logical CPUs of the local Ray on the CPU: fractional workers need headroom on 2 cores
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,8 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="decoupled / dual-branch: the time t in (0, 1] where the second phase begins "
                              f"(default {DEFAULT_SWITCH})")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="logical CPUs of the local Ray (default 4 on the CPU: fractional workers need headroom on "
-                             "2 cores; with --gpus every CPU of the machine)")
+                        help="logical CPUs of the local Ray (default on the CPU: twice the cores, at least 4: "
+                             "fractional workers need headroom; cdns and evaluate run one actor per core; with --gpus "
+                             "every CPU of the machine)")
     device = parser.add_mutually_exclusive_group()
     device.add_argument("--gpus", type=int, default=None,
                         help="run on N GPUs of this machine: N training workers (one GPU each), N cdns / evaluate "
@@ -152,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as exc:
         parser.error(str(exc))
     if args.num_cpus is None and not args.gpus:
-        args.num_cpus = CPU_RAY_CPUS
+        args.num_cpus = max(CPU_RAY_CPUS, 2 * CORES)
     if args.dreambench is not None and not (args.dreambench / "prompts_and_classes.txt").is_file():
         parser.error(f"--dreambench {args.dreambench}: no prompts_and_classes.txt; pass DreamBench's dataset/ folder")
     return args
@@ -198,6 +201,18 @@ def gpu_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
             "sft": training, "sfo": training, "cdns": actors, "evaluate": actors}
 
 
+def cpu_overrides(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Each stage's overrides on the CPU: the machine's cores used, not one. The sampling stages (cdns, evaluate)
+    run one single-threaded actor per core (Ray gives a 0.5-CPU actor one torch thread), as many as the local
+    Ray's logical CPUs hold beside Ray Data's tasks; the one training worker uses every core's torch thread."""
+    if args.gpus:
+        return {}
+    actors = max(1, min(CORES, int((args.num_cpus - 1) / 0.5)))
+    threads = [f"scaling.torch_threads={CORES}"]
+    return {"sft": threads, "sfo": threads, "cdns": [f"scaling.num_workers={actors}"],
+            "evaluate": [f"scaling.num_workers={actors}"]}
+
+
 def prepare_overrides(args: argparse.Namespace) -> list[str]:
     """prepare's source (the world, synthetic triplets or ``--data``'s Subjects200K) and its encoder cache."""
     source = "shapes" if args.model == "shapes" else "subjects200k" if args.data else "synthetic"
@@ -241,7 +256,7 @@ def stage_configs(args: argparse.Namespace, runs: str) -> dict:
         + ([f"train.seed={args.sfo_seed}"] if args.sfo_seed is not None else []),
         "evaluate": common + evaluation + modes + [evaluation_methods(runs, base=True)],  # base: the report's floor row
     }
-    for stage, overrides in gpu_overrides(args).items():
+    for stage, overrides in (gpu_overrides(args) | cpu_overrides(args)).items():
         extra[stage] += overrides
     classes = {"prepare": PrepareConfig, "sft": SftConfig, "cdns": CdnsConfig, "pair_analysis": PairAnalysisConfig,
                "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}
@@ -352,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         shipped.sfo_stage(args, configs, p),
         ("evaluate", lambda: evaluation.run(configs["evaluate"]), f"scores in {p['evaluate']}"),
         ("serve", lambda: serve_request(args, runs), f"one generated image in {storage.join(runs, 'served.png')}"),
-        ("report", lambda: run_report(args, runs, configs, results["evaluate"], results["pair_analysis"]),
+        ("report", lambda: run_report(args, runs, configs, results["evaluate"], results["pair_analysis"],
+                                      shipped.provenance(args)),
          f"report in {storage.join(runs, 'report.html')}"),
     ]
     try:

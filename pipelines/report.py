@@ -281,8 +281,9 @@ def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft")
             + "; ".join(parts) + f". A difference is claimed at >= {CLAIM_SE:g} standard errors.")
 
 
-def run_report(args, runs: str, configs: dict, summary: dict, pairs: dict) -> str:
-    """The main job's ``<runs>/report.html`` (local or on an object store) from what its stages wrote."""
+def run_report(args, runs: str, configs: dict, summary: dict, pairs: dict, provenance: str = "") -> str:
+    """The main job's ``<runs>/report.html`` (local or on an object store) from what its stages wrote;
+    ``provenance``: where the evaluated adapters came from (said after the verdict)."""
     from pipelines import evaluate, evaluate_shapes
     from pipelines.config import to_dict
 
@@ -306,6 +307,8 @@ def run_report(args, runs: str, configs: dict, summary: dict, pairs: dict) -> st
         look["verdict"] = verdict(images, [("dino", "DINO"), ("clip_i", "CLIP-I"), ("clip_t", "CLIP-T")])
         if summary.get("random_encoders"):
             look["verdict"] += " " + summary["note"]
+    if provenance:
+        look["verdict"] += " " + provenance
     look["curves"] = training_curves(configs)
     request = storage.join(runs, "served.json")
     if storage.is_file(request):

@@ -117,6 +117,23 @@ def _record(cfg, args, result, started: float, **extra) -> dict:
             **extra, "final_loss": (getattr(result, "metrics", None) or {}).get("loss"), "seconds": time.time() - started}
 
 
+def provenance(args) -> str:
+    """One sentence for the report: which adapters the run evaluates were shipped, and how to train them instead
+    (the stages' own decisions, made the same way)."""
+    if args.model != "shapes":
+        return ""
+    ref = shipped_ref() if not args.train_sft else None
+    sfo = shipped_sfo() if ref is not None and not args.train_sfo else None
+    if ref is None:
+        return "Both adapters were trained in this run."
+    said = f"The SFT base is the shipped 'ref' LoRA ({describe(ref)})"
+    if sfo is None:
+        return said + "; the 'sfo' LoRA was trained in this run (--train-sft trains the base too)."
+    return (said + f", and SFO the shipped 'sfo' LoRA ({describe(sfo)}): evaluated here, not trained in this run. "
+            "Trained by: " + json.loads((sfo / MANIFEST).read_text())["command"]
+            + " (--train-sfo trains one in the run, at the demo's budget).")
+
+
 def sft_stage(args, configs: dict, p: dict) -> tuple:
     """The chain's sft stage: the shipped SFT base copied in (the shapes world, unless --train-sft or the model in
     use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped). Decided
