@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dreambench", type=Path, default=None,
                         help="DreamBench 'dataset' folder to evaluate on (default: embedded synthetic subjects)")
     parser.add_argument("--eval-subjects", type=int, default=None,
-                        help="subjects evaluated (default: 128 shapes, x 2 seeds = 256 images per method; 4 otherwise)")
+                        help="subjects evaluated (default: 384 shapes, x 2 seeds = 768 images per method, what the demo's 6 minutes hold; 4 otherwise)")
     parser.add_argument("--eval-prompts", type=int, default=2, help="prompts per DreamBench subject (default: 2)")
     parser.add_argument("--eval-seeds", type=int, default=2, help="images per (subject, prompt) (default 2; paper 4)")
     parser.add_argument("--preset", choices=("world", "paper"), default=None,
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     shapes = args.model == "shapes"
     defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (150, 8),
-                "eval_subjects": (128, 4)}
+                "eval_subjects": (384, 4)}
     for name, (world, other) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, world if shapes else other)

@@ -214,6 +214,9 @@ def test_small_models_stay_on_the_cpu_and_keep_checkpointing_off_on_gpus(tmp_pat
     assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "a")]).num_cpus == 4
     assert not any(cpu[s].scaling.use_gpu for s in ("sft", "sfo", "cdns", "evaluate"))
     assert cpu["sft"].model.dtype is None  # fp32 on the CPU (sfo.models.default_dtype)
+    cores = main_job.CORES  # every core used: one sampling actor per core, one torch thread per core in training
+    assert cpu["cdns"].scaling.num_workers == cpu["evaluate"].scaling.num_workers == min(cores, 6)
+    assert cpu["sft"].scaling.torch_threads == cpu["sfo"].scaling.torch_threads == cores
     args = main_job.parse_args(["--model", "tiny", "--gpus", "2", "--out", str(tmp_path / "b")])
     gpu = main_job.stage_configs(args, tmp_path / "b")
     assert gpu["sft"].scaling.use_gpu and gpu["sft"].scaling.num_workers == 2 and gpu["sft"].model.dtype == "bf16"
