@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -51,11 +50,10 @@ from experiments.plan import (  # noqa: F401 - the plan's names, re-exported for
     plan,
 )
 from experiments.stages import Stages
-from pipelines.common import start_local_ray
+from pipelines.common import CORES, start_local_ray
 from pipelines.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -11,6 +11,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+# The cores this process may run on (its CPU affinity): the main job and the reproduction size their workers by it.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
 
 def check_dtype(dtype: str | None, section: str) -> None:
     """Raises ``ValueError("<section>.dtype: ...")`` for a dtype name ``sfo.models`` does not know."""

@@ -29,7 +29,6 @@ transformer.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import traceback
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from cluster import storage
 from cluster.chain import evaluation_methods, paths, stage_overrides
-from pipelines.common import CHECKPOINTING_PARAMETERS, GPU_DTYPE, model_shape, start_local_ray
+from pipelines.common import CHECKPOINTING_PARAMETERS, CORES, GPU_DTYPE, model_shape, start_local_ray
 from pipelines import shipped
 from pipelines.config import load_config
 from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
@@ -48,7 +47,6 @@ CONFIGS = Path(__file__).resolve().parent / "configs"
 # (docs/shapes-world.md).
 WORLD_REF_RANK = 16
 CPU_RAY_CPUS = 4  # logical CPUs of the local Ray on the CPU: fractional workers need headroom on 2 cores
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
