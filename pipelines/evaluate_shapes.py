@@ -61,12 +61,18 @@ class WorldEvalSection:
     image_guidance: float = 1.0  # sfo.sampler image guidance (1 = off)
     sampling: SamplingMode = field(default_factory=SamplingMode)  # standard | decoupled | dual-branch (sfo.modes)
     batch_size: int = 16
+    # Methods with no adapter active (the base model, the table's floor row) on the first N subjects only: the
+    # floor needs no paired precision, so its images go to the methods compared. null: every subject.
+    base_subjects: int | None = None
 
     def __post_init__(self) -> None:
         check_image_guidance(self.image_guidance, "eval")
         for name in ("subjects", "seeds", "steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"eval.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.base_subjects is not None and not 1 <= self.base_subjects <= self.subjects:
+            raise ValueError(f"eval.base_subjects: {self.base_subjects}; between 1 and eval.subjects "
+                             f"({self.subjects}), or null for every subject")
 
 
 @dataclass
@@ -91,8 +97,11 @@ def eval_triplets(section: WorldEvalSection) -> dict:
 
 def work_rows(config: ShapesEvaluateConfig, method: str) -> list[dict]:
     e = config.eval
+    triplets = list(eval_triplets(e).items())
+    if e.base_subjects is not None and not next(m for m in config.methods if m.name == method).active:
+        triplets = triplets[:e.base_subjects]
     return [{"method": method, "sample_id": sid, "prompt": t.target_text, "seed": seed}
-            for sid, t in eval_triplets(e).items() for seed in range(e.sample_seed, e.sample_seed + e.seeds)]
+            for sid, t in triplets for seed in range(e.sample_seed, e.sample_seed + e.seeds)]
 
 
 class ShapesEvaluator:
@@ -168,8 +177,8 @@ def run(config: ShapesEvaluateConfig) -> dict:
     check_methods(config)
     started = time.time()
     rows = [row for method in config.methods for row in work_rows(config, method.name)]
-    print(f"[evaluate_shapes] {len(config.methods)} method(s) x {len(rows) // len(config.methods)} images "
-          f"({config.runner}, one model for all methods)", flush=True)
+    counts = ", ".join(f"{m.name} {sum(r['method'] == m.name for r in rows)}" for m in config.methods)
+    print(f"[evaluate_shapes] images per method: {counts} ({config.runner}, one model for all methods)", flush=True)
     generate_missing(config, rows, IMAGE_KEY, STAGE, ShapesEvaluator)
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     evaluate_io.write_summary(summary, config.output)

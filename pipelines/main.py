@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="DreamBench 'dataset' folder to evaluate on (default: embedded synthetic subjects)")
     parser.add_argument("--eval-subjects", type=int, default=None,
                         help="subjects evaluated (default: 384 shapes, x 2 seeds = 768 images per method, what the demo's 6 minutes hold; 4 otherwise)")
+    parser.add_argument("--base-subjects", type=int, default=64,
+                        help="shapes world: the base model (no LoRA, the report's floor row) on the first N of the "
+                             "evaluated subjects only, so the images go to SFT and SFO (default: 64)")
     parser.add_argument("--eval-prompts", type=int, default=2, help="prompts per DreamBench subject (default: 2)")
     parser.add_argument("--eval-seeds", type=int, default=2, help="images per (subject, prompt) (default 2; paper 4)")
     parser.add_argument("--preset", choices=("world", "paper"), default=None,
@@ -115,7 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preset = "world" if shapes else "paper"
     if shapes and args.size != 32:
         parser.error("--size: the shapes world is drawn at 32 px; leave --size out")
-    for name in ("pretrain_steps", "samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "eval_prompts",
+    for name in ("pretrain_steps", "samples", "sft_steps", "sfo_steps", "sample_steps", "num_cpus", "eval_subjects", "base_subjects", "eval_prompts",
                  "eval_seeds", "gpus"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -236,7 +239,8 @@ def stage_configs(args: argparse.Namespace, runs: str) -> dict:
     common = [f"model.source={args.model}"]
     shapes = args.model == "shapes"
     modes = [f"eval.sampling.mode={args.mode}", f"eval.sampling.switch={args.switch}"]
-    evaluation = (["eval.subjects=" + str(args.eval_subjects), f"eval.seeds={args.eval_seeds}", f"eval.steps={args.sample_steps}"]
+    evaluation = (["eval.subjects=" + str(args.eval_subjects), f"eval.seeds={args.eval_seeds}", f"eval.steps={args.sample_steps}",
+                   f"eval.base_subjects={min(args.base_subjects, args.eval_subjects)}"]
                   if shapes else
                   [f"eval.size={args.size}", f"eval.steps={args.sample_steps}", f"eval.seeds={args.eval_seeds}",
                    f"eval.subjects={args.eval_subjects}", f"eval.prompts={args.eval_prompts}"]

@@ -152,6 +152,13 @@ def test_the_world_preset_is_the_shapes_default_and_paper_one_flag_away(tmp_path
     assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "c")]).preset == "paper"
 
 
+def test_the_base_row_is_evaluated_on_the_first_subjects_only(tmp_path):
+    args = main_job.parse_args(["--out", str(tmp_path / "a"), "--eval-subjects", "100", "--base-subjects", "10"])
+    assert main_job.stage_configs(args, tmp_path / "a")["evaluate"].eval.base_subjects == 10
+    few = main_job.parse_args(["--out", str(tmp_path / "b"), "--eval-subjects", "8"])  # default 64: capped at 8
+    assert main_job.stage_configs(few, tmp_path / "b")["evaluate"].eval.base_subjects == 8
+
+
 def test_the_sampling_mode_reaches_the_evaluation(tmp_path):
     args = main_job.parse_args(["--out", str(tmp_path / "a"), "--mode", "decoupled", "--switch", "0.5"])
     sampling = main_job.stage_configs(args, tmp_path / "a")["evaluate"].eval.sampling

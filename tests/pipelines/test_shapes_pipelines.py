@@ -172,6 +172,22 @@ def test_evaluate_shapes_judges_every_image_it_writes(shapes_pretrained, tmp_pat
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
+def test_base_subjects_limits_the_floor_row_to_the_first_subjects(tmp_path):
+    """eval.base_subjects: methods with no adapter active sample the first N held-out subjects only; the
+    methods compared keep every subject, and the base's cells are theirs (so pairs against it stay paired)."""
+    methods = f"methods=[{{name: base}}, {{name: sft, ref_adapter: {tmp_path}, active: [ref]}}]"
+    config = load_config(evaluate_shapes.ShapesEvaluateConfig, None, [
+        "eval.subjects=5", "eval.seeds=2", "eval.base_subjects=2", methods, f"output={tmp_path}"])
+    base, sft = (evaluate_shapes.work_rows(config, m) for m in ("base", "sft"))
+    assert len(base) == 4 and len(sft) == 10
+    assert base == [r | {"method": "base"} for r in sft[:4]]
+    every = load_config(evaluate_shapes.ShapesEvaluateConfig, None, ["eval.subjects=5", methods, f"output={tmp_path}"])
+    assert len(evaluate_shapes.work_rows(every, "base")) == 10
+    for bad in ("0", "6"):
+        with pytest.raises(ValueError, match="eval.base_subjects"):
+            load_config(evaluate_shapes.ShapesEvaluateConfig, None, ["eval.subjects=5", f"eval.base_subjects={bad}"])
+
+
 def test_colour_shift_machinery(shapes_pretrained):
     config = colour_shift.ColourShiftConfig(steps=1, eval_every=1, samples=3, sample_steps=2, batch_size=2)
     result = colour_shift.run(config, log=lambda _: None)
