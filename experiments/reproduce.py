@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> dict:
     from experiments import modes
     from pipelines import cdns, evaluate_shapes, prepare, pretrain, shipped, train
     from pipelines.cdns import CdnsConfig
+    from pipelines.evaluate_methods import MethodConfig
     from pipelines.evaluate_shapes import ShapesEvaluateConfig
     from pipelines.prepare import PrepareConfig
     from pipelines.train_config import SfoConfig, SftConfig
@@ -193,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
         evaluation = load_config(ShapesEvaluateConfig, CONFIGS / "evaluate_shapes.yaml", common + [
             f"output={runs / 'evaluate'}", f"eval.subjects={budget.eval_subjects}", f"eval.seeds={budget.eval_seeds}",
             f"eval.steps={budget.sample_steps}", f"scaling.num_workers={args.cores}"])
-        evaluation.methods = [evaluate_shapes.MethodConfig(**m) for m in methods]
+        evaluation.methods = [MethodConfig(**m) for m in methods]
         stages("evaluate", lambda: evaluate_shapes.run(evaluation))
         table = evaluate_shapes.read_images(evaluation.output, [m["name"] for m in methods])
         names = ["base", "sft", *the_plan.sft_runs, *the_plan.arms]

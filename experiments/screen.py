@@ -159,7 +159,7 @@ def run_seed(seed: int, arm_names: list[str], setup: Setup, out: Path, log=print
 
     from pipelines.cdns import CdnsConfig, CdnsSection, NegativeGenerator
     from pipelines.common import ModelConfig
-    from pipelines.evaluate import MethodConfig
+    from pipelines.evaluate_methods import MethodConfig
     from pipelines.evaluate_shapes import JUDGEMENTS, ShapesEvaluateConfig, ShapesEvaluator, WorldEvalSection
     from pipelines.prepare import DataConfig, shapes_rows
     from sfo import adapters as A

@@ -3,7 +3,8 @@
 For every method (a name, adapter folders, the adapters active while sampling) and every
 (subject, prompt, seed), one image is generated from the subject's reference and scored. One
 callable class, ``Evaluator``, loads the model, the method's adapters and the encoders once per
-instance; the Ray Data job runs an actor pool of it, ``runner=local`` a plain loop of the same.
+instance; the Ray Data job runs an actor pool of it, ``runner=local`` a plain loop of the same (the methods
+and both runners are ``pipelines.evaluate_methods``, shared with ``pipelines.evaluate_shapes``).
 
     python -m pipelines.evaluate --config pipelines/configs/evaluate.yaml [key=value ...]
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,16 +32,13 @@ import pyarrow as pa
 
 from cluster import storage
 from pipelines import evaluate_io
-from pipelines.common import (ModelConfig, ScalingConfig, check_cluster_gpus, check_image_guidance, init_ray,
-                              ray_data_progress, use_torch_threads)
-from pipelines.config import ConfigError, job_main, to_dict
-from pipelines.evaluate_io import batches_to_make, images_folder, key_of, only_keys  # noqa: F401 - re-exported
-from pipelines.resume import check_same_config, done_keys, parquet_files, write_table_atomic  # noqa: F401
+from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
+from pipelines.config import ConfigError, job_main
+from pipelines.evaluate_methods import (MethodConfig, check_methods, check_runner_and_methods, generate_missing,
+                                        load_methods, method_groups, method_samplers)
 from sfo.modes import SamplingMode
 
 PIXEL_MULTIPLE = 16  # FLUX: 8x VAE compression x 2x2 token packing
-RUNNERS = ("ray", "local")
-ADAPTER_NAMES = ("ref", "sfo")  # sfo.adapters.REF / SFO
 SYNTHETIC_SUBJECTS = 4  # embedded subjects when no DreamBench folder is given (one prompt each)
 SYNTHETIC_EVAL_SEED = 1000  # held out: prepare's embedded source uses seed 0 (pipelines/configs/prepare.yaml)
 METRICS = ("dino", "clip_i", "clip_t")
@@ -52,27 +49,6 @@ IMAGE_SCHEMA = pa.schema([
     pa.field("random_encoders", pa.bool_()),
 ])
 IMAGE_KEY = ("method", "subject", "prompt_index", "seed")  # one image each: what a rerun skips when present
-# Fields that change how the work is cut or run, not what any image holds: a rerun may change them.
-EXECUTION_FIELDS = ("output", "runner", "scaling", "eval.batch_size", "model.ref_adapter")
-
-
-@dataclass
-class MethodConfig:
-    name: str = "base"
-    ref_adapter: str | None = None  # folder of the "ref" LoRA (sft job output): a path, s3:// or gs://
-    sfo_adapter: str | None = None  # folder of the "sfo" LoRA (sfo job output): a path, s3:// or gs://
-    active: list[str] = field(default_factory=list)  # adapters applied while sampling, e.g. [ref] or [ref, sfo]
-    sampling: SamplingMode | None = None  # this method's sampler mode (sfo.modes); null = the eval section's
-
-    def __post_init__(self) -> None:
-        for role in ADAPTER_NAMES:
-            if getattr(self, f"{role}_adapter") is not None:
-                setattr(self, f"{role}_adapter", storage.check_uri(getattr(self, f"{role}_adapter"), f"methods.{role}_adapter"))
-        for name in self.active:
-            if name not in ADAPTER_NAMES:
-                raise ValueError(f"methods.active: unknown adapter {name!r} in method {self.name!r}; use {list(ADAPTER_NAMES)}")
-            if getattr(self, f"{name}_adapter") is None:
-                raise ValueError(f"methods.{name}_adapter: method {self.name!r} activates {name!r} but gives no folder")
 
 
 @dataclass
@@ -107,15 +83,6 @@ class EvalSection:
             raise ValueError(f"eval.steps: must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"eval.batch_size: must be at least 1, got {self.batch_size}")
-
-
-def check_runner_and_methods(runner: str, methods: list[MethodConfig]) -> None:
-    """The checks every evaluation job's config makes: a known runner, one or more uniquely named methods."""
-    if runner not in RUNNERS:
-        raise ValueError(f"runner: unknown {runner!r}; use one of {list(RUNNERS)}")
-    names = [m.name for m in methods]
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"methods: need at least one method and unique names, got {names}")
 
 
 @dataclass
@@ -187,51 +154,6 @@ def work_rows(config: EvaluateConfig, bench: Benchmark, method: str) -> list[dic
             for s, cases in bench.prompts.items() for i, p in cases[: config.eval.prompts] for seed in seeds]
 
 
-def load_methods(config, device: str | None = None):
-    """The model with every method's adapters loaded once, and ``activate(method)``, a context manager
-    applying that method's adapters.
-
-    One model serves all methods (one actor pool, one start-up): each distinct adapter folder is
-    loaded once under a name of its own (methods sharing the SFT "ref" share it).
-    """
-    from sfo import adapters
-    from sfo.models import load_flux
-
-    model = load_flux(config.model.source, device=device, dtype=config.model.dtype)
-    loaded: dict[str, str] = {}  # absolute folder or URI -> adapter name on the transformer
-    active: dict[str, list[str]] = {}
-    for spec in config.methods:
-        active[spec.name] = []
-        for role in ADAPTER_NAMES:
-            folder = getattr(spec, f"{role}_adapter")
-            if folder is None:
-                continue
-            key = storage.absolute(folder)
-            if key not in loaded:
-                loaded[key] = f"{role}{len(loaded)}"
-                with storage.local_copy(folder) as local:  # a URI: a temporary download, removed once loaded
-                    adapters.load_adapter(model.transformer, local, loaded[key])
-            if role in spec.active:
-                active[spec.name].append(loaded[key])
-    applied = config.model.adapter_context()
-    return model, lambda method: applied(model.transformer, active[method])
-
-
-def method_groups(methods: list[str]) -> list[tuple[str, list[int]]]:
-    """Row indices of each method in a batch, methods in order of first appearance."""
-    groups: dict[str, list[int]] = {}
-    for index, method in enumerate(methods):
-        groups.setdefault(method, []).append(index)
-    return list(groups.items())
-
-
-def method_samplers(config, sampler) -> dict:
-    """Each method's sampler config: ``sampler`` with the method's ``sampling`` mode, else the eval section's."""
-    from dataclasses import replace
-
-    return {m.name: replace(sampler, sampling=m.sampling or config.eval.sampling) for m in config.methods}
-
-
 class Evaluator:
     """Work rows in, scored image rows out; model, every method's adapters and encoders loaded once per instance."""
 
@@ -281,17 +203,6 @@ class Evaluator:
         }, schema=IMAGE_SCHEMA)
 
 
-def check_methods(config) -> None:
-    """Fails before any work on a method whose adapter folder holds no LoRA weights."""
-    from sfo.adapters import LORA_WEIGHTS
-
-    for index, method in enumerate(config.methods):
-        for name in ADAPTER_NAMES:
-            folder = getattr(method, f"{name}_adapter")
-            if folder is not None and not storage.is_file(storage.join(folder, LORA_WEIGHTS)):
-                raise ConfigError(f"methods[{index}].{name}_adapter: no {LORA_WEIGHTS} in {folder!r} (method {method.name!r})")
-
-
 def check_config(config: EvaluateConfig) -> Benchmark:
     """Fails before any work on a missing adapter folder, DreamBench folder or encoder folder."""
     check_methods(config)
@@ -311,97 +222,6 @@ def check_config(config: EvaluateConfig) -> Benchmark:
         return load_benchmark(config.eval)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc) if str(exc).startswith("eval.") else f"eval.dreambench: {exc}") from None
-
-
-def run_local(config, rows: list[dict], folder: str, evaluator_class=None, prefix: str = "part",
-              keep: list[tuple] | None = None, key: tuple[str, ...] = IMAGE_KEY) -> None:
-    """Generates and scores ``rows`` (any methods) in this process, batches of ``eval.batch_size`` rows in
-    order, one Parquet file per batch (``{prefix}_{index}.parquet``, each written whole); with ``keep``,
-    only the rows whose ``key`` is in it are written."""
-    evaluator = (evaluator_class or Evaluator)(config)
-    size = config.eval.batch_size
-    for index, start in enumerate(range(0, len(rows), size)):
-        out = evaluator(pa.Table.from_pylist(rows[start:start + size]))
-        write_table_atomic(out if keep is None else only_keys(out, keep, key),
-                           storage.join(folder, f"{prefix}_{index:06d}.parquet"))
-        print(f"[evaluate] {min(start + size, len(rows))}/{len(rows)} images", flush=True)
-
-
-def run_ray(config, rows: list[dict], folder: str, evaluator_class=None, prefix: str | None = None,
-            keep: list[tuple] | None = None, key: tuple[str, ...] = IMAGE_KEY) -> None:
-    """Generates and scores ``rows`` (every method's) on one Ray Data actor pool of ``evaluator_class``.
-
-    Batches are ``rows`` cut every ``eval.batch_size`` rows, as the local loop cuts them (one block each: each
-    batch gets a file of its own, and a killed job keeps the files already written); files are named
-    ``{prefix}_{write uuid}_{task}.parquet`` when ``prefix`` is given; with ``keep``, only the rows whose
-    ``key`` is in it are written.
-    """
-    import ray
-    from ray.data.datasource import FilenameProvider
-
-    init_ray()  # --address, RAY_ADDRESS or a fresh local Ray: never a stale one
-    scaling = config.scaling
-    check_cluster_gpus(scaling, "evaluate")
-    gpus = {"num_gpus": scaling.gpus_per_worker} if scaling.use_gpu else {}
-    ray_data_progress()
-    size = config.eval.batch_size
-    ds = ray.data.from_blocks([pa.Table.from_pylist(rows[i:i + size]) for i in range(0, len(rows), size)])
-    ds = ds.map_batches(
-        evaluator_class or Evaluator, fn_constructor_kwargs={"config": config},
-        compute=ray.data.ActorPoolStrategy(size=scaling.num_workers), batch_size=size,
-        batch_format="numpy", num_cpus=scaling.cpus_per_worker, **gpus)
-    if keep is not None:
-        ds = ds.map_batches(only_keys, fn_kwargs={"keys": keep, "key": key}, batch_format="pyarrow", batch_size=None,
-                            num_cpus=scaling.cpus_per_worker)
-    ds.write_parquet(folder, **({"filename_provider": FilenameProvider(prefix, "parquet")} if prefix else {}))
-
-
-def recorded_fields(config) -> dict:
-    """What an evaluation's images depend on, as dotted field -> plain value (``EXECUTION_FIELDS`` left out):
-    the model and eval sections (selection included), and per method its active adapters, the sha256 of
-    their weight files and its effective sampler mode. Shared with ``pipelines.evaluate_shapes``."""
-    plain = to_dict(config)
-    fields = {f"{section}.{name}": value for section in ("model", "eval") for name, value in plain[section].items()}
-    for name in ("model.source", "eval.dreambench", "eval.dino_encoder", "eval.clip_encoder"):
-        if isinstance(fields.get(name), str) and Path(fields[name]).exists():  # a local folder, not "tiny"
-            fields[name] = str(Path(fields[name]).resolve())
-    for method in config.methods:
-        key = f"methods[{method.name}]"
-        fields[f"{key}.active"] = list(method.active)
-        fields[f"{key}.sampling"] = to_dict(method.sampling or config.eval.sampling)
-        for role in ADAPTER_NAMES:
-            folder = getattr(method, f"{role}_adapter")
-            fields[f"{key}.{role}_adapter"] = evaluate_io.adapter_sha256(folder)
-    return {k: v for k, v in fields.items() if not any(k == e or k.startswith(e + ".") for e in EXECUTION_FIELDS)}
-
-
-def generate_missing(config, rows: list[dict], key: tuple[str, ...], stage: str, evaluator_class=None) -> None:
-    """Generates and scores the ``rows`` not yet under ``<output>/images`` (keyed by ``key``); refuses an output
-    made with another config (``pipelines.resume.check_same_config``). Shared with ``pipelines.evaluate_shapes``."""
-    folder = images_folder(config.output)
-    tag = f"[{stage}]"
-    check_same_config(config.output, stage, recorded_fields(config), field_of_output="output",
-                      has_files=bool(parquet_files(folder)),
-                      fresh_fix=f"pass a new output=... (or delete {folder!r} yourself)")
-    found, moved = done_keys(folder, list(key))
-    for path in moved:
-        print(f"{tag} moved unreadable {path} aside (*.incomplete); its images are generated again", flush=True)
-    missing = sum(key_of(row, key) not in found for row in rows)
-    print(f"{tag} {len(rows) - missing} image(s) already in {folder} are kept, {missing} to generate", flush=True)
-    if not missing:
-        return
-    prefix = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"  # never a kept file's name
-    for attempt in range(2 if config.runner == "ray" else 1):
-        made, keep = batches_to_make(rows, found, key, config.eval.batch_size)
-        if not made:
-            return
-        if attempt:
-            print(f"{tag} {len(keep or made)} image(s) missing after the pass (a worker died while writing their "
-                  "file); generating them again", flush=True)
-        (run_local if config.runner == "local" else run_ray)(config, made, folder, evaluator_class,
-                                                             prefix=prefix + ("-redo" if attempt else ""), keep=keep,
-                                                             key=key)
-        found = done_keys(folder, list(key))[0]  # moves a file cut short by a killed writer aside
 
 
 def read_images(output: str | Path, methods: list[str], schema: pa.Schema = IMAGE_SCHEMA,
@@ -462,7 +282,7 @@ def run(config: EvaluateConfig) -> dict:
     rows = [row for method in config.methods for row in work_rows(config, bench, method.name)]
     print(f"[evaluate] {len(config.methods)} method(s) x {len(rows) // len(config.methods)} images "
           f"({len(bench.prompts)} subjects, {config.runner}, one model for all methods)", flush=True)
-    generate_missing(config, rows, IMAGE_KEY, "evaluate")
+    generate_missing(config, rows, IMAGE_KEY, "evaluate", Evaluator)
     summary = summarize(read_images(config.output, [m.name for m in config.methods]))
     write_summary(summary, config.output)
     print(format_table(summary), flush=True)

@@ -1,7 +1,8 @@
 """The evaluation jobs' files: which images an output already holds, which batches to make, the images read back,
 the summary written, the adapters' weight files hashed. Every path is a local path or an ``s3://`` / ``gs://`` URI (``cluster.storage``).
 
-Shared by ``pipelines.evaluate`` and ``pipelines.evaluate_shapes`` (whose image schemas and keys differ).
+Shared by ``pipelines.evaluate`` and ``pipelines.evaluate_shapes`` (whose image schemas and keys differ) and their
+runners, ``pipelines.evaluate_methods``.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ oracles (``sfo.shapes.oracle``), which read every attribute back from a generate
 - text alignment: background, position, size, shape and colour all match the target text.
 
 Held-out triplets (``world_triplets(eval.subjects, eval.seed)``; prepare uses seed 0), each
-generated ``eval.seeds`` times per method from its reference and target text. Same runners as
-``pipelines.evaluate`` (a Ray Data actor pool, or ``runner=local``).
+generated ``eval.seeds`` times per method from its reference and target text. Same methods and runners as
+``pipelines.evaluate`` (``pipelines.evaluate_methods``: a Ray Data actor pool, or ``runner=local``).
 
     python -m pipelines.evaluate_shapes --config pipelines/configs/evaluate_shapes.yaml [key=value ...]
 
@@ -34,8 +34,8 @@ from cluster import storage
 from pipelines.common import ModelConfig, ScalingConfig, check_image_guidance, use_torch_threads
 from pipelines import evaluate_io
 from pipelines.config import job_main
-from pipelines.evaluate import (MethodConfig, check_methods, check_runner_and_methods, generate_missing, load_methods,
-                                method_groups, method_samplers)
+from pipelines.evaluate_methods import (MethodConfig, check_methods, check_runner_and_methods, generate_missing,
+                                        load_methods, method_groups, method_samplers)
 from sfo.modes import SamplingMode
 
 JUDGEMENTS = ("subject", "fine", "coarse", "text", "shape", "colour", "pattern", "accent", "background", "position",

@@ -14,7 +14,7 @@ import pytest
 
 from pipelines import evaluate
 from pipelines.config import load_config
-from pipelines.resume import parquet_files
+from pipelines.resume import done_keys, parquet_files
 from tests.faults.jobs import start_job
 
 SUBJECTS, SEEDS = 8, 4  # 32 images in batches of 2 on one actor: the kill lands mid-run
@@ -40,7 +40,7 @@ def test_a_killed_evaluate_job_keeps_its_images_and_the_rerun_ends_as_a_straight
         os.killpg(job.pid, signal.SIGKILL)  # the driver and the local Ray it started: no clean-up at all
         job.wait()
     files = parquet_files(output / "images")
-    kept = evaluate.done_keys(output / "images", list(evaluate.IMAGE_KEY))[0]
+    kept = done_keys(output / "images", list(evaluate.IMAGE_KEY))[0]
     files = [Path(path) for path in files if Path(path).exists()]  # a file cut short was moved aside
     assert 0 < len(kept) < SUBJECTS * SEEDS, f"kill after the first file: expected partial output, got {len(kept)}"
     stamps = {path: path.stat().st_mtime_ns for path in files}

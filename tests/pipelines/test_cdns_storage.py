@@ -17,6 +17,7 @@ import pytest
 from cluster import storage
 from pipelines import cdns, evaluate
 from pipelines.config import ConfigError, load_config
+from pipelines.evaluate_methods import MethodConfig
 from tests.faults.jobs import write_triplets
 
 ROWS, SIZE = 4, 32
@@ -72,7 +73,7 @@ def test_uris_of_unknown_schemes_or_without_a_bucket_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.ref_adapter: .*names no bucket"):
         load_config(cdns.CdnsConfig, None, ["model.ref_adapter=s3:///ref"])
     with pytest.raises(ValueError, match=r"methods\.sfo_adapter: .*'http'"):
-        evaluate.MethodConfig("m", sfo_adapter="http://host/sfo")
+        MethodConfig("m", sfo_adapter="http://host/sfo")
     with pytest.raises(ConfigError, match=r"^output: .*names no bucket"):
         load_config(evaluate.EvaluateConfig, None, ["output=gs://"])
 
@@ -87,7 +88,7 @@ def test_evaluate_writes_into_s3_with_adapters_from_s3(s3_bucket, ref_adapter, t
 
     def config(out: str, folder: str) -> evaluate.EvaluateConfig:
         cfg = load_config(evaluate.EvaluateConfig, None, [f"output={out}", *common])
-        cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=folder, active=["ref"])]
+        cfg.methods = [MethodConfig("base"), MethodConfig("sft", ref_adapter=folder, active=["ref"])]
         return cfg
 
     summary = evaluate.run(config(output, adapter))

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import ImageFilter
 
-from pipelines import cdns, evaluate, pair_analysis
+from pipelines import cdns, evaluate, evaluate_methods, pair_analysis
 from pipelines.config import ConfigError, load_config
 from pipelines.evaluate import EvaluateConfig, read_images, run
+from pipelines.evaluate_methods import MethodConfig
 from pipelines.pair_analysis import PairAnalysisConfig, assign_buckets
 from pipelines.synthetic import synthetic_triplets
 from sfo.metrics import RANDOM_ENCODERS_NOTE
@@ -38,7 +39,7 @@ def config(output: Path, *overrides: str) -> EvaluateConfig:
 def local_run(dataset, ref_adapter, tmp_path_factory):
     output = tmp_path_factory.mktemp("eval-local")
     cfg = config(output, "runner=local", f"eval.dreambench={dataset}")
-    cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
+    cfg.methods = [MethodConfig("base"), MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
     return output, run(cfg)
 
 
@@ -99,10 +100,10 @@ def test_bad_inputs_fail_before_any_work(tmp_path, monkeypatch, dataset):
     def no_work(*args, **kwargs):
         raise AssertionError("generation started")
 
-    monkeypatch.setattr(evaluate, "run_local", no_work)
-    monkeypatch.setattr(evaluate, "run_ray", no_work)
+    monkeypatch.setattr(evaluate_methods, "run_local", no_work)
+    monkeypatch.setattr(evaluate_methods, "run_ray", no_work)
     cfg = config(tmp_path, f"eval.dreambench={dataset}")
-    cfg.methods = [evaluate.MethodConfig("sft", ref_adapter=str(tmp_path / "nope"), active=["ref"])]
+    cfg.methods = [MethodConfig("sft", ref_adapter=str(tmp_path / "nope"), active=["ref"])]
     with pytest.raises(ConfigError, match=r"methods\[0\]\.ref_adapter: no pytorch_lora_weights"):
         run(cfg)
     with pytest.raises(ConfigError, match=r"eval\.dreambench: .*does not exist"):
@@ -184,7 +185,7 @@ def test_one_model_for_all_methods_equals_each_method_alone(ref_adapter, tmp_pat
     from dataclasses import replace
 
     cfg = config(tmp_path, "runner=local", "eval.seeds=1")
-    cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
+    cfg.methods = [MethodConfig("base"), MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
     bench = evaluate.load_benchmark(cfg.eval)
     rows = [r for m in ("sft", "base") for r in evaluate.work_rows(cfg, bench, m)]
     rows = rows[::2] + rows[1::2]  # interleave the methods inside one batch
@@ -206,8 +207,7 @@ def test_folded_adapters_give_the_images_of_the_lora_layers(ref_adapter, tmp_pat
     for fuse in (True, False):
         cfg = config(tmp_path, "runner=local", "eval.seeds=1", f"model.fuse_adapters={str(fuse).lower()}")
         assert cfg.model.adapter_context() is (adapters.fused_adapters if fuse else adapters.use_adapters)
-        cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter),
-                                                                            active=["ref"])]
+        cfg.methods = [MethodConfig("base"), MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
         bench = evaluate.load_benchmark(cfg.eval)
         rows = [r for m in ("sft", "base") for r in evaluate.work_rows(cfg, bench, m)]
         out = evaluate.Evaluator(cfg)(pa.Table.from_pylist(rows)).to_pylist()
@@ -234,7 +234,7 @@ def test_cdns_samples_negatives_in_the_configured_mode(tmp_path):
 
 
 def _methods(cfg: EvaluateConfig, ref_adapter: Path) -> EvaluateConfig:
-    cfg.methods = [evaluate.MethodConfig("base"), evaluate.MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
+    cfg.methods = [MethodConfig("base"), MethodConfig("sft", ref_adapter=str(ref_adapter), active=["ref"])]
     return cfg
 
 
@@ -281,7 +281,7 @@ def test_finished_rerun_generates_nothing_and_an_added_method_only_its_images(lo
     assert "16 image(s) already in" in capsys.readouterr().out
     monkeypatch.undo()
     cfg = _methods(config(output, "runner=local", f"eval.dreambench={dataset}"), ref_adapter)
-    cfg.methods.append(evaluate.MethodConfig("sft-again", ref_adapter=str(ref_adapter), active=["ref"]))
+    cfg.methods.append(MethodConfig("sft-again", ref_adapter=str(ref_adapter), active=["ref"]))
     capsys.readouterr()
     grown = run(cfg)
     assert "16 image(s) already in" in capsys.readouterr().out and grown["methods"]["sft-again"]["images"] == 8

@@ -252,7 +252,7 @@ def test_plan_new_experiments():
 
 def test_modes_experiment_names_and_samples_each_method_in_each_mode():
     from experiments import modes
-    from pipelines.evaluate import MethodConfig
+    from pipelines.evaluate_methods import MethodConfig
 
     sweep = modes.sweep((0.9, 0.6), (3, 5))
     assert [(s.mode, s.switch, s.min_rounds, s.max_rounds) for s in sweep] == [
