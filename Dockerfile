@@ -1,11 +1,11 @@
 # make image   (= docker build -t sfo-ray:2.60.0-py311-cu128 .)
 # The image every pod in k8s/ runs (head, workers, job submitters, the weights Job). Its tag repeats the
-# base image's tag; k8s/render.py's RAY_VERSION / CUDA / IMAGE_TAG, the Makefile's IMAGE and pyproject's
+# base image's tag; k8s/spec.py's RAY_VERSION / CUDA / IMAGE_TAG, the Makefile's IMAGE and pyproject's
 # pins must agree with the ARGs and pins below (tests/k8s/test_image.py checks all of them).
 #
 # CUDA: one ARG names both the base image's CUDA and the PyTorch wheel index, so they cannot drift. cu128
 # (CUDA 12.8) runs on the NVIDIA drivers GKE and EKS install on H100 nodes (>= 525 with CUDA's minor-version
-# compatibility; 570+ for every feature). Another CUDA: change CUDA here and in k8s/render.py together.
+# compatibility; 570+ for every feature). Another CUDA: change CUDA here and in k8s/spec.py together.
 ARG RAY_VERSION=2.60.0
 ARG CUDA=cu128
 FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA}
@@ -13,10 +13,10 @@ ARG RAY_VERSION
 ARG CUDA
 ARG TORCH_VERSION=2.13.0
 
-# k8s/render.py's RAY_UID:RAY_GID: the weights Job chowns the volume's folders to them.
+# k8s/spec.py's RAY_UID:RAY_GID: the weights Job chowns the volume's folders to them.
 RUN test "$(id -u):$(id -g)" = "1000:100"
 
-# The project lives here; k8s RayJobs use it as their runtime_env working_dir (k8s/render.py APP_DIR).
+# The project lives here; k8s RayJobs use it as their runtime_env working_dir (k8s/spec.py APP_DIR).
 # Created as the base image's user `ray`: a WORKDIR-created folder would be root's, and pip's build
 # writes its egg-info next to pyproject.toml.
 RUN mkdir -p /home/ray/sfo

@@ -27,7 +27,7 @@ reproduce: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.table $(ARGS)
 
-# The cluster image (Dockerfile; k8s/README.md). Its tag = k8s/render.py's IMAGE_TAG (tests/k8s/test_image.py).
+# The cluster image (Dockerfile; k8s/README.md). Its tag = k8s/spec.py's IMAGE_TAG (tests/k8s/test_image.py).
 IMAGE ?= sfo-ray:2.60.0-py311-cu128
 image:
 	@docker info >/dev/null 2>&1 || { echo "make image: no Docker here (docker missing or its daemon not running); on a machine with Docker run: docker build -t $(IMAGE) ." >&2; exit 1; }

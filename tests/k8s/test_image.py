@@ -8,22 +8,21 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-import sys
 import tomllib
 from pathlib import Path
 
+import pods  # k8s/pods.py and k8s/spec.py (k8s/ is on sys.path: conftest.py)
+import spec
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "k8s"))
-import render  # noqa: E402
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 PINNED = ("torch", "ray", "diffusers", "peft", "deepspeed", "transformers")
 
 
 def _args() -> dict[str, str]:
-    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE, re.M))
+    return dict(re.findall(r"^ARG\s+(\w+)=(\S+)", DOCKERFILE, re.MULTILINE))
 
 
 def _expand(text: str) -> str:
@@ -61,26 +60,26 @@ def test_pins_equal_pyprojects():
 
 def test_base_image_cuda_matches_the_torch_index_and_the_tags_agree():
     args = _args()
-    base = _expand(re.search(r"^FROM\s+(\S+)", DOCKERFILE, re.M).group(1))
+    base = _expand(re.search(r"^FROM\s+(\S+)", DOCKERFILE, re.MULTILINE).group(1))
     assert base == f"rayproject/ray:{args['RAY_VERSION']}-py311-{args['CUDA']}"
     assert re.fullmatch(r"cu1[0-9]{2}", args["CUDA"])
-    (index,) = re.findall(r"--index-url\s+\"?(\S+?)\"?\s*$", DOCKERFILE, re.M)
+    (index,) = re.findall(r"--index-url\s+\"?(\S+?)\"?\s*$", DOCKERFILE, re.MULTILINE)
     assert _expand(index) == f"https://download.pytorch.org/whl/{args['CUDA']}"
-    assert args["RAY_VERSION"] == render.RAY_VERSION and args["CUDA"] == render.CUDA
-    assert base.split(":", 1)[1] == render.IMAGE_TAG
+    assert args["RAY_VERSION"] == spec.RAY_VERSION and args["CUDA"] == spec.CUDA
+    assert base.split(":", 1)[1] == spec.IMAGE_TAG
     makefile = (ROOT / "Makefile").read_text()
-    image = re.search(r"^IMAGE\s*\?=\s*(\S+)", makefile, re.M).group(1)
-    assert image == f"{render.IMAGE_NAME}:{render.IMAGE_TAG}"
-    assert re.search(r"^image:", makefile, re.M) and "docker build -t $(IMAGE) ." in makefile
-    assert f'test "$(id -u):$(id -g)" = "{render.RAY_UID}:{render.RAY_GID}"' in DOCKERFILE
+    image = re.search(r"^IMAGE\s*\?=\s*(\S+)", makefile, re.MULTILINE).group(1)
+    assert image == f"{spec.IMAGE_NAME}:{spec.IMAGE_TAG}"
+    assert re.search(r"^image:", makefile, re.MULTILINE) and "docker build -t $(IMAGE) ." in makefile
+    assert f'test "$(id -u):$(id -g)" = "{spec.RAY_UID}:{spec.RAY_GID}"' in DOCKERFILE
 
 
 def _copied() -> dict[str, str]:
     """Image path under WORKDIR -> repository path, from the Dockerfile's COPY lines."""
-    workdir = re.search(r"^WORKDIR\s+(\S+)", DOCKERFILE, re.M).group(1)
-    assert workdir == render.APP_DIR
+    workdir = re.search(r"^WORKDIR\s+(\S+)", DOCKERFILE, re.MULTILINE).group(1)
+    assert workdir == spec.APP_DIR
     copied = {}
-    for line in re.findall(r"^COPY\s+(.+)$", DOCKERFILE, re.M):
+    for line in re.findall(r"^COPY\s+(.+)$", DOCKERFILE, re.MULTILINE):
         parts = [p for p in line.split() if not p.startswith("--")]
         *sources, dest = parts
         for src in sources:
@@ -100,16 +99,16 @@ def _in_image(relative: str) -> bool:
 
 def test_every_path_the_manifests_name_in_the_image_is_copied():
     names = {"pyproject.toml", "benchmarks/gpu.py", "benchmarks/table.py"}
-    t = render.Target()
-    for stage in render.stages(t):
+    t = spec.Target()
+    for stage in spec.stages(t):
         argv = shlex.split(stage.entrypoint)
         names.add(argv[2].replace(".", "/") + ".py")  # python -m pipelines.<stage>
         names.add(argv[argv.index("--config") + 1])
-    serve = yaml.safe_load(render.serve_config_text())
+    serve = yaml.safe_load(pods.serve_config_text())
     for app in serve["applications"]:
         names.add(app["import_path"].split(":")[0].replace(".", "/") + ".py")
-    runtime_env = yaml.safe_load(render.runtime_env(t))
-    assert runtime_env["working_dir"] == render.APP_DIR
+    runtime_env = yaml.safe_load(pods.runtime_env(t))
+    assert runtime_env["working_dir"] == spec.APP_DIR
     missing = sorted(n for n in names if not _in_image(n))
     assert missing == [], f"named by k8s/ but not in the image: {missing}"
 

@@ -2,8 +2,9 @@
 
 - every resource (base, serve, tools, and the dev overlays after their RFC 6902 patches are applied here
   the way kustomize applies them; plus the renderer's output for managed clusters: --storage-class,
-  --registry, --gpus-per-pod 8 / 2, --storage s3:// and gs://) validates against KubeRay v1.7.0's own CRD
-  schema (../shared/data/kuberay-crds; skipped where that folder is absent);
+  --registry, --gpus-per-pod 8 / 2, --storage s3:// and gs://, --image-pull-secret, --gpu-node-selector)
+  validates against KubeRay v1.7.0's own CRD schema (../shared/data/kuberay-crds; skipped where that folder
+  is absent);
 - each RayJob's entrypoint names a module and a config that exist, and the GPUs its cluster offers
   equal what that config asks Ray for (scaling.num_workers x scaling.gpus_per_worker), resolved by the
   job's own config class with the entrypoint's overrides;
@@ -16,24 +17,25 @@
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib
 import importlib.util
+import json
 import re
 import shlex
-import fnmatch
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import pods  # k8s/pods.py, render.py, spec.py (k8s/ is on sys.path: conftest.py)
 import pytest
+import render
+import spec
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-sys.path.insert(0, str(K8S))
-import render  # noqa: E402  k8s/render.py: the renderer's parameters and sizing rule
 CRDS = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "kuberay-crds"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml",
              "RayService": "ray.io_rayservices.yaml"}
@@ -42,8 +44,8 @@ GPU = "nvidia.com/gpu"
 
 def _module_here(name: str) -> bool:
     """The module exists in this checkout (not merely in some installed copy of the project)."""
-    spec = importlib.util.find_spec(name)
-    return spec is not None and spec.origin is not None and Path(spec.origin).resolve().is_relative_to(ROOT)
+    found = importlib.util.find_spec(name)
+    return found is not None and found.origin is not None and Path(found.origin).resolve().is_relative_to(ROOT)
 
 
 EVALUATE_MISSING = not _module_here("pipelines.evaluate")
@@ -105,12 +107,16 @@ DEV = _named(_kustomize(K8S / "overlays" / "dev") + _kustomize(K8S / "overlays" 
 
 # The renderer's output for managed clusters, rendered into a scratch folder the way a user renders it.
 TARGETS = {
-    "gke8": render.Target(storage_class="standard-rwx", registry="us-docker.pkg.dev/proj/repo", gpus_per_pod=8),
-    "eks2": render.Target(storage_class="efs-sc", registry="123.dkr.ecr.us-east-1.amazonaws.com", gpus_per_pod=2,
-                          pvc_size="2Ti"),
-    "s3": render.Target(registry="r.example.com/sfo", gpus_per_pod=8, storage="s3://bucket/sfo",
-                        service_account="sfo-runner"),
-    "gs": render.Target(gpus_per_pod=4, storage="gs://bucket/prefix/"),
+    "gke8": spec.Target(storage_class="standard-rwx", registry="us-docker.pkg.dev/proj/repo", gpus_per_pod=8,
+                        image_pull_secrets=("regcred",),
+                        gpu_node_selector=(("cloud.google.com/gke-accelerator", "nvidia-h100-80gb"),)),
+    "eks2": spec.Target(storage_class="efs-sc", registry="123.dkr.ecr.us-east-1.amazonaws.com", gpus_per_pod=2,
+                        pvc_size="2Ti", image_pull_secrets=("ghcr-pull", "ecr-pull"),
+                        gpu_node_selector=(("node.kubernetes.io/instance-type", "p5.48xlarge"),
+                                           ("nvidia.com/gpu.present", "true"))),
+    "s3": spec.Target(registry="r.example.com/sfo", gpus_per_pod=8, storage="s3://bucket/sfo",
+                      service_account="sfo-runner"),
+    "gs": spec.Target(gpus_per_pod=4, storage="gs://bucket/prefix/"),
 }
 RENDERED_DIR = Path(tempfile.mkdtemp(prefix="sfo-k8s-render-"))
 
@@ -353,8 +359,8 @@ def test_dev_overlay_uses_one_gpu_at_most():
 def _dockerfile_base() -> tuple[str, str]:
     """The Dockerfile's base image tag with its ARG defaults substituted, and its Ray version."""
     text = (ROOT / "Dockerfile").read_text()
-    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.M))
-    match = re.search(r"^FROM\s+rayproject/ray:(\S+)", text, re.M)
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, re.MULTILINE))
+    match = re.search(r"^FROM\s+rayproject/ray:(\S+)", text, re.MULTILINE)
     assert match, "Dockerfile must start FROM rayproject/ray:<tag>"
     tag = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], match.group(1))
     return tag, tag.split("-")[0]
@@ -363,7 +369,7 @@ def _dockerfile_base() -> tuple[str, str]:
 def test_image_tags_and_ray_versions_agree():
     tag, version = _dockerfile_base()
     assert re.fullmatch(r"[0-9.]+-py311-cu1[0-9]+", tag), f"the cluster image builds on a CUDA tag of Ray's image: {tag}"
-    assert tag == render.IMAGE_TAG
+    assert tag == spec.IMAGE_TAG
     pin = re.search(r'"ray\[[^\]]*\]~=([0-9.]+)"', (ROOT / "pyproject.toml").read_text())
     assert pin and pin.group(1) == version, f"pyproject pins ray~={pin and pin.group(1)}, the Dockerfile {version}"
     for name, doc in RAY:
@@ -382,9 +388,9 @@ def test_token_auth_everywhere():
 
 def test_render_check_passes_and_has_help():
     run = [sys.executable, str(K8S / "render.py")]
-    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60)
+    helped = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=60, check=False)
     assert helped.returncode == 0 and "--check" in helped.stdout
-    checked = subprocess.run([*run, "--check"], capture_output=True, text=True, timeout=60)
+    checked = subprocess.run([*run, "--check"], capture_output=True, text=True, timeout=60, check=False)
     assert checked.returncode == 0, checked.stderr
 
 
@@ -405,20 +411,20 @@ def test_rayservice_pods_override_the_laptop_serve_args():
     from serving.app import ENV_OVERRIDES
 
     assert set(SERVE_ENV) == set(ENV_OVERRIDES.values())
-    assert render.serve_env(render.Target()) == SERVE_ENV
+    assert pods.serve_env(spec.Target()) == SERVE_ENV
     sfo_job = dict(BASE)["base/RayJob/sfo-sfo"]
     assert "model.source=/models/FLUX.1-dev" in _entry_args(sfo_job)
     assert "output.storage_path=/runs/train" in _entry_args(sfo_job)  # + name sfo + adapters/
     text = (ROOT / "serving" / "serve_config.yaml").read_text()
     services = [(n, d) for n, d in BASE + SERVE + DEV if d["kind"] == "RayService"]
     assert {n for n, _ in services} == {"serve/RayService/sfo-serve", "dev/RayService/sfo-serve"}
-    for target, docs in [(render.Target(), services)] + [(TARGETS[k], RENDERED[k]) for k in TARGETS]:
+    for target, docs in [(spec.Target(), services)] + [(TARGETS[k], RENDERED[k]) for k in TARGETS]:
         for name, doc in docs:
             if doc["kind"] != "RayService":
                 continue
             # max_replicas = the GPU group's maxReplicas (one GPU, one replica per pod): 4, 1 in the dev overlay
             (group,) = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-            want = render.serve_env(target, max_replicas=group["maxReplicas"])
+            want = pods.serve_env(target, max_replicas=group["maxReplicas"])
             assert doc["spec"]["serveConfigV2"] == text, f"{name}: serveConfigV2 is not serving/serve_config.yaml verbatim"
             containers = _containers(doc["spec"]["rayClusterConfig"])
             assert any(g is None for _, g in containers) and any(g for _, g in containers)
@@ -432,12 +438,15 @@ def test_rayservice_pods_override_the_laptop_serve_args():
 # --- issue 27: what a managed cluster needs -----------------------------------------------------
 
 def _pod_specs(doc: dict) -> list[dict]:
-    """Every pod spec in a resource: Ray clusters' heads and groups, a Job's template, a Pod."""
+    """Every pod spec in a resource: Ray clusters' heads and groups, a RayJob's submitter (where it names one), a
+    Job's template, a Pod."""
     if doc["apiVersion"] == "ray.io/v1":
         found = []
         for cluster in _cluster_specs(doc):
             found.append(cluster["headGroupSpec"]["template"]["spec"])
             found += [g["template"]["spec"] for g in cluster.get("workerGroupSpecs", [])]
+        if "submitterPodTemplate" in doc["spec"]:
+            found.append(doc["spec"]["submitterPodTemplate"]["spec"])
         return found
     return {"Job": lambda: [doc["spec"]["template"]["spec"]], "Pod": lambda: [doc["spec"]]}.get(doc["kind"], list)()
 
@@ -463,18 +472,18 @@ def test_renderer_parameters_land_in_every_pod(name):
     --storage-class the PVC's class; --gpus-per-pod the GPU pods of each stage (fewer when it needs fewer);
     --service-account every pod."""
     target, docs = TARGETS[name], RENDERED[name]
-    image = f"{target.registry}/sfo-ray:{render.IMAGE_TAG}" if target.registry else f"sfo-ray:{render.IMAGE_TAG}"
+    image = f"{target.registry}/sfo-ray:{spec.IMAGE_TAG}" if target.registry else f"sfo-ray:{spec.IMAGE_TAG}"
     assert image.count("//") == 0 and not image.startswith("/")
-    pods = [spec for _, d in docs for spec in _pod_specs(d)]
-    assert pods
-    for spec in pods:
-        for c in spec.get("initContainers", []) + spec["containers"]:
+    specs = [pod for _, d in docs for pod in _pod_specs(d)]
+    assert specs
+    for pod in specs:
+        for c in pod.get("initContainers", []) + pod["containers"]:
             assert c["image"] == image, c["name"]
             assert c["imagePullPolicy"] == ("Always" if target.registry else "IfNotPresent")
-        assert spec.get("serviceAccountName", "") == target.service_account
+        assert pod.get("serviceAccountName", "") == target.service_account
     pvcs = [d for _, d in docs if d["kind"] == "PersistentVolumeClaim"]
     if target.object_store:
-        assert pvcs == [] and not any("persistentVolumeClaim" in v for s in pods for v in s.get("volumes", []))
+        assert pvcs == [] and not any("persistentVolumeClaim" in v for s in specs for v in s.get("volumes", []))
     else:
         assert {p["spec"]["storageClassName"] for p in pvcs} == {target.storage_class}
         assert {p["spec"]["accessModes"][0] for p in pvcs} == {"ReadWriteMany"}
@@ -488,10 +497,70 @@ def test_renderer_parameters_land_in_every_pod(name):
             assert gpus == [min(target.gpus_per_pod, needed)], f"{n}: {gpus}"
 
 
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_pull_secrets_reach_every_pod_and_the_node_selector_the_gpu_pods(name):
+    """--image-pull-secret: every pod pulls the image with them (Ray heads and groups, the dev overlays' replaced
+    groups, the weights Job, the shell pod, and each RayJob's submitter, whose KubeRay default has none);
+    --gpu-node-selector: the GPU pods' nodeSelector, and no other pod's. Neither flag: neither field."""
+    target, docs = TARGETS[name], RENDERED[name]
+    secrets = [{"name": s} for s in target.image_pull_secrets]
+    seen = {"gpu": 0, "other": 0}
+    for doc_name, doc in docs:
+        for pod in _pod_specs(doc):
+            assert pod.get("imagePullSecrets", []) == secrets, doc_name
+            gpu = any(GPU in c["resources"].get("limits", {}) for c in pod["containers"])
+            assert pod.get("nodeSelector", {}) == (target.node_selector if gpu else {}), doc_name
+            seen["gpu" if gpu else "other"] += 1
+        if doc["kind"] == "RayJob":
+            assert ("submitterPodTemplate" in doc["spec"]) == bool(secrets), doc_name
+    assert seen["gpu"] and seen["other"]
+    kinds = {(n.split("/")[1], d["kind"]) for n, d in docs}
+    assert {("base", "RayJob"), ("base", "RayCluster"), ("base", "Job"), ("serve", "RayService"),
+            ("overlays", "RayJob"), ("overlays", "RayCluster"), ("overlays", "RayService")} <= kinds
+    assert ("tools", "Pod") in kinds or target.object_store
+
+
+def test_the_flags_build_the_target_they_name(tmp_path):
+    """The command line's repeatable KEY=VALUE and NAME flags give the same files as the Target they spell."""
+    argv = ["--registry", "123.dkr.ecr.us-east-1.amazonaws.com", "--storage-class", "efs-sc", "--gpus-per-pod", "2",
+            "--pvc-size", "2Ti", "--image-pull-secret", "ghcr-pull", "--image-pull-secret", "ecr-pull",
+            "--gpu-node-selector", "node.kubernetes.io/instance-type=p5.48xlarge",
+            "--gpu-node-selector", "nvidia.com/gpu.present=true", "--out", str(tmp_path)]
+    assert render.main(argv) == 0
+    files = render.render(TARGETS["eks2"])
+    assert {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.yaml")} == set(files)
+    assert all((tmp_path / rel).read_text() == text for rel, text in files.items())
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    (["--gpu-node-selector", "cloud.google.com/gke-accelerator"], "KEY=VALUE"),  # no "="
+    (["--gpu-node-selector", "=nvidia-h100-80gb"], "KEY=VALUE"),  # no key
+    (["--gpu-node-selector", "cloud.google.com/=nvidia-h100-80gb"], "KEY=VALUE"),  # a prefix without a name
+    (["--gpu-node-selector", "gpu type=h100"], "KEY=VALUE"),  # not a label key
+    (["--gpu-node-selector", "pool=a", "--gpu-node-selector", "pool=b"], "twice"),  # one key, two values
+    (["--image-pull-secret", "Reg_Cred"], "docker-registry Secret"),  # not a Secret's name
+    (["--image-pull-secret", ""], "docker-registry Secret"),
+])
+def test_renderer_refuses_malformed_pull_secrets_and_node_selectors(bad, says, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        render.main([*bad, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert bad[0] in error and says in error, error
+    assert not any(tmp_path.iterdir()), "nothing written"
+
+
+def test_target_names_the_flag_it_refuses():
+    with pytest.raises(ValueError, match="--image-pull-secret 'Reg_Cred'"):
+        spec.Target(image_pull_secrets=("Reg_Cred",))
+    with pytest.raises(ValueError, match="--gpu-node-selector =h100: write KEY=VALUE"):
+        spec.Target(gpu_node_selector=(("", "h100"),))
+
+
 def test_committed_manifests_are_the_renderer_defaults():
     """What `kubectl apply -k k8s/base` creates: a Filestore RWX class, a local image, one GPU per pod."""
     (pvc,) = [d for _, d in BASE if d["kind"] == "PersistentVolumeClaim"]
-    assert pvc["spec"]["storageClassName"] == render.DEFAULT_STORAGE_CLASS
+    assert pvc["spec"]["storageClassName"] == spec.DEFAULT_STORAGE_CLASS
 
 
 def test_object_store_paths_point_at_the_bucket():
@@ -512,20 +581,20 @@ def test_object_store_paths_point_at_the_bucket():
             for container, group in _containers(cluster):
                 # GPU pods copy the models; a head (its driver checks the model's and encoders' configs) copies
                 # their configs and tokenizers only. prepare's uncached default needs no model.
-                spec = (group or cluster["headGroupSpec"])["template"]["spec"]
-                if not cluster["workerGroupSpecs"] or "initContainers" not in spec:
+                pod = (group or cluster["headGroupSpec"])["template"]["spec"]
+                if not cluster["workerGroupSpecs"] or "initContainers" not in pod:
                     continue
-                (init,) = spec["initContainers"]
+                (init,) = pod["initContainers"]
                 env = {e["name"]: e["value"] for e in init["env"]}
                 copy = "1" if group is not None and GPU in container["resources"]["limits"] else "configs"
                 assert env == {"SFO_MODELS_URI": f"{prefix}/models", "SFO_COPY_MODELS": copy}
                 assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
-                size = next(v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if v["name"] == "models")
+                size = next(v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "models")
                 if copy == "1":
-                    assert _gi(container["resources"]["limits"]["ephemeral-storage"]) >= render.MODELS_DISK_GI
-                    assert _gi(size) == render.MODELS_DISK_GI
+                    assert _gi(container["resources"]["limits"]["ephemeral-storage"]) >= spec.MODELS_DISK_GI
+                    assert _gi(size) == spec.MODELS_DISK_GI
                 else:
-                    assert _gi(size) == render.CONFIGS_DISK_GI
+                    assert _gi(size) == spec.CONFIGS_DISK_GI
             assert "initContainers" in cluster["headGroupSpec"]["template"]["spec"], job["metadata"]["name"]
 
 
@@ -534,19 +603,19 @@ def test_pod_memory_and_shm_scale_with_gpus_per_pod(gpus):
     """Per GPU worker: FLUX.1-dev's bf16 transformer (23.8 GB) + T5-XXL (9.5 GB) pass through host memory
     (each worker loads its own copy), plus the worker's overhead and its /dev/shm share; the memory-backed
     /dev/shm counts against the limit. Hand-worked: 1 GPU -> 47 + 8 + 6 = 61 Gi; 8 GPUs -> 8 x 55 + 6 = 446 Gi."""
-    cluster = render.raycluster(render.Target(gpus_per_pod=gpus))["spec"]
+    cluster = pods.raycluster(spec.Target(gpus_per_pod=gpus))["spec"]
     (group,) = cluster["workerGroupSpecs"]
-    spec = group["template"]["spec"]
-    limits = spec["containers"][0]["resources"]["limits"]
+    pod = group["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
     assert int(limits[GPU]) == gpus
-    memory, shm = _gi(limits["memory"]), _gi(next(v["emptyDir"]["sizeLimit"] for v in spec["volumes"] if v["name"] == "dshm"))
+    memory, shm = _gi(limits["memory"]), _gi(next(v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "dshm"))
     assert memory == {1: 61, 2: 116, 4: 226, 8: 446}[gpus]
     assert shm == 8 * gpus
     model_gib = gpus * (23.8 + 9.5) * 1e9 / 2**30  # the weights every worker of the pod loads at once
     assert memory >= model_gib + shm + gpus * 8, "room for each worker's weights, overhead and /dev/shm"
     # Ray's object store fits inside /dev/shm, leaving NCCL its share
     assert int(group["rayStartParams"]["object-store-memory"]) <= (shm - gpus) * 2**30
-    assert render.pod_memory_gi(gpus) == memory
+    assert spec.pod_memory_gi(gpus) == memory
 
 
 # The file NAMES of black-forest-labs/FLUX.1-dev (names only; no sizes or contents needed): the diffusers
@@ -589,7 +658,7 @@ def test_weights_job_allow_patterns_select_exactly_the_diffusers_folders():
     assert {n for n, _ in jobs if "overlays" not in n} == {"base/Job/sfo-weights"} | {f"{k}/base/Job/sfo-weights" for k in TARGETS}
     for name, job in jobs:
         folder, patterns = _weights(job)["black-forest-labs/FLUX.1-dev"]
-        assert folder == "FLUX.1-dev" and f"/models/{folder}" == render.FLUX
+        assert folder == "FLUX.1-dev" and f"/models/{folder}" == spec.FLUX
         matched = {f for f in FLUX_DEV_FILES if any(fnmatch.fnmatchcase(f, p) for p in patterns)}
         assert matched == wanted, f"{name}: extra {matched - wanted}, missing {wanted - matched}"
         try:
@@ -625,27 +694,27 @@ def test_every_pod_that_loads_flux_waits_for_the_weights_job():
         cluster = job["spec"]["rayClusterSpec"]
         loads = any(a.startswith(("model.source=", "cache.model=/models/")) for a in _entry_args(job))
         for container, group in _containers(cluster):
-            spec = (group or cluster["headGroupSpec"])["template"]["spec"]
-            inits = [c["name"] for c in spec.get("initContainers", [])]
+            pod = (group or cluster["headGroupSpec"])["template"]["spec"]
+            inits = [c["name"] for c in pod.get("initContainers", [])]
             assert inits == (["wait-for-weights"] if loads else []), f"{name}: {inits}"
             if loads:
-                script = spec["initContainers"][0]["command"][-1]
-                assert render.WEIGHTS_MARKER in script
+                script = pod["initContainers"][0]["command"][-1]
+                assert spec.WEIGHTS_MARKER in script
     for _, job in _weights_jobs():
-        assert render.WEIGHTS_MARKER in job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+        assert spec.WEIGHTS_MARKER in job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
 
 
 def test_renderer_refuses_bad_parameters(tmp_path):
     run = [sys.executable, str(K8S / "render.py"), "--out", str(tmp_path)]
     for bad in (["--storage", "/mnt/nfs"], ["--gpus-per-pod", "3"], ["--gpus-per-pod", "0"]):
-        result = subprocess.run([*run, *bad], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([*run, *bad], capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2 and "error" in result.stderr, (bad, result.stderr)
     good = subprocess.run([*run, "--storage-class", "efs-sc", "--registry", "reg.example/x", "--gpus-per-pod", "8"],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
     assert good.returncode == 0, good.stderr
     assert (tmp_path / "serve" / "rayservice.yaml").is_file() and (tmp_path / "base" / "job-weights.yaml").is_file()
     again = subprocess.run([*run, "--storage-class", "efs-sc", "--registry", "reg.example/x", "--gpus-per-pod", "8",
-                            "--check"], capture_output=True, text=True, timeout=60)
+                            "--check"], capture_output=True, text=True, timeout=60, check=False)
     assert again.returncode == 0, again.stderr
 
 
@@ -663,7 +732,7 @@ def _run_script(script: str, env: dict, monkeypatch, downloads: list | None = No
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    exec(compile(script, "<manifest script>", "exec"), {"__name__": "__main__"})
+    exec(compile(script, "<manifest script>", "exec"), {"__name__": "__main__"})  # noqa: S102  the manifests' own scripts
 
 
 def _script_env(job: dict) -> dict:
@@ -694,21 +763,21 @@ def test_weights_job_and_wait_scripts_run(storage, tmp_path, monkeypatch):
         local = tmp_path / "pod"
         local.mkdir()
     _run_script(job["spec"]["template"]["spec"]["containers"][0]["command"][-1], env, monkeypatch, downloads)
-    assert [d[0] for d in downloads] == list(render.WEIGHTS) and {d[2] for d in downloads} == {"hf_x"}
+    assert [d[0] for d in downloads] == list(spec.WEIGHTS) and {d[2] for d in downloads} == {"hf_x"}
     for key in ("SFO_MODELS_DIR", "SFO_WRITABLE"):
         monkeypatch.delenv(key, raising=False)
-    _run_script(render.WAIT_SCRIPT, wait_env, monkeypatch)
-    assert (local / render.WEIGHTS_MARKER).is_file()
+    _run_script(pods.WAIT_SCRIPT, wait_env, monkeypatch)
+    assert (local / spec.WEIGHTS_MARKER).is_file()
     assert (local / "FLUX.1-dev" / "transformer" / "diffusion_pytorch_model-00003-of-00003.safetensors").is_file()
     assert not (local / "FLUX.1-dev" / "flux1-dev.safetensors").exists()
     if storage == "object":  # a head's copy: every config and tokenizer file the pods get, no weights
         head = tmp_path / "head"
         head.mkdir()
-        _run_script(render.WAIT_SCRIPT, {**wait_env, "SFO_COPY_MODELS": "configs", "SFO_MODELS_LOCAL": str(head)},
+        _run_script(pods.WAIT_SCRIPT, {**wait_env, "SFO_COPY_MODELS": "configs", "SFO_MODELS_LOCAL": str(head)},
                     monkeypatch)
         pod_files = {p.relative_to(local) for p in local.rglob("*") if p.is_file()}
         head_files = {p.relative_to(head) for p in head.rglob("*") if p.is_file()}
-        assert head_files == {p for p in pod_files if not p.name.endswith(render.WEIGHT_SUFFIXES)}
+        assert head_files == {p for p in pod_files if not p.name.endswith(spec.WEIGHT_SUFFIXES)}
         assert Path("FLUX.1-dev/transformer/config.json") in head_files
         assert Path("FLUX.1-dev/tokenizer_2/spiece.model") in head_files
         assert not any(p.suffix == ".safetensors" for p in head_files)
@@ -720,6 +789,6 @@ def test_the_cluster_chain_encodes_once_and_joins_the_cache_back():
     args = {name: dict(a.split("=", 1) for a in _entry_args(job) if "=" in a) for name, job in JOBS}
     prepare = next(v for k, v in args.items() if k.endswith("prepare"))
     sfo = next(v for k, v in args.items() if k.endswith("sfo"))
-    assert prepare["cache.enabled"] == "true" and prepare["cache.model"] == render.FLUX
+    assert prepare["cache.enabled"] == "true" and prepare["cache.model"] == spec.FLUX
     assert prepare["scaling.use_gpu"] == "true"
     assert sfo["data.cache_path"] == prepare["data.output"]
