@@ -178,7 +178,8 @@ def image_grid(images: pa.Table, references: dict[str, Image.Image], methods: li
         prompt = next(r["prompt"] for r in found if r is not None)
         ref = _img(references[subject]) if subject in references else ""
         body.append(f"<tr><td>{html.escape(subject)}<br><small>{html.escape(prompt)}</small></td><td>{ref}</td>"
-                    + "".join(f"<td>{_img(r['image_png']) + _verdicts(r) if r else ''}</td>" for r in found) + "</tr>")
+                    + "".join(f"<td>{_img(r['image_png']) + _verdicts(r) if r else '<small>not sampled</small>'}</td>"
+                            for r in found) + "</tr>")
     return f"<table>{head}{''.join(body)}</table>"
 
 

@@ -118,3 +118,5 @@ def test_grid_shows_each_images_oracle_verdicts_when_the_table_has_them():
     plain = image_grid(pa.Table.from_pylist([{k: v for k, v in r.items() if not k.startswith("oracle")} for r in rows]),
                        {}, ["sft", "sfo"])
     assert "&#10003;" not in plain and plain.count("<img") == 2
+    floor = image_grid(pa.Table.from_pylist(rows), {}, ["base", "sft", "sfo"])  # base sampled on fewer subjects
+    assert floor.count("not sampled") == 1 and floor.count("<img") == 2
