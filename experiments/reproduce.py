@@ -277,8 +277,11 @@ def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[
             for rival in (["sft"] if name != "sft" else []) + (rivals or {}).get(name, []):
                 if rival not in ("sft", "base") and f"{rival}@{seeds[0]}" not in cells:
                     continue
+                diffs = [[float(per_seed[s][c][k]) - float(evaluated(rival, s)[c][k]) for c in keys] for s in seeds]
+                subjects = [c[0] for c in keys]  # a triplet's sample seeds, under every training seed: one subject
                 combined = combine_seeds([paired_difference([per_seed[s][c][k] for c in keys],
-                                                            [evaluated(rival, s)[c][k] for c in keys]) for s in seeds])
+                                                            [evaluated(rival, s)[c][k] for c in keys], subjects)
+                                          for s in seeds], diffs, subjects)
                 target = entry["paired_vs_sft"] if rival == "sft" else entry.setdefault("paired_vs", {}).setdefault(rival, {})
                 target[k] = {**combined, "claim": claim(combined)}
         out[name] = entry
@@ -301,7 +304,8 @@ def format_results(results: dict) -> str:
              *([f"SFT base: {results['sft_base']}.", ""] if "sft_base" in results else []),
              "Rates are means over training seeds (± binomial standard error over all images); Δ is the paired "
              "difference against the same seed's SFT base on the same prompts and sample seeds (± the larger of the "
-             "evaluation and the seed-to-seed standard error); a difference is claimed at >= 3 standard errors.", ""]
+             "evaluation and the seed-to-seed standard error, each triplet counted once across its sample seeds and "
+             "training seeds: sfo.stats); a difference is claimed at >= 3 standard errors.", ""]
     methods = results.get("methods", {})
 
     def delta(m: dict, key: str) -> str:

@@ -275,10 +275,13 @@ def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft")
         return f"Too few paired images ({len(shared)}) to compare {a} with {b}."
     parts = []
     for key, name in keys:
-        d = paired_difference([float(mine[a][c][key]) for c in shared], [float(mine[b][c][key]) for c in shared])
+        d = paired_difference([float(mine[a][c][key]) for c in shared], [float(mine[b][c][key]) for c in shared],
+                              clusters=[c[0] for c in shared])  # a subject's prompts and seeds count once
         outcome = {"better": f"{a} better", "worse": f"{a} worse"}.get(claim(d), "no difference shown")
         parts.append(f"{name} {d['diff']:+.3f} ± {d['se']:.3f} ({abs(d['z']):.1f} standard errors: {outcome})")
-    return (f"{a.upper()} against the {b.upper()} base, paired over {len(shared)} images (same prompts and seeds): "
+    subjects = len({c[0] for c in shared})
+    return (f"{a.upper()} against the {b.upper()} base, paired over {len(shared)} images of {subjects} subjects "
+            "(same prompts and seeds; the standard error counts each subject once): "
             + "; ".join(parts) + f". A difference is claimed at >= {CLAIM_SE:g} standard errors.")
 
 

@@ -51,6 +51,11 @@ def test_verdict_pairs_the_same_images_and_says_what_it_shows():
     rows += [{"method": m, "sample_id": f"d{i}", "prompt": "p", "seed": 0, "subject": m == "sfo", "text": True}
              for m in ("sfo", "sft") for i in range(40)]
     assert "sfo better" in verdict(pa.Table.from_pylist(rows), [("subject", "subject fidelity")])
+    # two seeds of each subject: d = [1, 1, 0, 0] in subjects c0, c0, c1, c1 -> se 0.5 (each subject once), not 0.289
+    twice = [{"method": m, "sample_id": f"c{i // 2}", "prompt": "p", "seed": i % 2, "subject": bool(v), "text": True}
+             for m, values in (("sfo", [1, 1, 0, 0]), ("sft", [0, 0, 0, 0])) for i, v in enumerate(values)]
+    text = verdict(pa.Table.from_pylist(twice), [("subject", "subject fidelity")])
+    assert "paired over 4 images of 2 subjects" in text and "+0.500 ± 0.500 (1.0 standard errors" in text
 
 
 def test_bar_chart_has_an_axis_and_values_on_the_bars():

@@ -327,6 +327,7 @@ def test_aggregate_pairs_each_seed_with_its_own_sft():
     assert x["images"] == 4 and x["subject"] == 0.75 and x["per_seed"]["subject"] == {"0": 1.0, "1": 0.5}
     paired = x["paired_vs_sft"]["subject"]
     assert paired["diffs"] == [0.5, 0.5] and paired["seed_se"] == 0.0
+    assert paired["cell_se"] == 0.0  # each cell's diff averaged over the seeds: 0.5 and 0.5
     assert paired["sampling_se"] == pytest.approx(0.5**0.5 / 2) and paired["claim"] == "no difference shown"
     assert out["base"]["images"] == 2 and out["base"]["paired_vs_sft"]["subject"]["diffs"] == [-0.5, 0.0]
     assert "paired_vs_sft" in out["sft"] and out["sft"]["paired_vs_sft"] == {}

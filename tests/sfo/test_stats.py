@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from sfo.stats import claim, combine_seeds, mcnemar_exact, paired_difference
+from sfo.stats import claim, cluster_se, combine_seeds, mcnemar_exact, paired_difference
 
 
 def test_paired_difference_hand_worked():
@@ -34,8 +34,34 @@ def test_combine_seeds_takes_the_larger_standard_error():
     assert claim({"z": 2.9}) == "no difference shown"
 
 
+def test_cells_sharing_a_subject_count_once():
+    """Hand-worked: d = [1, 1, 0, 0] in clusters x, x, y, y -> cluster means 1, 0, se 0.5 (unclustered 0.289)."""
+    assert math.isclose(cluster_se([1, 1, 0, 0], ["x", "x", "y", "y"]), 0.5)
+    assert math.isclose(cluster_se([1, 1, 0, 0], range(4)), paired_difference([1, 1, 0, 0], [0, 0, 0, 0])["se"])
+    r = paired_difference([1, 1, 0, 0], [0, 0, 0, 0], clusters=["x", "x", "y", "y"])
+    assert math.isclose(r["se"], 0.5) and math.isclose(r["diff"], 0.5)
+
+
+def test_seeds_sharing_their_cells_do_not_shrink_the_standard_error():
+    """Three seeds with the same per-cell differences on the same 8 cells: the evidence is one seed's, so the
+    combined se is that seed's (cell_se), not it / sqrt(3) as independent evaluations would give."""
+    d = [1, 0, 0, 1, 1, 0, 1, 0]
+    per_seed = [paired_difference(d, [0] * 8)] * 3
+    plain = combine_seeds(per_seed)
+    shared = combine_seeds(per_seed, diffs=[d] * 3, clusters=range(8))
+    assert math.isclose(plain["se"], per_seed[0]["se"] / math.sqrt(3))
+    assert math.isclose(shared["cell_se"], per_seed[0]["se"]) and shared["se"] == shared["cell_se"]
+    # two cells per subject: the subjects' means (1, 0.5, 0.5, 0.5) set it
+    assert math.isclose(combine_seeds(per_seed, diffs=[d] * 3, clusters=[0, 0, 1, 1, 2, 2, 3, 3])["cell_se"],
+                        cluster_se(d, [0, 0, 1, 1, 2, 2, 3, 3]))
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="a/b"):
         paired_difference([1, 0], [1])
     with pytest.raises(ValueError, match="per_seed"):
         combine_seeds([])
+    with pytest.raises(ValueError, match="clusters"):
+        cluster_se([1, 0], ["x", "x"])
+    with pytest.raises(ValueError, match="diffs"):
+        combine_seeds([{"diff": 0.1, "se": 0.1}] * 2, diffs=[[1, 0]])
