@@ -256,6 +256,8 @@ def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[
 
     Methods are evaluated as ``{name}@{seed}`` (``base`` once: it is not trained).
     """
+    import numpy as np
+
     from pipelines.evaluate_shapes import HEADLINE
     from sfo.stats import claim, combine_seeds, paired_difference
 
@@ -267,6 +269,7 @@ def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[
     for name in names:
         per_seed = {seed: evaluated(name, seed) for seed in seeds}
         keys = sorted(per_seed[seeds[0]])
+        subjects = [c[0] for c in keys]  # a triplet's sample seeds, under every training seed: one subject
         images = len(keys) * (1 if name == "base" else len(seeds))
         entry: dict = {"images": images, "stderr": {}, "per_seed": {}, "paired_vs_sft": {}}
         for k in HEADLINE:
@@ -277,11 +280,10 @@ def aggregate(table, seeds: list[int], names: list[str], rivals: dict[str, list[
             for rival in (["sft"] if name != "sft" else []) + (rivals or {}).get(name, []):
                 if rival not in ("sft", "base") and f"{rival}@{seeds[0]}" not in cells:
                     continue
-                diffs = [[float(per_seed[s][c][k]) - float(evaluated(rival, s)[c][k]) for c in keys] for s in seeds]
-                subjects = [c[0] for c in keys]  # a triplet's sample seeds, under every training seed: one subject
-                combined = combine_seeds([paired_difference([per_seed[s][c][k] for c in keys],
-                                                            [evaluated(rival, s)[c][k] for c in keys], subjects)
-                                          for s in seeds], diffs, subjects)
+                pairs = [(np.array([per_seed[s][c][k] for c in keys], dtype=float),
+                          np.array([evaluated(rival, s)[c][k] for c in keys], dtype=float)) for s in seeds]
+                combined = combine_seeds([paired_difference(a, b, subjects) for a, b in pairs],
+                                         [a - b for a, b in pairs], subjects)
                 target = entry["paired_vs_sft"] if rival == "sft" else entry.setdefault("paired_vs", {}).setdefault(rival, {})
                 target[k] = {**combined, "claim": claim(combined)}
         out[name] = entry

@@ -280,9 +280,10 @@ def table(per_seed: dict[int, dict], baseline: str = "sft") -> str:
         row = f"{m:<22}{rate('subject'):>9.3f}{rate('fine'):>8.3f}{rate('pattern'):>9.3f}{rate('text'):>8.3f}"
         if m != baseline:
             for key in ("subject", "text"):
-                diffs = [np.subtract(per_seed[s][m][key], per_seed[s][baseline][key], dtype=float) for s in seeds]
-                c = combine_seeds([paired_difference(per_seed[s][m][key], per_seed[s][baseline][key]) for s in seeds],
-                                  diffs)  # the seeds share their cells: each cell counts once
+                pairs = [(np.asarray(per_seed[s][m][key], dtype=float), np.asarray(per_seed[s][baseline][key], dtype=float))
+                         for s in seeds]
+                c = combine_seeds([paired_difference(a, b) for a, b in pairs],
+                                  [a - b for a, b in pairs])  # the seeds share their cells: each cell counts once
                 row += f"   {c['diff']:+.3f} ± {c['se']:.3f} (z {c['z']:+.1f}, {claim(c)})"
         lines.append(row)
     return "\n".join(lines)
