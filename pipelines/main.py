@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=None, help="training triplets (default: 128 shapes, 8 otherwise)")
     parser.add_argument("--size", type=int, default=None,
                         help="image side in pixels, a multiple of 16 (default: 32 = the shapes world, else 64)")
+    parser.add_argument("--world-seed", type=int, default=0,
+                        help="shapes world: the world seed of the training triplets (default 0, the triplets the shipped "
+                             "SFT base was trained on; the held-out cells are seed 1000 and refused here)")
     parser.add_argument("--pretrain-steps", type=int, default=3000,
                         help="shapes world: pretraining steps of the model, run once and cached (default: 3000, the shipped model)")
     shipped.add_arguments(parser)  # --train-sft, --ship-ref, --train-sfo, --ship-sfo, --sfo-seed
@@ -136,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.out is not None and storage.exists(args.out):
         parser.error(f"--out {args.out} exists already; pick a new folder")
     shipped.check_arguments(parser, args)
+    if args.world_seed != 0 and not shapes:
+        parser.error("--world-seed: only the shapes world draws its triplets from a seed; leave it out")
     if args.data is not None and shapes:
         parser.error("--data: the shapes world draws its own triplets; pass --model tiny or a FLUX folder with --data")
     if args.data is not None and not storage.exists(args.data):
@@ -218,6 +223,7 @@ def prepare_overrides(args: argparse.Namespace) -> list[str]:
     """prepare's source (the world, synthetic triplets or ``--data``'s Subjects200K) and its encoder cache."""
     source = "shapes" if args.model == "shapes" else "subjects200k" if args.data else "synthetic"
     extra = [f"data.limit={args.samples}", f"data.size={args.size}", f"data.source={source}"]
+    extra += [f"data.seed={args.world_seed}"] if args.model == "shapes" else []
     extra += [f"data.input={storage.absolute(args.data)}"] if args.data else []
     return extra + (["cache.enabled=true", f"cache.model={model_source(args.model)}"] if args.cache else [])
 
@@ -264,8 +270,12 @@ def stage_configs(args: argparse.Namespace, runs: str) -> dict:
                "sfo": SfoConfig, "evaluate": ShapesEvaluateConfig if shapes else EvaluateConfig}
     files = {stage: CONFIGS / f"{stage}.yaml" for stage in classes} | ({"evaluate": CONFIGS / "evaluate_shapes.yaml"}
                                                                       if shapes else {})
-    return {stage: load_config(cls, files[stage], stage_overrides(stage, runs) + extra[stage])
-            for stage, cls in classes.items()}
+    configs = {stage: load_config(cls, files[stage], stage_overrides(stage, runs) + extra[stage])
+               for stage, cls in classes.items()}
+    if shapes and configs["prepare"].data.seed == configs["evaluate"].eval.seed:
+        raise ValueError(f"--world-seed {args.world_seed}: the evaluation's held-out cells are world seed "
+                         f"{args.world_seed}; training on them would score the model on its own triplets; pick another seed")
+    return configs
 
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serving" / "serve_config.yaml"

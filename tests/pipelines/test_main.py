@@ -159,6 +159,17 @@ def test_the_base_row_is_evaluated_on_the_first_subjects_only(tmp_path):
     assert main_job.stage_configs(few, tmp_path / "b")["evaluate"].eval.base_subjects == 8
 
 
+def test_the_world_seed_picks_the_training_triplets_and_never_the_held_out_cells(tmp_path):
+    configs = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "a"), "--world-seed", "5000"]), tmp_path / "a")
+    assert configs["prepare"].data.seed == 5000 and configs["evaluate"].eval.seed == 1000
+    default = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b")]), tmp_path / "b")
+    assert default["prepare"].data.seed == 0
+    with pytest.raises(ValueError, match="--world-seed 1000: the evaluation's held-out cells"):
+        main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "c"), "--world-seed", "1000"]), tmp_path / "c")
+    with pytest.raises(SystemExit):
+        main_job.parse_args(["--model", "tiny", "--world-seed", "5"])
+
+
 def test_the_sampling_mode_reaches_the_evaluation(tmp_path):
     args = main_job.parse_args(["--out", str(tmp_path / "a"), "--mode", "decoupled", "--switch", "0.5"])
     sampling = main_job.stage_configs(args, tmp_path / "a")["evaluate"].eval.sampling
