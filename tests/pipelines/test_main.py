@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipelines import main as main_job
+from pipelines import main_configs
 from sfo.models import load_flux
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,43 +139,43 @@ def test_the_demo_uses_the_world_settings_the_readme_documents(tmp_path):
     from sfo.shapes.world import CDNS_BLUR_RADIUS
 
     args = main_job.parse_args(["--out", str(tmp_path / "run")])
-    configs = main_job.stage_configs(args, tmp_path / "run")
+    configs = main_configs.stage_configs(args, tmp_path / "run")
     assert configs["cdns"].cdns.blur_radius == CDNS_BLUR_RADIUS == reproduce.CDNS_RADIUS == 2.0
     assert configs["cdns"].cdns.steps == configs["evaluate"].eval.steps == 28
     assert f"radius {CDNS_BLUR_RADIUS:g}" in (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
 
 def test_the_world_preset_is_the_shapes_default_and_paper_one_flag_away(tmp_path):
-    configs = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "a")]), tmp_path / "a")
+    configs = main_configs.stage_configs(main_job.parse_args(["--out", str(tmp_path / "a")]), tmp_path / "a")
     assert configs["sfo"].lora.scope == "condition" and configs["sft"].lora.scope == "all"
-    paper = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b"), "--preset", "paper"]), tmp_path / "b")
+    paper = main_configs.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b"), "--preset", "paper"]), tmp_path / "b")
     assert paper["sfo"].lora.scope == "all"
     assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "c")]).preset == "paper"
 
 
 def test_the_base_row_is_evaluated_on_the_first_subjects_only(tmp_path):
     args = main_job.parse_args(["--out", str(tmp_path / "a"), "--eval-subjects", "100", "--base-subjects", "10"])
-    assert main_job.stage_configs(args, tmp_path / "a")["evaluate"].eval.base_subjects == 10
+    assert main_configs.stage_configs(args, tmp_path / "a")["evaluate"].eval.base_subjects == 10
     few = main_job.parse_args(["--out", str(tmp_path / "b"), "--eval-subjects", "8"])  # default 64: capped at 8
-    assert main_job.stage_configs(few, tmp_path / "b")["evaluate"].eval.base_subjects == 8
+    assert main_configs.stage_configs(few, tmp_path / "b")["evaluate"].eval.base_subjects == 8
 
 
 def test_the_world_seed_picks_the_training_triplets_and_never_the_held_out_cells(tmp_path):
-    configs = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "a"), "--world-seed", "5000"]), tmp_path / "a")
+    configs = main_configs.stage_configs(main_job.parse_args(["--out", str(tmp_path / "a"), "--world-seed", "5000"]), tmp_path / "a")
     assert configs["prepare"].data.seed == 5000 and configs["evaluate"].eval.seed == 1000
-    default = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b")]), tmp_path / "b")
+    default = main_configs.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b")]), tmp_path / "b")
     assert default["prepare"].data.seed == 0
     with pytest.raises(ValueError, match="--world-seed 1000: the evaluation's held-out cells"):
-        main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "c"), "--world-seed", "1000"]), tmp_path / "c")
+        main_configs.stage_configs(main_job.parse_args(["--out", str(tmp_path / "c"), "--world-seed", "1000"]), tmp_path / "c")
     with pytest.raises(SystemExit):
         main_job.parse_args(["--model", "tiny", "--world-seed", "5"])
 
 
 def test_the_sampling_mode_reaches_the_evaluation(tmp_path):
     args = main_job.parse_args(["--out", str(tmp_path / "a"), "--mode", "decoupled", "--switch", "0.5"])
-    sampling = main_job.stage_configs(args, tmp_path / "a")["evaluate"].eval.sampling
+    sampling = main_configs.stage_configs(args, tmp_path / "a")["evaluate"].eval.sampling
     assert (sampling.mode, sampling.switch) == ("decoupled", 0.5)
-    default = main_job.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b")]), tmp_path / "b")
+    default = main_configs.stage_configs(main_job.parse_args(["--out", str(tmp_path / "b")]), tmp_path / "b")
     assert default["evaluate"].eval.sampling.mode == "standard" and default["cdns"].cdns.sampling.mode == "standard"
     for bad in (["--mode", "fancy"], ["--switch", "0"], ["--switch", "1.5"]):
         with pytest.raises(SystemExit):
@@ -210,7 +211,7 @@ def test_gpus_switch_sets_every_stage_for_flux(tmp_path, monkeypatch):
     _gpus_visible(monkeypatch, 8)
     args = main_job.parse_args(["--model", str(folder), "--gpus", "8", "--size", "512", "--out", str(tmp_path / "a")])
     assert args.gpus == 8 and args.num_cpus is None  # the local Ray gets every CPU of the machine
-    configs = main_job.stage_configs(args, tmp_path / "a")
+    configs = main_configs.stage_configs(args, tmp_path / "a")
     for stage in ("prepare", "sft", "sfo", "cdns", "evaluate"):
         scaling = configs[stage].scaling
         assert (scaling.use_gpu, scaling.num_workers, scaling.gpus_per_worker) == (True, 8, 1.0), stage
@@ -228,7 +229,7 @@ def test_gpus_switch_sets_every_stage_for_flux(tmp_path, monkeypatch):
 
 def test_small_models_stay_on_the_cpu_and_keep_checkpointing_off_on_gpus(tmp_path, monkeypatch):
     _gpus_visible(monkeypatch, 2)
-    cpu = main_job.stage_configs(main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "a")]), tmp_path / "a")
+    cpu = main_configs.stage_configs(main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "a")]), tmp_path / "a")
     assert main_job.parse_args(["--model", "tiny", "--out", str(tmp_path / "a")]).num_cpus == 4
     assert not any(cpu[s].scaling.use_gpu for s in ("sft", "sfo", "cdns", "evaluate"))
     assert cpu["sft"].model.dtype is None  # fp32 on the CPU (sfo.models.default_dtype)
@@ -236,10 +237,10 @@ def test_small_models_stay_on_the_cpu_and_keep_checkpointing_off_on_gpus(tmp_pat
     assert cpu["cdns"].scaling.num_workers == cpu["evaluate"].scaling.num_workers == min(cores, 6)
     assert cpu["sft"].scaling.torch_threads == cpu["sfo"].scaling.torch_threads == cores
     args = main_job.parse_args(["--model", "tiny", "--gpus", "2", "--out", str(tmp_path / "b")])
-    gpu = main_job.stage_configs(args, tmp_path / "b")
+    gpu = main_configs.stage_configs(args, tmp_path / "b")
     assert gpu["sft"].scaling.use_gpu and gpu["sft"].scaling.num_workers == 2 and gpu["sft"].model.dtype == "bf16"
     assert not gpu["sft"].train.gradient_checkpointing  # a tiny transformer needs none
-    world = main_job.stage_configs(main_job.parse_args(["--gpus", "2", "--out", str(tmp_path / "c")]), tmp_path / "c")
+    world = main_configs.stage_configs(main_job.parse_args(["--gpus", "2", "--out", str(tmp_path / "c")]), tmp_path / "c")
     assert all(world[s].scaling.use_gpu and world[s].scaling.num_workers == 2 for s in ("sft", "sfo", "cdns", "evaluate"))
 
 
@@ -256,7 +257,7 @@ def test_a_flux_folder_without_a_gpu_fails_at_once_naming_the_flags(tmp_path, mo
     assert "no GPU is visible" in capsys.readouterr().err
     args = main_job.parse_args(["--model", str(folder), "--cpu", "--out", str(tmp_path / "a")])  # today's behaviour
     assert args.gpus == 0 and args.num_cpus == 4
-    assert not main_job.stage_configs(args, tmp_path / "a")["sft"].scaling.use_gpu
+    assert not main_configs.stage_configs(args, tmp_path / "a")["sft"].scaling.use_gpu
     with pytest.raises(SystemExit):
         main_job.parse_args(["--model", "tiny", "--cpu", "--gpus", "1", "--out", str(tmp_path / "a")])
 
@@ -274,11 +275,11 @@ def test_data_and_out_take_object_store_uris_and_bad_ones_name_the_flag(tmp_path
     pairs = tmp_path / "pairs"
     pairs.mkdir()
     args = main_job.parse_args(["--model", "tiny", "--data", str(pairs), "--out", str(tmp_path / "a")])
-    prepare = main_job.stage_configs(args, str(tmp_path / "a"))["prepare"]
+    prepare = main_configs.stage_configs(args, str(tmp_path / "a"))["prepare"]
     assert (prepare.data.source, prepare.data.input) == ("subjects200k", str(pairs))
     assert not prepare.cache.enabled  # tiny: the cache only when asked (--cache)
     args = main_job.parse_args(["--model", "tiny", "--cache", "--out", f"{s3_bucket}/runs/x"])
-    configs = main_job.stage_configs(args, args.out)
+    configs = main_configs.stage_configs(args, args.out)
     assert configs["prepare"].data.output == f"{s3_bucket}/runs/x/data/triplets" and configs["prepare"].cache.enabled
     assert configs["sft"].output.storage_path == f"{s3_bucket}/runs/x/train"
     for flags, message in ((["--out", "ftp://host/x"], "--out: 'ftp://host/x' has scheme 'ftp'"),
