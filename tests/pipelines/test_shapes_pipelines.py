@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from experiments import colour_shift, reproduce
+from experiments import colour_shift, reproduce, tables
 from pipelines import evaluate_shapes, prepare, pretrain
 from pipelines.config import load_config
 from sfo.codec import PixelCodec
@@ -303,7 +303,7 @@ def test_report_keeps_blur_radii_and_anchors_apart():
     entry = {"images": 512, "stderr": dict.fromkeys(("subject", "fine", "coarse", "text"), 0.01), "paired_vs_sft": {},
              **dict.fromkeys(("subject", "fine", "coarse", "text"), 0.2)}
     names = ["sft", "sfo-cdns", "sfo-cdns-r4", "sfo-cdns-r0.5", "sfo-cdns-rpo", "sfo-cdns-dpop"]
-    report = reproduce.format_results({"budget": {"beta": 1000.0}, "seconds": {}, "methods": dict.fromkeys(names, entry)})
+    report = tables.format_results({"budget": {"beta": 1000.0}, "seconds": {}, "methods": dict.fromkeys(names, entry)})
     table_b = report.split("## Table B")[1].split("##")[0]
     assert [line.split(" | ")[0] for line in table_b.splitlines() if line.startswith("| sfo")] == [
         "| sfo-cdns-r0.5", "| sfo-cdns-r4", "| sfo-cdns"]
@@ -322,7 +322,7 @@ def test_aggregate_pairs_each_seed_with_its_own_sft():
 
     table = pa.Table.from_pylist(rows("base", [0, 0]) + rows("sft@0", [1, 0]) + rows("x@0", [1, 1])
                                  + rows("sft@1", [0, 0]) + rows("x@1", [1, 0]))
-    out = reproduce.aggregate(table, [0, 1], ["base", "sft", "x"], {"x": ["base", "absent"]})
+    out = tables.aggregate(table, [0, 1], ["base", "sft", "x"], {"x": ["base", "absent"]})
     x = out["x"]
     assert x["images"] == 4 and x["subject"] == 0.75 and x["per_seed"]["subject"] == {"0": 1.0, "1": 0.5}
     paired = x["paired_vs_sft"]["subject"]
