@@ -271,15 +271,16 @@ def verdict(images, keys: list[tuple[str, str]], a: str = "sfo", b: str = "sft")
     cell = lambda r: (r.get("sample_id") or r.get("subject"), r.get("prompt_index"), r["prompt"], r["seed"])  # noqa: E731
     mine = {m: {cell(r): r for r in rows if r["method"] == m} for m in (a, b)}
     shared = sorted(set(mine[a]) & set(mine[b]), key=str)
-    if len(shared) < 2:
-        return f"Too few paired images ({len(shared)}) to compare {a} with {b}."
+    subjects = len({c[0] for c in shared})
+    if subjects < 2:  # the standard error counts each subject once: one subject has none
+        return (f"Too few subjects ({subjects}, {len(shared)} paired images) to compare {a} with {b}: evaluate at "
+                "least 2 (--eval-subjects).")
     parts = []
     for key, name in keys:
         d = paired_difference([float(mine[a][c][key]) for c in shared], [float(mine[b][c][key]) for c in shared],
                               clusters=[c[0] for c in shared])  # a subject's prompts and seeds count once
         outcome = {"better": f"{a} better", "worse": f"{a} worse"}.get(claim(d), "no difference shown")
         parts.append(f"{name} {d['diff']:+.3f} ± {d['se']:.3f} ({abs(d['z']):.1f} standard errors: {outcome})")
-    subjects = len({c[0] for c in shared})
     return (f"{a.upper()} against the {b.upper()} base, paired over {len(shared)} images of {subjects} subjects "
             "(same prompts and seeds; the standard error counts each subject once): "
             + "; ".join(parts) + f". A difference is claimed at >= {CLAIM_SE:g} standard errors.")

@@ -52,7 +52,7 @@ def test_main_job_runs_the_shapes_world_by_default(shapes_pretrained, ray_local,
     assert Image.open(out / "served.png").size == (32, 32)
     report = (out / "report.html").read_text()
     assert "Shapes-world oracles" in report and "random encoders" not in report
-    assert "SFO against the SFT base, paired over 1 images" in report or "Too few paired images" in report
+    assert "Too few subjects (1, 1 paired images) to compare sfo with sft" in report  # one subject: no standard error
     assert "POST /v1/generate with prompt=" in report  # the served image is captioned
     picked = "Where SFO and SFT disagree (picked)" in report  # the one cell again, if their verdicts differ
     # one triplet x (reference, base, sft, sfo) [twice when picked], the served image

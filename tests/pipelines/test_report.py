@@ -56,6 +56,10 @@ def test_verdict_pairs_the_same_images_and_says_what_it_shows():
              for m, values in (("sfo", [1, 1, 0, 0]), ("sft", [0, 0, 0, 0])) for i, v in enumerate(values)]
     text = verdict(pa.Table.from_pylist(twice), [("subject", "subject fidelity")])
     assert "paired over 4 images of 2 subjects" in text and "+0.500 ± 0.500 (1.0 standard errors" in text
+    # one subject, two seeds (the main job with --eval-subjects 1): no standard error to give, said, not raised
+    one = [r for r in twice if r["sample_id"] == "c0"]
+    assert verdict(pa.Table.from_pylist(one), [("subject", "subject fidelity")]).startswith(
+        "Too few subjects (1, 2 paired images) to compare sfo with sft: evaluate at least 2 (--eval-subjects).")
 
 
 def test_bar_chart_has_an_axis_and_values_on_the_bars():
