@@ -1,6 +1,6 @@
 """The model side of serving, without Ray: one FLUX + adapter sets ("ref" + "sfo"), jobs in, PNG bytes out.
 
-The Ray Serve deployment (``serving.app.FluxGenerator``) holds one ``Generator`` per replica and feeds it
+The Ray Serve deployment (``serving.replica.FluxGenerator``) holds one ``Generator`` per replica and feeds it
 groups from ``serving.scheduler.GroupQueue``; tests drive it directly too. Jobs that share a batch key
 (size, steps, guidance, adapter set, adapter) run as one ``sfo.sampler.sample_latents`` call; each image
 has its own seed, so an image is the same whether its request was batched or not. ``should_stop`` is

@@ -154,7 +154,8 @@ def test_serve_config_file_is_valid():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.app import DEADLINE_GRACE_S, FluxGenerator, Ingress, build_app, resolve_args
+    from serving.app import DEADLINE_GRACE_S, Ingress, build_app, resolve_args
+    from serving.replica import FluxGenerator
 
     path = Path(__file__).resolve().parents[2] / "serving" / "serve_config.yaml"
     assert path.read_text().startswith("# serve run serving/serve_config.yaml")
@@ -179,7 +180,8 @@ def test_healthz_is_503_with_the_reason_while_the_model_deployment_fails(server,
     instead of answering 200 for an app that cannot generate."""
     from ray import serve
 
-    from serving.app import FluxGenerator, Ingress
+    from serving.app import Ingress
+    from serving.replica import FluxGenerator
     from serving.schema import Limits
 
     broken = Ingress.bind(FluxGenerator.options(max_constructor_retry_count=1).bind(

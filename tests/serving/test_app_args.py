@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from serving.app import DOWNSCALE_DELAY_S, ENV_OVERRIDES, GENERATOR_ACTOR_OPTIONS, TOKEN_ENV, UPSCALE_DELAY_S, build_app
+from serving.app import ENV_OVERRIDES, TOKEN_ENV, build_app
+from serving.replica import DOWNSCALE_DELAY_S, GENERATOR_ACTOR_OPTIONS, UPSCALE_DELAY_S
 
 ARGS = {"model": "tiny", "adapters": "/nowhere/adapters"}
 

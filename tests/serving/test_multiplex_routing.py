@@ -48,7 +48,7 @@ def _replicas() -> dict[str, dict]:
     answered (a replica missed 40 times in a row has probability 2**-40)."""
     from ray import serve
 
-    from serving.app import FluxGenerator
+    from serving.replica import FluxGenerator
 
     status = serve.status().applications.get(APP)
     if status is None or status.deployments[FluxGenerator.name].status != "HEALTHY":

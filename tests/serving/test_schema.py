@@ -9,9 +9,9 @@ import json
 import pytest
 from PIL import Image
 
+from serving.bodies import MAX_JSON_DEPTH, json_depth, parse_json_body, parse_multipart
 from serving.schema import (
     DEFAULT_ADAPTER_SET,
-    MAX_JSON_DEPTH,
     Deadlines,
     Job,
     Limits,
@@ -19,9 +19,6 @@ from serving.schema import (
     job_from_form,
     job_from_json,
     job_work,
-    json_depth,
-    parse_json_body,
-    parse_multipart,
 )
 
 LIMITS = Limits(max_side=256, default_side=64, default_steps=2, max_image_bytes=200_000, max_image_pixels=512 * 512)
