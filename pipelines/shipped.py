@@ -8,7 +8,7 @@ command that made it, its steps, seed and triplets, the sha256 of the base model
 of the "ref" weights under it) and of every file. Retraining either is the one command its manifest names:
 
     python -m pipelines.main --train-sft --ship-ref --samples 512 --sft-steps 2400
-    python -m pipelines.main --train-sfo --ship-sfo --samples 512 --sfo-seed 34
+    python -m pipelines.main --train-sfo --ship-sfo --samples 512 --sfo-seed 36
 """
 
 from __future__ import annotations
@@ -112,9 +112,21 @@ def without_out(argv: list[str]) -> list[str]:
     return kept
 
 
-def _record(cfg, args, result, started: float, **extra) -> dict:
-    return {"steps": cfg.train.steps, "seed": cfg.train.seed, "rank": cfg.lora.rank, "triplets": args.samples,
-            **extra, "final_loss": (getattr(result, "metrics", None) or {}).get("loss"), "seconds": time.time() - started}
+def _train(args, cfg, ship_it: bool, trained: str, target: Path, role: str, **extra):
+    """Runs the training job of ``cfg``; with ``ship_it``, ships what it wrote in ``trained`` to ``target``, its
+    manifest recording the command (without --out), steps, seed, rank, triplets, ``extra`` and the final loss."""
+    from pipelines import train
+
+    started = time.time()
+    result = train.run(cfg)
+    if ship_it:
+        record = {"steps": cfg.train.steps, "seed": cfg.train.seed, "rank": cfg.lora.rank, "triplets": args.samples,
+                  "world_seed": args.world_seed, **extra,
+                  "final_loss": (getattr(result, "metrics", None) or {}).get("loss"), "seconds": time.time() - started}
+        command = "python -m pipelines.main " + " ".join(without_out(args.argv))
+        print(f"[{'sft' if role == 'ref' else role}] shipped to {ship(trained, record, command, target, role)}",
+              flush=True)
+    return result
 
 
 def provenance(args) -> str:
@@ -138,8 +150,6 @@ def sft_stage(args, configs: dict, p: dict) -> tuple:
     """The chain's sft stage: the shipped SFT base copied in (the shapes world, unless --train-sft or the model in
     use is not the one it was trained on), else the sft job (and, with --ship-ref, the result shipped). Decided
     when the stage runs, after pretrain has settled which model is in use; its line is then a function."""
-    from pipelines import train
-
     said = {}
 
     def run():
@@ -150,13 +160,7 @@ def sft_stage(args, configs: dict, p: dict) -> tuple:
             return copy_shipped(p["ref_adapter"])
         note = "" if args.model != "shapes" or args.train_sft else f" (no shipped SFT base matches the model in use: {SHIPPED_REF})"
         said["line"] = f"'ref' LoRA in {p['ref_adapter']}{note}"
-        started = time.time()
-        result = train.run(configs["sft"])
-        if args.ship_ref:
-            command = "python -m pipelines.main " + " ".join(without_out(args.argv))
-            print(f"[sft] shipped to {ship(p['ref_adapter'], _record(configs['sft'], args, result, started), command)}",
-                  flush=True)
-        return result
+        return _train(args, configs["sft"], args.ship_ref, p["ref_adapter"], SHIPPED_REF, "ref")
 
     return ("sft", run, lambda: said["line"])
 
@@ -165,8 +169,6 @@ def sfo_stage(args, configs: dict, p: dict) -> tuple:
     """The chain's sfo stage: the shipped "sfo" LoRA with the "ref" one under it copied into the run's adapters
     (the shapes world, unless --train-sfo, or the "ref" LoRA or the model in use is not the one it was trained on),
     else the sfo job (and, with --ship-sfo, the result shipped)."""
-    from pipelines import train
-
     said = {}
 
     def run():
@@ -179,14 +181,8 @@ def sfo_stage(args, configs: dict, p: dict) -> tuple:
         note = ("" if args.model != "shapes" or args.train_sfo or args.train_sft
                 else f" (no shipped 'sfo' LoRA matches the model and 'ref' LoRA in use: {SHIPPED_SFO})")
         said["line"] = f"'ref' + 'sfo' LoRAs in {p['adapters']}{note}"
-        started = time.time()
-        result = train.run(configs["sfo"])
-        if args.ship_sfo:
-            cfg = configs["sfo"]
-            record = _record(cfg, args, result, started, beta=cfg.sfo.beta, negatives="cdns", preset=args.preset)
-            command = "python -m pipelines.main " + " ".join(without_out(args.argv))
-            target = ship(storage.join(p["adapters"], "sfo"), record, command, SHIPPED_SFO, role="sfo")
-            print(f"[sfo] shipped to {target}", flush=True)
-        return result
+        cfg = configs["sfo"]
+        extra = {"beta": cfg.sfo.beta, "negatives": "cdns", "preset": args.preset} if args.ship_sfo else {}
+        return _train(args, cfg, args.ship_sfo, storage.join(p["adapters"], "sfo"), SHIPPED_SFO, "sfo", **extra)
 
     return ("sfo", run, lambda: said["line"])

@@ -100,3 +100,25 @@ def test_a_shipped_sfo_lora_is_used_only_over_the_ref_it_was_trained_on(tmp_path
     (target / shapes_model.MANIFEST).write_text(json.dumps(manifest))
     assert shapes_model.shipped_sfo() is None
     assert "no shipped 'sfo' LoRA matches" in (lambda s: (s[1](), s[2]())[1])(shipped_ref.sfo_stage(args, {"sfo": "c"}, p))
+
+
+def test_shipping_records_how_the_adapter_was_trained(tmp_path, monkeypatch):
+    """--ship-sfo: the trained 'sfo' LoRA is shipped with the command (no --out), its seed, the world seed of its
+    triplets and the final loss; without --ship-sfo nothing is shipped."""
+    from types import SimpleNamespace
+
+    shipped = []
+    monkeypatch.setattr("pipelines.train.run", lambda cfg: SimpleNamespace(metrics={"loss": 0.25}))
+    monkeypatch.setattr(shipped_ref, "ship", lambda *a: shipped.append(a) or tmp_path / "shipped")
+    cfg = SimpleNamespace(train=SimpleNamespace(steps=150, seed=34), lora=SimpleNamespace(rank=16),
+                          sfo=SimpleNamespace(beta=1000.0))
+    argv = ["--train-sfo", "--ship-sfo", "--samples", "512", "--world-seed", "5000", "--sfo-seed", "34"]
+    args = main_job.parse_args(argv + ["--out", str(tmp_path / "run")])
+    shipped_ref.sfo_stage(args, {"sfo": cfg}, {"adapters": str(tmp_path / "adapters")})[1]()
+    (trained, record, command, target, role), = shipped
+    assert (trained, target, role) == (str(tmp_path / "adapters" / "sfo"), shapes_model.SHIPPED_SFO, "sfo")
+    assert command == "python -m pipelines.main " + " ".join(argv)
+    assert {k: record[k] for k in ("steps", "seed", "rank", "triplets", "world_seed", "beta", "final_loss")} == {
+        "steps": 150, "seed": 34, "rank": 16, "triplets": 512, "world_seed": 5000, "beta": 1000.0, "final_loss": 0.25}
+    shipped_ref.sfo_stage(main_job.parse_args(["--train-sfo"]), {"sfo": cfg}, {"adapters": str(tmp_path)})[1]()
+    assert len(shipped) == 1
