@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import gpu
+from benchmarks import flux_flops, gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_flops_count_hand_worked():
     """FLUX.1 (d = 3072, 19 double + 38 single blocks): every block holds 12 d^2 matmul weights per token, so
     2 x 57 x 12 d^2 FLOPs per query token; attention adds 4 x queries x keys x d per block."""
-    config = gpu.flux_config()
+    config = flux_flops.flux_config()
     d = 3072
-    cached = gpu.forward_flops(config, 4096, 4096, 512, cached=True)
+    cached = flux_flops.forward_flops(config, 4096, 4096, 512, cached=True)
     assert cached == 2 * 57 * 12 * d * d * 4608 + 57 * 4 * 4608 * 8704 * d
-    uncached = gpu.forward_flops(config, 4096, 4096, 512, cached=False)
+    uncached = flux_flops.forward_flops(config, 4096, 4096, 512, cached=False)
     assert uncached == 2 * 57 * 12 * d * d * 8704 + 57 * 4 * 8704 * 8704 * d
     assert 57 * 12 * d * d == pytest.approx(6.46e9, rel=0.01)  # FLUX's 11.9B weights less the per-sample adaLN ones
-    assert gpu.condition_flops(config, 1024) == 2 * 57 * 12 * d * d * 1024 + 57 * 4 * 1024 * 1024 * d
+    assert flux_flops.condition_flops(config, 1024) == 2 * 57 * 12 * d * d * 1024 + 57 * 4 * 1024 * 1024 * d
 
 
 @pytest.mark.parametrize("name, peak", [
@@ -40,7 +40,7 @@ def test_flops_count_hand_worked():
     ("Tesla T4", None),
 ])
 def test_peak_by_device_name(name, peak):
-    assert gpu.peak_tflops(name) == peak
+    assert flux_flops.peak_tflops(name) == peak
 
 
 def test_an_oom_row_is_reported_and_the_next_row_runs(tmp_path, capsys):
@@ -65,7 +65,7 @@ def test_an_oom_row_is_reported_and_the_next_row_runs(tmp_path, capsys):
 
 
 def test_the_shipped_config_is_flux1_dev():
-    config = gpu.flux_config()
+    config = flux_flops.flux_config()
     assert (config["num_layers"], config["num_single_layers"], config["num_attention_heads"]) == (19, 38, 24)
     assert config["guidance_embeds"] is True and config["axes_dims_rope"] == [16, 56, 56]
 
