@@ -95,13 +95,15 @@ class LocalHead:
     """A head whose processes live and die with this object (``ray start --block`` in its own
     process group), so tests can run one beside other Ray sessions without ``ray stop``.
 
-        with LocalHead(num_cpus=2, dashboard_port=8299, gcs_port=6390) as address:
+        with LocalHead(num_cpus=2) as address:  # its ports: free ones, found when it is made
             JobSubmissionClient(address).submit_job(...)
     """
 
-    def __init__(self, num_cpus: int = 2, dashboard_port: int = DEFAULT_DASHBOARD_PORT, gcs_port: int = 6390,
+    def __init__(self, num_cpus: int = 2, dashboard_port: int | None = None, gcs_port: int | None = None,
                  auth: bool = True, token_file: Path = TOKEN_FILE, ready_timeout_s: float = 180.0,
                  log: Path | None = None) -> None:
+        dashboard_port = free_port() if dashboard_port is None else dashboard_port
+        gcs_port = free_port() if gcs_port is None else gcs_port
         self.gcs_port = gcs_port
         self.log = log
         self.command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={gcs_port}",

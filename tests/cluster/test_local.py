@@ -27,3 +27,11 @@ def test_start_and_stop_leave_an_unrelated_ray_untouched(tmp_path, capsys):
 
 def test_stop_without_a_recorded_head_touches_nothing(tmp_path):
     assert "nothing stopped" in local.stop_head(tmp_path)
+
+
+def test_a_head_made_without_ports_takes_free_ones(tmp_path):
+    """No fixed default: the job server's and GCS's ports are found free when the head is made (not started here)."""
+    head = local.LocalHead(auth=False, token_file=tmp_path / "token")
+    dashboard = int(head.address.rsplit(":", 1)[1])
+    assert local.port_is_free(dashboard) and local.port_is_free(head.gcs_port)
+    assert f"--port={head.gcs_port}" in head.command and f"--dashboard-port={dashboard}" in head.command

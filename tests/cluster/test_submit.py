@@ -21,7 +21,7 @@ def head(tmp_path_factory):
     """A token-auth head; clients run as subprocesses with its token, so this process's Ray stays unauthenticated
     (Ray keeps auth settings for the life of a process, which would break later tests' local clusters)."""
     token = ensure_token(tmp_path_factory.mktemp("auth") / "token")
-    head = LocalHead(num_cpus=2, dashboard_port=8299, gcs_port=6391, token_file=token)
+    head = LocalHead(num_cpus=2, token_file=token)  # free ports: other Ray sessions may run on this machine
     with head as address:
         yield address, {**os.environ, **head.client_env}
 
