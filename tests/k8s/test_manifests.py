@@ -15,6 +15,7 @@
 The renderer's flags are tested in test_render.py, the weights Job in test_weights.py, the resources they all read
 are built in manifests.py.
 """
+
 from __future__ import annotations
 
 import copy
