@@ -175,7 +175,7 @@ def sfo_stage(args, configs: dict, p: dict) -> tuple:
         shipped = shipped_sfo() if args.model == "shapes" and not args.train_sfo and not args.train_sft else None
         if shipped is not None:
             said["line"] = (f"the shipped 'sfo' LoRA ({describe(shipped)}) and its 'ref' in {p['adapters']}; "
-                            "--train-sfo trains one (python -m pipelines.shipped)")
+                            "--train-sfo trains one")
             copy_shipped(storage.join(p["adapters"], "ref"), shipped_ref())
             return copy_shipped(storage.join(p["adapters"], "sfo"), shipped)
         note = ("" if args.model != "shapes" or args.train_sfo or args.train_sft
