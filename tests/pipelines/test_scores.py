@@ -13,7 +13,7 @@ import torch
 from pipelines import cdns
 from pipelines.config import ConfigError, load_config
 from pipelines.train_config import SfoConfig
-from tests.pipelines.test_train import SIZE, _write_parquet
+from tests.pipelines.train_inputs import SIZE, write_parquet
 
 DRAWS = 2
 
@@ -37,7 +37,7 @@ def _ref_adapter(folder: Path, seed: int) -> Path:
 def scored(tmp_path_factory):
     root = tmp_path_factory.mktemp("scores")
     ref = _ref_adapter(root / "adapters", 0)
-    triplets = _write_parquet(root / "triplets", 3, False)
+    triplets = write_parquet(root / "triplets", 3, False)
     out = root / "quadruplets"
     result = cdns.run(load_config(cdns.CdnsConfig, None, [
         f"data.input={triplets}", f"data.output={out}", f"model.ref_adapter={ref}", f"cdns.size={SIZE}", "cdns.steps=2",
@@ -91,7 +91,7 @@ def test_the_sfo_job_uses_them_only_when_they_fit(scored, tmp_path, capsys):
         assert not use_scores(misfit)
         assert "running the reference pass" in capsys.readouterr().out
     assert not use_scores(_sfo(root, out, ref, "sfo.variant=sft-additional"))
-    assert not use_scores(_sfo(root, Path(_write_parquet(tmp_path / "plain", 2, True)), ref))  # no scores: silent
+    assert not use_scores(_sfo(root, Path(write_parquet(tmp_path / "plain", 2, True)), ref))  # no scores: silent
     assert "running the reference pass" not in capsys.readouterr().out
 
 

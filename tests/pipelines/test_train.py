@@ -12,50 +12,18 @@ import json
 import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipelines.config import ConfigError, load_config
-from pipelines.synthetic import synthetic_triplets
 from pipelines.train_config import SfoConfig, SftConfig
 from sfo.adapters import LORA_WEIGHTS
 from sfo.models import PIPELINE_COMPONENTS
-from sfo.records import QUADRUPLET_SCHEMA, TRIPLET_SCHEMA, encode_png
+from tests.pipelines.train_inputs import SIZE, sft_config, write_parquet
 
-SIZE = 32
 CONFIGS = Path(__file__).resolve().parents[2] / "pipelines" / "configs"
 ROWS = 8  # 4 steps x 2 workers fit in one epoch: each epoch restarts Ray Data (seconds)
-
-
-def _write_parquet(folder: Path, rows: int, negatives: bool) -> str:
-    triplets = synthetic_triplets(rows, SIZE, seed=0)
-    others = synthetic_triplets(rows, SIZE, seed=1)  # another subject's image stands in for a CDNS negative
-    columns = {
-        "sample_id": [t.sample_id for t in triplets], "item": [t.item for t in triplets],
-        "target_text": [t.target_text for t in triplets],
-        "reference_png": [encode_png(t.reference) for t in triplets],
-        "target_png": [encode_png(t.target) for t in triplets], "source": ["synthetic"] * rows,
-    }
-    if negatives:
-        columns.update(
-            negative_png=[encode_png(o.target) for o in others], negative_mode=["test"] * rows,
-            negative_image_degradation=["none"] * rows, negative_text_degradation=["none"] * rows,
-            negative_blur_radius=[None] * rows, negative_noise_std=[None] * rows,
-            negative_prompt=[t.target_text for t in triplets], negative_seed=list(range(rows)),
-            negative_steps=[1] * rows, negative_guidance=[1.0] * rows, negative_adapter_sha256=["0"] * rows,
-        )
-    folder.mkdir(parents=True)
-    schema = QUADRUPLET_SCHEMA if negatives else TRIPLET_SCHEMA
-    pq.write_table(pa.table(columns, schema=schema), folder / "part-0.parquet")
-    return str(folder)
-
-
-def _sft(tmp: Path, name: str, data: str, *overrides: str) -> SftConfig:
-    return load_config(SftConfig, None, [f"data.path={data}", f"data.size={SIZE}", "train.steps=2",
-                                         f"output.storage_path={tmp}", f"output.name={name}", *overrides])
 
 
 def _steps(run_dir: str | Path) -> list[int]:
@@ -65,16 +33,16 @@ def _steps(run_dir: str | Path) -> list[int]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-data")
-    return {"triplets": _write_parquet(root / "triplets", ROWS, False),
-            "pair": _write_parquet(root / "pair", 2, False),
-            "quadruplets": _write_parquet(root / "quadruplets", ROWS, True)}
+    return {"triplets": write_parquet(root / "triplets", ROWS, False),
+            "pair": write_parquet(root / "pair", 2, False),
+            "quadruplets": write_parquet(root / "quadruplets", ROWS, True)}
 
 
 @pytest.fixture(scope="module")
 def sft_run(ray_local, data, tmp_path_factory):
     from pipelines.train import run
 
-    cfg = _sft(tmp_path_factory.mktemp("sft"), "sft", data["triplets"], "deepspeed.zero_stage=3")  # export gathers
+    cfg = sft_config(tmp_path_factory.mktemp("sft"), "sft", data["triplets"], "deepspeed.zero_stage=3")  # export gathers
     result = run(cfg)
     return cfg, result
 
@@ -154,8 +122,8 @@ def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
     from pipelines.train import run
 
     common = ("train.optimizer=adamw", "train.lr=1e-3", "train.weight_decay=0", "train.batch_size=1")
-    one = _sft(tmp_path, "one", data["pair"], *common, "train.grad_accum=2")
-    two = _sft(tmp_path, "two", data["pair"], *common, "scaling.num_workers=2")
+    one = sft_config(tmp_path, "one", data["pair"], *common, "train.grad_accum=2")
+    two = sft_config(tmp_path, "two", data["pair"], *common, "scaling.num_workers=2")
     run(one)
     run(two)
     log_one, log_two = ([json.loads(line) for line in (Path(c.output.run_dir) / "metrics.jsonl").read_text().splitlines()]
@@ -170,135 +138,6 @@ def test_one_worker_accum2_equals_two_workers_accum1(ray_local, data, tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
 
-
-def _cached_triplets(folder: Path, *overrides: str) -> str:
-    """Triplets from ``prepare`` with the encoder cache on (the tiny model), stored as fp32: batches built from it
-    equal batches encoded from the PNGs (bf16, the default, rounds them)."""
-    from pipelines.prepare import PrepareConfig
-    from pipelines.prepare import run as prepare
-
-    return str(prepare(load_config(PrepareConfig, None, [f"data.output={folder}", "data.limit=2", f"data.size={SIZE}",
-                                                         "cache.enabled=true", "cache.store_dtype=fp32", *overrides])))
-
-
-def _cached_quadruplets(triplets: str, folder: Path, tensors: bool) -> str:
-    """Quadruplets over cached triplets as cdns writes them (``tensors`` false: the cache's small columns and the
-    negatives' latents only, rows in reverse order) or with the triplets' tensors kept; each row's target stands in
-    for its negative."""
-    from sfo.records import CACHE_META_COLUMNS, CACHE_TENSOR_COLUMNS, NEGATIVE_CACHE_FIELD
-
-    table = pq.read_table(triplets)
-    rows = table.num_rows
-    columns = {name: table.column(name) for name in TRIPLET_SCHEMA.names}
-    columns.update(
-        negative_png=table.column("target_png"), negative_mode=["test"] * rows, negative_image_degradation=["none"] * rows,
-        negative_text_degradation=["none"] * rows, negative_blur_radius=[None] * rows, negative_noise_std=[None] * rows,
-        negative_prompt=table.column("target_text"), negative_seed=list(range(rows)), negative_steps=[1] * rows,
-        negative_guidance=[1.0] * rows, negative_adapter_sha256=["0"] * rows)
-    out = pa.table(columns, schema=QUADRUPLET_SCHEMA)
-    for name in CACHE_META_COLUMNS + (CACHE_TENSOR_COLUMNS if tensors else []):
-        out = out.append_column(name, table.column(name))
-    out = out.append_column(NEGATIVE_CACHE_FIELD.name, table.column("cache_target_latents"))
-    folder.mkdir(parents=True)
-    pq.write_table(out if tensors else out.take(list(reversed(range(rows)))), folder / "part-0.parquet")
-    return str(folder)
-
-
-def _numpy_rows(path: str) -> dict:
-    """The rows as Ray Data's numpy batches give them (object arrays of bytes / str)."""
-    import numpy as np
-
-    return {k: np.array(v, dtype=object) for k, v in pq.read_table(path).to_pydict().items()}
-
-
-def test_batch_from_cache_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
-    from pipelines.train import build_batch, use_cache
-
-    path = _cached_triplets(tmp_path / "cached")
-    cfg = _sft(tmp_path, "x", path)
-    assert use_cache(cfg) and "using cached" in capsys.readouterr().out
-    rows = _numpy_rows(path)  # all columns: the PNGs for encode_batch, the cache for batch_from_cache
-    cached, encoded = build_batch(cfg, tiny_flux, rows, True), build_batch(cfg, tiny_flux, rows, False)
-    for a, b in [(cached.target, encoded.target), (cached.condition.tokens, encoded.condition.tokens),
-                 (cached.condition.ids, encoded.condition.ids), (cached.img_ids, encoded.img_ids),
-                 (cached.text.prompt_embeds, encoded.text.prompt_embeds), (cached.text.pooled, encoded.text.pooled),
-                 (cached.text.txt_ids, encoded.text.txt_ids)]:
-        torch.testing.assert_close(a, b)
-    assert cached.negative is None and len(cached) == 2
-
-
-def test_cdns_keeps_the_cache_and_the_sfo_batch_from_it_equals_encoding_the_pngs(tmp_path, tiny_flux, capsys):
-    """cdns on cached triplets keeps their cache's small columns and adds the negatives' latents; the sfo batch
-    from those columns, with the triplets' tensors joined back by sample id (data.cache_path), equals the batch
-    encoded from the PNGs, negative included. A cache of another size is dropped with one line."""
-    from pipelines import cdns
-    from pipelines.train import build_batch, use_cache
-    from pipelines.train_data import cache_index, join_cache
-    from sfo.records import CACHE_META_COLUMNS, CACHED_QUADRUPLET_SCHEMA
-
-    triplets = _cached_triplets(tmp_path / "cached")
-    negatives = tmp_path / "quadruplets"
-    common = [f"data.input={triplets}", f"cdns.size={SIZE}", "cdns.steps=2", "runner=local"]
-    assert cdns.run(load_config(cdns.CdnsConfig, None, common + [f"data.output={negatives}"]))["written"] == 2
-    assert "the cached latents/embeddings fit" in capsys.readouterr().out
-    out, source = pq.read_table(negatives), pq.read_table(triplets)
-    assert out.schema.equals(CACHED_QUADRUPLET_SCHEMA)  # no tensor columns: they stay in the triplets
-    by_id = {r["sample_id"]: r for r in source.to_pylist()}
-    assert all(r[c] == by_id[r["sample_id"]][c] for r in out.to_pylist() for c in CACHE_META_COLUMNS)
-    cfg = load_config(SfoConfig, None, [f"data.path={negatives}", f"data.size={SIZE}", f"output.storage_path={tmp_path}",
-                                        f"model.ref_adapter={tmp_path}", f"data.cache_path={triplets}"])
-    assert use_cache(cfg) and "and the negatives' latents" in capsys.readouterr().out
-    joined = tmp_path / "joined.parquet"
-    pq.write_table(join_cache(out, cache_index(triplets)), joined)
-    rows = _numpy_rows(str(joined))
-    cached, encoded = build_batch(cfg, tiny_flux, rows, True), build_batch(cfg, tiny_flux, rows, False)
-    for a, b in [(cached.negative, encoded.negative), (cached.target, encoded.target),
-                 (cached.condition.tokens, encoded.condition.tokens), (cached.text.pooled, encoded.text.pooled)]:
-        torch.testing.assert_close(a, b)
-    other = tmp_path / "other-size"
-    cdns.run(load_config(cdns.CdnsConfig, None, [f"data.input={triplets}", "cdns.size=48", "cdns.steps=2", "runner=local",
-                                                 f"data.output={other}"]))
-    assert "dropping the cached latents/embeddings" in capsys.readouterr().out
-    assert pq.read_table(other).schema.equals(QUADRUPLET_SCHEMA)
-
-
-def test_cache_of_another_size_or_model_is_ignored_with_a_message(tmp_path, capsys):
-    from pipelines.train import use_cache
-
-    path = _cached_triplets(tmp_path / "cached48", "cache.size=48")
-    capsys.readouterr()
-    assert not use_cache(_sft(tmp_path, "x", path))
-    out = capsys.readouterr().out
-    assert out.count("ignoring them") == 1 and "48" in out and "data.size" in out
-    other = _cached_triplets(tmp_path / "cached32")
-    assert not use_cache(_sft(tmp_path, "y", other, f"model.source={tmp_path / 'some-flux'}"))
-    assert "ignoring them" in capsys.readouterr().out
-    assert not use_cache(_sft(tmp_path, "z", _write_parquet(tmp_path / "plain", 2, False)))  # no cache: silent
-    assert capsys.readouterr().out == ""
-
-
-def test_sft_from_cached_columns_equals_sft_from_png(ray_local, tmp_path, capsys):
-    """One adamw step on the same 2 rows: the cached run must export the PNG run's weights. Each run prints its
-    memory plan once (a CPU run: not checked)."""
-    from pipelines.train import run
-
-    cached = _cached_triplets(tmp_path / "cached")
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    pq.write_table(pq.read_table(cached, columns=TRIPLET_SCHEMA.names), plain / "part-0.parquet")
-    common = ("train.optimizer=adamw", "train.lr=1e-3", "train.batch_size=2", "train.steps=1")
-    runs = [_sft(tmp_path, name, data, *common) for name, data in (("from-cache", cached), ("from-png", str(plain)))]
-    for cfg in runs:
-        run(cfg)
-    out = capsys.readouterr().out
-    assert out.count("[sft] memory plan per GPU: sft, batch 2, checkpointing off, ZeRO-2 x 1") == 2
-    assert out.count("(CPU run: not checked") == 2
-    a, b = (load_file(Path(c.output.run_dir) / "adapters" / "ref" / LORA_WEIGHTS) for c in runs)
-    built = [json.loads((Path(c.output.run_dir) / "summary.json").read_text())["components"] for c in runs]
-    assert built == [["scheduler", "transformer"], sorted(PIPELINE_COMPONENTS)]  # cached: no VAE, T5/CLIP, tokenizers
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key])
 
 
 @pytest.mark.parametrize("override, field", [
@@ -423,7 +262,7 @@ def test_a_plan_above_the_gpus_memory_is_refused_naming_the_knob_before_anything
     from sfo.memory import GIB
 
     _no_loading(monkeypatch)
-    cfg = _sft(tmp_path, "big", data["triplets"], "data.size=64", "train.batch_size=4", "scaling.use_gpu=true")
+    cfg = sft_config(tmp_path, "big", data["triplets"], "data.size=64", "train.batch_size=4", "scaling.use_gpu=true")
     plan = train.plan_memory(cfg)
     assert plan.knobs["batch_size"] == 4 and not plan.knobs["gradient_checkpointing"] and plan.total > plan.weights
     small = int((plan.weights + plan.trainable) / 0.9) + 1  # the weights fit, the activations do not
@@ -434,7 +273,7 @@ def test_a_plan_above_the_gpus_memory_is_refused_naming_the_knob_before_anything
     assert "[sft] memory plan per GPU: sft, batch 4, checkpointing off" in captured.out
     assert "set train.gradient_checkpointing=true" in captured.err and "this driver's Tiny GPU" in captured.err
     with pytest.raises(ConfigError, match=r"lower train\.batch_size \(now 4"):  # checkpointing on: the batch is next
-        train.run(_sft(tmp_path, "big", data["triplets"], "data.size=64", "train.batch_size=4", "scaling.use_gpu=true",
+        train.run(sft_config(tmp_path, "big", data["triplets"], "data.size=64", "train.batch_size=4", "scaling.use_gpu=true",
                        "train.gradient_checkpointing=true", f"scaling.gpu_memory_gib={small / GIB / 1.5}"))
 
 
@@ -444,8 +283,8 @@ def test_a_driver_without_a_gpu_skips_the_check_and_says_how_to_have_it(data, tm
     _no_loading(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(AssertionError, match="went past its memory check"):  # reached init_ray: nothing refused
-        train.run(_sft(tmp_path, "joined", data["triplets"], "scaling.use_gpu=true"))
+        train.run(sft_config(tmp_path, "joined", data["triplets"], "scaling.use_gpu=true"))
     assert "not checked: this driver has no GPU" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="went past its memory check"):
-        train.run(_sft(tmp_path, "joined", data["triplets"], "scaling.use_gpu=true", "scaling.gpu_memory_gib=80"))
+        train.run(sft_config(tmp_path, "joined", data["triplets"], "scaling.use_gpu=true", "scaling.gpu_memory_gib=80"))
     assert "memory plan fits scaling.gpu_memory_gib=80" in capsys.readouterr().out

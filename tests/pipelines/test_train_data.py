@@ -11,7 +11,7 @@ import torch
 
 from pipelines.config import ConfigError, load_config
 from pipelines.train_config import SfoConfig, TrainConfig
-from tests.pipelines.test_train import SIZE, _cached_quadruplets, _cached_triplets, _sft
+from tests.pipelines.train_inputs import SIZE, cached_quadruplets, cached_triplets, sft_config
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def test_shuffle_is_seeded_per_epoch_and_off_at_zero(ordered, tmp_path):
     from pipelines.train import epoch_rows
 
     data = ray.data.range(64, override_num_blocks=4)
-    cfg = lambda *o: _sft(tmp_path, "shuffle", str(tmp_path), "train.batch_size=8", *o)  # noqa: E731
+    cfg = lambda *o: sft_config(tmp_path, "shuffle", str(tmp_path), "train.batch_size=8", *o)  # noqa: E731
     order = lambda c, epoch: [int(i) for rows in epoch_rows(data, c, epoch) for i in rows["id"]]  # noqa: E731
     seeded = cfg("train.shuffle_buffer=64", "train.seed=3")
     first = order(seeded, 0)
@@ -53,7 +53,7 @@ def test_a_stream_started_at_a_yielded_position_continues_it(ordered, tmp_path):
     from pipelines.train import row_batches
 
     data = ray.data.range(40, override_num_blocks=4)
-    cfg = _sft(tmp_path, "position", str(tmp_path), "train.batch_size=8", "train.shuffle_buffer=16", "train.seed=5")
+    cfg = sft_config(tmp_path, "position", str(tmp_path), "train.batch_size=8", "train.shuffle_buffer=16", "train.seed=5")
     take = lambda position, n: [(pos, [int(i) for i in rows["id"]])  # noqa: E731
                                 for pos, rows in itertools.islice(row_batches(data, cfg, 0, position), n)]
     straight = take((0, 0), 15)
@@ -79,16 +79,16 @@ def test_small_parquet_is_read_once_sorted_by_sample_id_and_large_parquet_stream
         pq.write_table(pa.table({"sample_id": written[lo:hi]}), folder / f"part-{k}.parquet")
     assert parquet_mib(folder) == pytest.approx(sum(f.stat().st_size for f in folder.iterdir()) / 2**20)
     global_order = ray_local.data.DataContext.get_current().execution_options.preserve_order
-    small = training_dataset(_sft(tmp_path, "mem", str(folder)), ["sample_id"])
+    small = training_dataset(sft_config(tmp_path, "mem", str(folder)), ["sample_id"])
     assert isinstance(small, MaterializedDataset)
     assert [r["sample_id"] for r in small.take_all()] == ids
     assert [r["sample_id"] for r in small.take_all()] == ids  # a second pass: the same rows, same order
     assert ray_local.data.DataContext.get_current().execution_options.preserve_order == global_order  # untouched
-    streamed = training_dataset(_sft(tmp_path, "stream", str(folder), "data.in_memory_mib=0"), ["sample_id"])
+    streamed = training_dataset(sft_config(tmp_path, "stream", str(folder), "data.in_memory_mib=0"), ["sample_id"])
     assert not isinstance(streamed, MaterializedDataset)
     assert sorted(r["sample_id"] for r in streamed.take_all()) == ids
     with pytest.raises(ConfigError, match=r"data\.in_memory_mib"):
-        _sft(tmp_path, "bad", str(folder), "data.in_memory_mib=-1")
+        sft_config(tmp_path, "bad", str(folder), "data.in_memory_mib=-1")
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +96,9 @@ def cached(tmp_path_factory):
     """Cached triplets (prepare, tiny model), quadruplets that kept their tensors, and quadruplets as cdns writes
     them (the cache's small columns only, rows in another order)."""
     root = tmp_path_factory.mktemp("cached")
-    triplets = _cached_triplets(root / "triplets")
-    return {"root": root, "triplets": triplets, "full": _cached_quadruplets(triplets, root / "full", True),
-            "refs": _cached_quadruplets(triplets, root / "refs", False)}
+    triplets = cached_triplets(root / "triplets")
+    return {"root": root, "triplets": triplets, "full": cached_quadruplets(triplets, root / "full", True),
+            "refs": cached_quadruplets(triplets, root / "refs", False)}
 
 
 def _sfo(cached: dict, *overrides: str) -> SfoConfig:
@@ -131,13 +131,13 @@ def test_quadruplets_referring_to_the_cache_need_data_cache_path(cached, tmp_pat
     """Without data.cache_path the job stops before any work naming the field and the fix; a data.cache_path
     without the tensors (plain triplets) is refused too."""
     from pipelines.train import main_for
-    from tests.pipelines.test_train import _write_parquet
+    from tests.pipelines.train_inputs import write_parquet
 
     cfg = _sfo(cached, f"data.path={cached['refs']}")
     with pytest.raises(ConfigError, match=r"data\.cache_path: .*set data\.cache_path.*data\.cache_path=runs/data/triplets"):
         cfg.check_inputs()
     assert main_for(cfg) == 2
-    plain = _write_parquet(tmp_path / "plain", 2, False)
+    plain = write_parquet(tmp_path / "plain", 2, False)
     with pytest.raises(ValueError, match=r"data\.cache_path: .* lacks the column\(s\) \['cache_pooled'"):
         _sfo(cached, f"data.path={cached['refs']}", f"data.cache_path={plain}").check_inputs()
 
