@@ -6,7 +6,8 @@
 A screen for the levers of the SFT base (steps, rank, data, the base model), before the jobs confirm one:
 the same pieces as ``experiments.screen``'s SFT (Prodigy as the jobs use it, per-sample seeding, the
 objective of paper Eq. 1 on the condition tokens), then ``--eval`` held-out cells (world seed 1000, cell i
-sampled with seed i) with the reference, read by the oracles. Prints one JSON line (subject fidelity, fine,
+sampled with seed i; ``--world-seed 3000`` for validation cells, where a lever is decided) with the reference,
+read by the oracles; ``--text-guidance W`` samples with text guidance (a model pretrained with caption dropout). Prints one JSON line (subject fidelity, fine,
 coarse, text, pattern, accent, off pixels, seconds); ``--out`` also keeps the adapter and a grid (references
 on the first row, then samples).
 """
@@ -24,13 +25,15 @@ import numpy as np
 EVAL_WORLD_SEED = 1000
 
 
-def judge_ref(model, cells, image_guidance: float = 1.0, batch: int = 32) -> tuple[dict, list]:
+def judge_ref(model, cells, image_guidance: float = 1.0, batch: int = 32,
+              text_guidance: float = 1.0) -> tuple[dict, list]:
     """Samples each held-out cell with its reference (seed = its index) and averages the oracle's verdicts."""
     from sfo.sampler import SamplerConfig, generate
     from sfo.shapes import oracle
     from sfo.shapes.world import SIZE
 
-    config = SamplerConfig(steps=28, height=SIZE, width=SIZE, image_guidance=image_guidance)
+    config = SamplerConfig(steps=28, height=SIZE, width=SIZE, image_guidance=image_guidance,
+                           text_guidance=text_guidance)
     images = []
     for start in range(0, len(cells), batch):
         part = cells[start:start + batch]
@@ -41,6 +44,7 @@ def judge_ref(model, cells, image_guidance: float = 1.0, batch: int = 32) -> tup
     result = {k: float(np.mean([v[k] for v in verdicts])) for k in keys}
     result["subject_se"] = float(np.sqrt(result["subject"] * (1 - result["subject"]) / len(cells)))
     result["off_pixels"] = float(np.mean([oracle.off_pixels(i) for i in images]))
+    result["subject_per_cell"] = [int(v["subject"]) for v in verdicts]  # to pair two bases on the same cells
     return result, images
 
 
@@ -55,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--eval", type=int, default=256, help="held-out cells judged (default: 256)")
+    parser.add_argument("--world-seed", type=int, default=EVAL_WORLD_SEED,
+                        help=f"the judged cells' world seed (default: {EVAL_WORLD_SEED}, the held-out ones; 3000: validation)")
+    parser.add_argument("--text-guidance", type=float, default=1.0,
+                        help="text guidance scale when judging (default: 1 = off; > 1 needs caption-dropout pretraining)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--ref", default=None,
                         help="judge this trained 'ref' LoRA folder instead of training one (e.g. sfo/shapes/ref)")
@@ -65,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')}: must be at least 1")
     if args.steps < 0:
         parser.error("--steps: must be >= 0")
+    if args.world_seed == 0:
+        parser.error("--world-seed: 0 is the training triplets' seed; judge held-out (1000) or validation (3000) cells")
 
     import torch
 
@@ -88,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         train(model, lambda b, t, n: sft_objective(model.transformer, b, t, n, adapters=[A.REF]), data, args.steps,
               args.batch_size, args.seed, A.trainable_parameters(model.transformer), lambda m: print(m, flush=True))
     trained = time.time() - started
-    cells = world_triplets(args.eval, EVAL_WORLD_SEED)
-    result, images = judge_ref(model, cells)
-    result.update(train_s=round(trained), eval_s=round(time.time() - started - trained),
+    cells = world_triplets(args.eval, args.world_seed)
+    result, images = judge_ref(model, cells, text_guidance=args.text_guidance)
+    result.update(world_seed=args.world_seed, text_guidance=args.text_guidance, train_s=round(trained), eval_s=round(time.time() - started - trained),
                   command="python -m experiments.sft_strength " + " ".join(sys.argv[1:] if argv is None else argv))
     print(json.dumps(result), flush=True)
     if args.out:

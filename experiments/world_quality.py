@@ -1,10 +1,11 @@
 """How well the shapes-world model draws by itself: text-to-image samples (no reference) read back by the oracle.
 
-    python -m experiments.world_quality [--model shapes|FOLDER] [--samples 256] [--text-guidance 1,2,4]
+    python -m experiments.world_quality [--model shapes|FOLDER] [--samples 256] [--text-guidance 1,2,4] [--world-seed 1000]
 
 The paper starts from FLUX.1-dev, whose text-to-image samples are clean; the world's model plays it,
 so its own samples are measured before any adapter is trained on it. Prompts are the target texts of
-the held-out cells (world seed 1000, as the evaluation's), one sample seed each. Reported per text
+the held-out cells (world seed 1000, as the evaluation's; ``--world-seed 3000`` for validation cells, where
+a choice such as the guidance scale is made), one sample seed each. Reported per text
 guidance scale (1 = off; > 1 needs a model pretrained with ``caption_dropout``):
 
 - per prompted attribute (background, position, size, shape, colour): the share read back as prompted;
@@ -13,7 +14,8 @@ guidance scale (1 = off; > 1 needs a model pretrained with ``caption_dropout``):
 - ``off_pixels``: mean share of pixels farther than the oracle's threshold from the world's drawing of
   what was read (``sfo.shapes.oracle.off_pixels``: 0 = drawn exactly);
 - ``clean``: ``text`` and ``complete`` and at most ``CLEAN_OFF_PIXELS`` of the pixels off;
-- ``patterns``: how often each pattern was drawn (a model mixing patterns reads mostly as one).
+- ``patterns``: how often each pattern was drawn (a model mixing patterns reads mostly as one);
+- ``text_per_sample``: each sample's ``text`` verdict, to pair two models on the same prompts and seeds.
 
 Writes ``<out>/world_quality.json`` (and ``samples_<w>.png``, the first 64 samples) when ``--out`` is given.
 """
@@ -34,13 +36,14 @@ EVAL_WORLD_SEED = 1000  # the held-out cells' world seed (pipelines.evaluate_sha
 SAMPLE_SEED = 7000  # sample i draws its noise from seed SAMPLE_SEED + i
 
 
-def measure(model, samples: int, text_guidance: float, steps: int = 28, batch: int = 32) -> tuple[dict, list]:
-    """Samples ``samples`` held-out target texts at one text guidance scale; returns (summary, images)."""
+def measure(model, samples: int, text_guidance: float, steps: int = 28, batch: int = 32,
+            world_seed: int = EVAL_WORLD_SEED) -> tuple[dict, list]:
+    """Samples ``samples`` target texts of ``world_seed``'s cells at one text guidance scale; returns (summary, images)."""
     from sfo.sampler import SamplerConfig, generate
     from sfo.shapes import oracle
     from sfo.shapes.world import SIZE, world_triplets
 
-    cells = world_triplets(samples, seed=EVAL_WORLD_SEED)
+    cells = world_triplets(samples, seed=world_seed)
     config = SamplerConfig(steps=steps, height=SIZE, width=SIZE, text_guidance=text_guidance)
     images = []
     for start in range(0, samples, batch):
@@ -59,6 +62,7 @@ def measure(model, samples: int, text_guidance: float, steps: int = 28, batch: i
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     summary["text_se"] = float(np.sqrt(summary["text"] * (1 - summary["text"]) / samples))
     summary["patterns"] = dict(patterns.most_common())
+    summary["text_per_sample"] = [int(r["text"]) for r in rows]  # to pair two models on the same prompts and seeds
     return summary, images
 
 
@@ -89,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=256, help="held-out prompts, one sample each (default: 256)")
     parser.add_argument("--steps", type=int, default=28, help="sampling steps (default: 28, paper Sec. 4.1)")
     parser.add_argument("--text-guidance", default="1", help="comma-separated scales (default: 1 = off)")
+    parser.add_argument("--world-seed", type=int, default=EVAL_WORLD_SEED,
+                        help=f"the cells whose target texts are sampled (default: {EVAL_WORLD_SEED}, the held-out ones; "
+                             "3000: validation cells)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=None, help="folder for world_quality.json and sample grids")
     args = parser.parse_args(argv)
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     for guidance in args.text_guidance:
         start = time.time()
-        summary, images = measure(model, args.samples, guidance, args.steps)
+        summary, images = measure(model, args.samples, guidance, args.steps, world_seed=args.world_seed)
         summary["seconds"] = time.time() - start
         results[f"{guidance:g}"] = summary
         print(format_row(guidance, summary), flush=True)
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     print("patterns drawn: " + "; ".join(f"w={w}: {r['patterns']}" for w, r in results.items()))
     if out:
         record = {"command": "python -m experiments.world_quality " + " ".join(sys.argv[1:] if argv is None else argv),
-                  "model": args.model, "samples": args.samples, "steps": args.steps, "results": results}
+                  "model": args.model, "world_seed": args.world_seed, "samples": args.samples, "steps": args.steps,
+                  "results": results}
         (out / "world_quality.json").write_text(json.dumps(record, indent=2))
     return 0
 

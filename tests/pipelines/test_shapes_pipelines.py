@@ -93,13 +93,17 @@ def test_sft_strength_trains_a_ref_and_judges_held_out_cells(shapes_pretrained, 
     from experiments import sft_strength
 
     assert sft_strength.main(["--model", str(shapes_pretrained), "--steps", "1", "--triplets", "2", "--batch-size", "2",
-                              "--eval", "2", "--out", str(tmp_path)]) == 0
+                              "--eval", "2", "--world-seed", "3000", "--text-guidance", "2", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["world_seed"], result["text_guidance"]) == (3000, 2.0)
+    assert np.mean(result["subject_per_cell"]) == result["subject"] and len(result["subject_per_cell"]) == 2
     assert all(0 <= result[k] <= 1 for k in ("subject", "fine", "coarse", "text", "pattern", "accent", "off_pixels"))
     assert result["subject"] <= min(result["fine"], result["coarse"]) and "--steps 1" in result["command"]
     assert (tmp_path / "ref" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "grid.png").is_file()
     with pytest.raises(SystemExit):
         sft_strength.main(["--rank", "0"])
+    with pytest.raises(SystemExit):
+        sft_strength.main(["--world-seed", "0"])  # the training triplets' own cells
 
 
 def test_pretrain_config_names_bad_fields():
@@ -132,9 +136,11 @@ def test_world_quality_reads_back_text_to_image_samples(shapes_pretrained, tmp_p
     from experiments import world_quality
 
     assert world_quality.main(["--model", str(shapes_pretrained), "--samples", "4", "--steps", "2",
-                               "--text-guidance", "1,2", "--out", str(tmp_path)]) == 0
+                               "--text-guidance", "1,2", "--world-seed", "3000", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "world_quality.json").read_text())
-    assert set(record["results"]) == {"1", "2"}
+    assert set(record["results"]) == {"1", "2"} and record["world_seed"] == 3000
+    for summary in record["results"].values():
+        assert np.mean(summary["text_per_sample"]) == summary["text"] and len(summary["text_per_sample"]) == 4
     for summary in record["results"].values():
         assert sum(summary["patterns"].values()) == 4
         assert all(0 <= summary[k] <= 1 for k in ("text", "complete", "clean", "off_pixels", "shape", "colour"))
