@@ -45,6 +45,10 @@ def judge_ref(model, cells, image_guidance: float = 1.0, batch: int = 32,
     result["subject_se"] = float(np.sqrt(result["subject"] * (1 - result["subject"]) / len(cells)))
     result["off_pixels"] = float(np.mean([oracle.off_pixels(i) for i in images]))
     result["subject_per_cell"] = [int(v["subject"]) for v in verdicts]  # to pair two bases on the same cells
+    by_pattern = {}  # the pattern copied, per the reference's pattern (experiments.failures, for one adapter)
+    for verdict, cell in zip(verdicts, cells):
+        by_pattern.setdefault(cell.subject.pattern, []).append(verdict["pattern"])
+    result["pattern_by_reference"] = {p: float(np.mean(v)) for p, v in sorted(by_pattern.items())}
     return result, images
 
 

@@ -2,6 +2,7 @@
 experiments that judge the world model and the SFT base (the reproduction: test_reproduce.py)."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -97,6 +98,10 @@ def test_sft_strength_trains_a_ref_and_judges_held_out_cells(shapes_pretrained, 
     result = json.loads((tmp_path / "result.json").read_text())
     assert (result["world_seed"], result["text_guidance"]) == (3000, 2.0)
     assert np.mean(result["subject_per_cell"]) == result["subject"] and len(result["subject_per_cell"]) == 2
+    counts = Counter(c.subject.pattern for c in world_triplets(2, 3000))
+    by_pattern = result["pattern_by_reference"]
+    assert set(by_pattern) == set(counts)
+    assert sum(by_pattern[p] * n for p, n in counts.items()) / 2 == pytest.approx(result["pattern"])
     assert all(0 <= result[k] <= 1 for k in ("subject", "fine", "coarse", "text", "pattern", "accent", "off_pixels"))
     assert result["subject"] <= min(result["fine"], result["coarse"]) and "--steps 1" in result["command"]
     assert (tmp_path / "ref" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "grid.png").is_file()
