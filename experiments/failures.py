@@ -71,13 +71,15 @@ def format_breakdown(method: str, result: dict) -> str:
     for key, rates in result["by"].items():
         values = sorted({name.split("/")[0] for name in rates})
         for value in values:
-            n = sum(result["confusion"].get((value, read), 0) for read in (*PATTERNS, "none")) if key == "pattern" else ""
+            n = (sum(result["confusion"].get((value, read), 0) for read in (*PATTERNS, "none"))
+                 if key == "pattern" else "")
             lines.append(f"| {key} | {value} | " + " | ".join(f"{rates[f'{value}/{j}']:.2f}" for j in
                                                             ("subject", "pattern", "accent")) + f" | {n} |")
     reads = (*PATTERNS, "none")
     lines += ["", "| reference pattern -> read | " + " | ".join(reads) + " |", "|---|" + "---|" * len(reads)]
     for pattern in PATTERNS:
-        lines.append(f"| {pattern} | " + " | ".join(str(result["confusion"].get((pattern, r), 0)) for r in reads) + " |")
+        counts = (str(result["confusion"].get((pattern, r), 0)) for r in reads)
+        lines.append(f"| {pattern} | " + " | ".join(counts) + " |")
     return "\n".join(lines)
 
 

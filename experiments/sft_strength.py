@@ -7,9 +7,10 @@ A screen for the levers of the SFT base (steps, rank, data, the base model), bef
 the same pieces as ``experiments.screen``'s SFT (Prodigy as the jobs use it, per-sample seeding, the
 objective of paper Eq. 1 on the condition tokens), then ``--eval`` held-out cells (world seed 1000, cell i
 sampled with seed i; ``--world-seed 3000`` for validation cells, where a lever is decided) with the reference,
-read by the oracles; ``--text-guidance W`` samples with text guidance (a model pretrained with caption dropout). Prints one JSON line (subject fidelity, fine,
-coarse, text, pattern, accent, off pixels, seconds); ``--out`` also keeps the adapter and a grid (references
-on the first row, then samples).
+read by the oracles; ``--text-guidance W`` samples with text guidance (a model pretrained with caption dropout).
+Prints one JSON line (subject fidelity, fine, coarse, text, pattern, accent, off pixels, seconds, the pattern
+copied per reference pattern); ``--out`` also keeps it in result.json with each cell's verdict, the adapter and a
+grid (references on the first row, then samples).
 """
 
 from __future__ import annotations
@@ -64,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--eval", type=int, default=256, help="held-out cells judged (default: 256)")
     parser.add_argument("--world-seed", type=int, default=EVAL_WORLD_SEED,
-                        help=f"the judged cells' world seed (default: {EVAL_WORLD_SEED}, the held-out ones; 3000: validation)")
+                        help=f"the judged cells' world seed (default: {EVAL_WORLD_SEED}, the held-out ones; "
+                             "3000: validation)")
     parser.add_argument("--text-guidance", type=float, default=1.0,
-                        help="text guidance scale when judging (default: 1 = off; > 1 needs caption-dropout pretraining)")
+                        help="text guidance scale when judging (default: 1 = off; > 1 needs a model pretrained "
+                             "with caption dropout)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--ref", default=None,
                         help="judge this trained 'ref' LoRA folder instead of training one (e.g. sfo/shapes/ref)")
@@ -104,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     trained = time.time() - started
     cells = world_triplets(args.eval, args.world_seed)
     result, images = judge_ref(model, cells, text_guidance=args.text_guidance)
-    result.update(world_seed=args.world_seed, text_guidance=args.text_guidance, train_s=round(trained), eval_s=round(time.time() - started - trained),
+    result.update(world_seed=args.world_seed, text_guidance=args.text_guidance, train_s=round(trained),
+                  eval_s=round(time.time() - started - trained),
                   command="python -m experiments.sft_strength " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(json.dumps(result), flush=True)
+    print(json.dumps({k: v for k, v in result.items() if k != "subject_per_cell"}), flush=True)  # the list: result.json
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """How well the shapes-world model draws by itself: text-to-image samples (no reference) read back by the oracle.
 
-    python -m experiments.world_quality [--model shapes|FOLDER] [--samples 256] [--text-guidance 1,2,4] [--world-seed 1000]
+    python -m experiments.world_quality [--model shapes|FOLDER] [--samples 256] [--text-guidance 1,2,4]
+                                        [--world-seed 1000]
 
 The paper starts from FLUX.1-dev, whose text-to-image samples are clean; the world's model plays it,
 so its own samples are measured before any adapter is trained on it. Prompts are the target texts of
@@ -38,7 +39,9 @@ SAMPLE_SEED = 7000  # sample i draws its noise from seed SAMPLE_SEED + i
 
 def measure(model, samples: int, text_guidance: float, steps: int = 28, batch: int = 32,
             world_seed: int = EVAL_WORLD_SEED) -> tuple[dict, list]:
-    """Samples ``samples`` target texts of ``world_seed``'s cells at one text guidance scale; returns (summary, images)."""
+    """Samples ``samples`` target texts of ``world_seed``'s cells at one text guidance scale.
+
+    Returns (summary, images)."""
     from sfo.sampler import SamplerConfig, generate
     from sfo.shapes import oracle
     from sfo.shapes.world import SIZE, world_triplets
