@@ -24,17 +24,28 @@ from pathlib import Path
 BREAKDOWNS = ("pattern", "accent", "size")  # the reference's pattern and accent, the target text's size
 
 
-def cell_of(sample_id: str):
-    """The world triplet an evaluated image was sampled for (``shapes-<seed>-<index>``)."""
-    from sfo.shapes.world import world_triplets
-
+def _seed_and_index(sample_id: str) -> tuple[int, int]:
     try:
         _, seed, index = sample_id.rsplit("-", 2)
-        seed, index = int(seed), int(index)
+        return int(seed), int(index)
     except ValueError:
         raise ValueError(f"sample_id: expected 'shapes-<world seed>-<index>' (a shapes-world evaluation), "
                          f"got {sample_id!r}") from None
-    return world_triplets(index + 1, seed)[index]
+
+
+def cells_of(sample_ids) -> dict:
+    """The world triplet each evaluated image was sampled for (``shapes-<seed>-<index>``), each seed drawn once."""
+    from sfo.shapes.world import world_triplets
+
+    last: dict[int, int] = {}
+    for seed, index in map(_seed_and_index, sample_ids):
+        last[seed] = max(index, last.get(seed, -1))
+    return {t.sample_id: t for seed, index in last.items() for t in world_triplets(index + 1, seed)}
+
+
+def cell_of(sample_id: str):
+    """The world triplet one evaluated image was sampled for."""
+    return cells_of([sample_id])[sample_id]
 
 
 def breakdown(rows: list[dict]) -> dict:
@@ -42,12 +53,10 @@ def breakdown(rows: list[dict]) -> dict:
     from sfo.shapes import oracle
     from sfo.records import decode_png
 
-    cells: dict[str, object] = {}
+    cells = cells_of({row["sample_id"] for row in rows})
     tables: dict[str, dict] = defaultdict(lambda: {"by": defaultdict(lambda: defaultdict(list)),
                                                    "confusion": Counter(), "images": 0})
     for row in rows:
-        if row["sample_id"] not in cells:
-            cells[row["sample_id"]] = cell_of(row["sample_id"])
         cell = cells[row["sample_id"]]
         table = tables[row["method"]]
         table["images"] += 1
