@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.train_config import PRESETS  # what every SFO arm adds to the sfo job's config
+from sfo.shapes.model import SHIPPED_STEPS
 from sfo.shapes.world import CDNS_BLUR_RADIUS as CDNS_RADIUS
 
 EXPERIMENTS = ("table4", "tableC", "tableB", "beta", "negatives", "anchor", "scope", "filter", "sft-strength", "guidance",
@@ -44,7 +45,7 @@ class Budget:
 
 BUDGETS = {
     # 256 held-out triplets x 2 sample seeds = 512 images per method and training seed.
-    "full": Budget(pretrain_steps=3000, triplets=512, sft_steps=300, sfo_steps=150, batch_size=8, sample_steps=28,
+    "full": Budget(pretrain_steps=SHIPPED_STEPS, triplets=512, sft_steps=300, sfo_steps=150, batch_size=8, sample_steps=28,
                    eval_subjects=256, eval_seeds=2, blur_radii=(0.5, 1.0, 2.0, 4.0), betas=(100.0, 10000.0), colour_steps=60, colour_every=20,
                    colour_samples=100),
     # Checks the machinery (tests): every stage and arm runs, nothing is learned.

@@ -40,6 +40,7 @@ from pipelines.common import CHECKPOINTING_PARAMETERS, CORES, start_local_ray
 from pipelines import shipped
 from pipelines.main_configs import model_source, stage_configs
 from sfo.modes import DEFAULT_SWITCH, MODES, SamplingMode
+from sfo.shapes.model import SHIPPED_STEPS
 
 CPU_RAY_CPUS = 4  # logical CPUs of the local Ray on the CPU: fractional workers need headroom on 2 cores
 
@@ -64,8 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world-seed", type=int, default=0,
                         help="shapes world: the world seed of the training triplets (default 0, the triplets the shipped "
                              "SFT base was trained on; the held-out cells are seed 1000 and refused here)")
-    parser.add_argument("--pretrain-steps", type=int, default=3000,
-                        help="shapes world: pretraining steps of the model, run once and cached (default: 3000, the shipped model)")
+    parser.add_argument("--pretrain-steps", type=int, default=SHIPPED_STEPS,
+                        help=f"shapes world: pretraining steps of the model, run once and cached (default: {SHIPPED_STEPS}, "
+                             "the shipped model)")
     shipped.add_arguments(parser)  # --train-sft, --ship-ref, --train-sfo, --ship-sfo, --sfo-seed
     parser.add_argument("--sft-steps", type=int, default=None,
                         help="SFT steps of the 'ref' LoRA when it is trained (default: 200 shapes, 8)")

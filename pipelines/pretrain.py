@@ -37,7 +37,8 @@ from sfo.objectives import TrainBatch, sft_objective
 from sfo.sampler import UNCONDITIONAL  # the caption-dropout caption is text guidance's unconditional prompt
 from sfo.shapes import world as W
 from sfo.shapes.model import (
-    MANIFEST, SHIPPED, ShapesFluxConfig, build_shapes_pipeline, file_digests, pretrained_folder, shipped_manifest,
+    MANIFEST, SHIPPED, SHIPPED_STEPS, ShapesFluxConfig, build_shapes_pipeline, file_digests, pretrained_folder,
+    shipped_manifest,
 )
 from sfo.text import TextEmbeddings, encode_prompts
 from sfo.timesteps import TimestepSampling, sample_timesteps
@@ -47,7 +48,7 @@ CAPTION_WEIGHTS = (0.5, 0.25, 0.25)  # target text, generic text, App. A prompt
 
 @dataclass
 class PretrainConfig:
-    steps: int = 3000
+    steps: int = SHIPPED_STEPS
     batch_size: int = 48
     lr: float = 1e-3
     warmup: int = 100  # linear warm-up steps, then cosine decay to 10% of lr

@@ -74,6 +74,7 @@ def build_shapes_pipeline(config: ShapesFluxConfig = ShapesFluxConfig()) -> Flux
 
 SHIPPED = Path(__file__).resolve().parent / "pretrained"  # the model this repository ships (MANIFEST.json)
 MANIFEST = "MANIFEST.json"
+SHIPPED_STEPS = 6000  # its pretraining steps: pipelines.pretrain's default, so its MANIFEST command reproduces it
 
 
 def pretrained_folder(config: ShapesFluxConfig = ShapesFluxConfig()) -> Path:
