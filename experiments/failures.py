@@ -24,36 +24,13 @@ from pathlib import Path
 BREAKDOWNS = ("pattern", "accent", "size")  # the reference's pattern and accent, the target text's size
 
 
-def _seed_and_index(sample_id: str) -> tuple[int, int]:
-    try:
-        _, seed, index = sample_id.rsplit("-", 2)
-        return int(seed), int(index)
-    except ValueError:
-        raise ValueError(f"sample_id: expected 'shapes-<world seed>-<index>' (a shapes-world evaluation), "
-                         f"got {sample_id!r}") from None
-
-
-def cells_of(sample_ids) -> dict:
-    """The world triplet each evaluated image was sampled for (``shapes-<seed>-<index>``), each seed drawn once."""
-    from sfo.shapes.world import world_triplets
-
-    last: dict[int, int] = {}
-    for seed, index in map(_seed_and_index, sample_ids):
-        last[seed] = max(index, last.get(seed, -1))
-    return {t.sample_id: t for seed, index in last.items() for t in world_triplets(index + 1, seed)}
-
-
-def cell_of(sample_id: str):
-    """The world triplet one evaluated image was sampled for."""
-    return cells_of([sample_id])[sample_id]
-
-
 def breakdown(rows: list[dict]) -> dict:
     """Per method: rates per reference detail, and the confusion of patterns (reference -> read)."""
     from sfo.shapes import oracle
     from sfo.records import decode_png
+    from sfo.shapes.world import triplets_of
 
-    cells = cells_of({row["sample_id"] for row in rows})
+    cells = triplets_of({row["sample_id"] for row in rows})
     tables: dict[str, dict] = defaultdict(lambda: {"by": defaultdict(lambda: defaultdict(list)),
                                                    "confusion": Counter(), "images": 0})
     for row in rows:

@@ -146,11 +146,11 @@ def oracle_quadruplets(triplets: Path, output: Path, seed: int) -> int:
     import pyarrow.parquet as pq
 
     from sfo.records import QUADRUPLET_SCHEMA, encode_png
-    from sfo.shapes.world import fine_twin, render, world_triplets
+    from sfo.shapes.world import fine_twin, render, triplets_of
 
     table = pq.read_table(triplets)
     ids = table["sample_id"].to_pylist()
-    world = {t.sample_id: t for t in world_triplets(len(ids), seed=int(ids[0].split("-")[1]))} if ids else {}
+    world = triplets_of(ids)
     rng = np.random.default_rng(seed)
     negatives = [encode_png(render(fine_twin(world[i].subject, rng), world[i].context)) for i in ids]
     n = len(ids)

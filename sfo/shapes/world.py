@@ -189,4 +189,32 @@ def world_triplets(n: int, seed: int = 0) -> list[WorldTriplet]:
     # One (subject, context) draw per row, in row order: the first k triplets are the same for any n >= k,
     # so a sample id always names the same triplet (cdns resumes by sample id).
     draws = rng.integers([len(ALL_SUBJECTS), len(ALL_CONTEXTS)], size=(n, 2))
-    return [WorldTriplet(f"shapes-{seed}-{i:06d}", ALL_SUBJECTS[s], ALL_CONTEXTS[c]) for i, (s, c) in enumerate(draws)]
+    return [WorldTriplet(sample_id(seed, i), ALL_SUBJECTS[s], ALL_CONTEXTS[c]) for i, (s, c) in enumerate(draws)]
+
+
+def sample_id(seed: int, index: int) -> str:
+    """The id of ``world_triplets(n, seed)[index]`` (any n > index): ``shapes-<seed>-<index>``."""
+    return f"shapes-{seed}-{index:06d}"
+
+
+def parse_sample_id(sample_id: str) -> tuple[int, int]:
+    """``(seed, index)`` of a world triplet's sample id, the inverse of ``sample_id``."""
+    prefix, _, rest = sample_id.partition("-")
+    seed, _, index = rest.rpartition("-")
+    try:
+        if prefix != "shapes":
+            raise ValueError
+        return int(seed), int(index)
+    except ValueError:
+        raise ValueError(f"sample_id: expected 'shapes-<world seed>-<index>' (a shapes-world triplet), "
+                         f"got {sample_id!r}") from None
+
+
+def triplets_of(sample_ids) -> dict[str, WorldTriplet]:
+    """The world triplet each sample id names, each world seed drawn once."""
+    last: dict[int, int] = {}
+    for seed, index in map(parse_sample_id, sample_ids):
+        last[seed] = max(index, last.get(seed, -1))
+    wanted = set(sample_ids)
+    return {t.sample_id: t for seed, index in last.items() for t in world_triplets(index + 1, seed)
+            if t.sample_id in wanted}

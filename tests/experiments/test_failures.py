@@ -47,10 +47,7 @@ def test_breakdown_counts_what_each_method_drew_for_each_reference_pattern(tmp_p
 def test_bad_input_names_the_fix(tmp_path):
     with pytest.raises(SystemExit):
         failures.main([str(tmp_path)])  # no images/*.parquet
-    with pytest.raises(ValueError, match="sample_id"):
-        failures.cell_of("dreambench-dog-3")
     cells = world_triplets(2, seed=3000)
     _evaluation(tmp_path, cells)
     with pytest.raises(SystemExit):
         failures.main([str(tmp_path), "--methods", "sfo"])
-    assert failures.cell_of(cells[1].sample_id) == cells[1]

@@ -9,7 +9,7 @@ from sfo.shapes.oracle import (
 )
 from sfo.shapes.world import (
     ACCENTS, ALL_CONTEXTS, ALL_SUBJECTS, BACKGROUNDS, COLOURS, REFERENCE_BACKGROUND, SIZE, Context, Subject, box,
-    render, render_array, render_reference, shape_mask, world_triplets,
+    parse_sample_id, render, render_array, render_reference, shape_mask, triplets_of, world_triplets,
 )
 
 SUBJECT = Subject("triangle", "blue", "checks", "white")
@@ -184,6 +184,16 @@ def test_a_sample_id_names_the_same_triplet_whatever_n():
     """cdns resumes by sample id: growing n must not change the triplets already drawn."""
     small, large = world_triplets(5, seed=3), world_triplets(40, seed=3)
     assert large[:5] == small
+
+
+def test_sample_ids_name_their_triplets_back():
+    a, b = world_triplets(7, seed=3), world_triplets(3, seed=1000)
+    assert parse_sample_id(a[6].sample_id) == (3, 6)
+    assert triplets_of([a[6].sample_id, b[0].sample_id, a[2].sample_id]) == {
+        a[6].sample_id: a[6], b[0].sample_id: b[0], a[2].sample_id: a[2]}
+    for bad in ("dreambench-dog-3", "shapes-3", "shapes-x-000001"):
+        with pytest.raises(ValueError, match="sample_id: expected 'shapes-<world seed>-<index>'"):
+            parse_sample_id(bad)
 
 
 def test_pair_differences_read_what_separates_a_pair():
