@@ -8,7 +8,7 @@ command that made it, its steps, seed and triplets, the sha256 of the base model
 of the "ref" weights under it) and of every file. Retraining either is the one command its manifest names:
 
     python -m pipelines.main --train-sft --ship-ref --samples 512 --sft-steps 2400
-    python -m pipelines.main --train-sfo --ship-sfo --samples 512 --sfo-seed 36
+    python -m pipelines.main --train-sfo --ship-sfo --samples 512 --sfo-seed 34
 """
 
 from __future__ import annotations
