@@ -212,9 +212,9 @@ def parse_sample_id(sample_id: str) -> tuple[int, int]:
 
 def triplets_of(sample_ids) -> dict[str, WorldTriplet]:
     """The world triplet each sample id names, each world seed drawn once."""
+    wanted = set(sample_ids)  # once: any iterable, each id parsed once
     last: dict[int, int] = {}
-    for seed, index in map(parse_sample_id, sample_ids):
+    for seed, index in map(parse_sample_id, wanted):
         last[seed] = max(index, last.get(seed, -1))
-    wanted = set(sample_ids)
     return {t.sample_id: t for seed, index in last.items() for t in world_triplets(index + 1, seed)
             if t.sample_id in wanted}
