@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dreambench", type=Path, default=None,
                         help="DreamBench 'dataset' folder to evaluate on (default: embedded synthetic subjects)")
     parser.add_argument("--eval-subjects", type=int, default=None,
-                        help="subjects evaluated (default: 560 shapes, x 2 seeds = 1120 images for SFT and SFO each, what the demo's 6 minutes hold; 4 otherwise)")
+                        help="subjects evaluated (default: 288 shapes, x 2 seeds = 576 images for SFT and SFO each, what the demo's 6 minutes hold on a slow day; 4 otherwise)")
     parser.add_argument("--base-subjects", type=int, default=64,
                         help="shapes world: the base model (no LoRA, the report's floor row) on the first N of the "
                              "evaluated subjects only, so the images go to SFT and SFO (default: 64)")
@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     shapes = args.model == "shapes"
     defaults = {"samples": (128, 8), "size": (32, 64), "sft_steps": (200, 8), "sfo_steps": (150, 8),
-                "eval_subjects": (560, 4)}
+                "eval_subjects": (288, 4)}
     for name, (world, other) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, world if shapes else other)
