@@ -34,6 +34,7 @@ from sfo.records import (
 from sfo.timesteps import draw, sample_timesteps
 
 SEED_BYTES = 8
+BLOCK_MIB = 64  # the in-memory dataset's blocks (Ray Data's own target is 128 MiB)
 
 
 def parquet_mib(path: str | Path) -> float:
@@ -113,24 +114,37 @@ def join_cache(batch: pa.Table, index: dict[str, tuple[str, int]], columns: list
 
 def training_dataset(cfg: TrainConfig, columns: list[str]) -> ray.data.Dataset:
     """The job's Ray ``Dataset`` of ``data.path`` (with the cache's tensors joined from ``data.cache_path`` when it
-    refers to them): sorted by ``sample_id`` and materialised when the Parquet is at most ``data.in_memory_mib``
-    (each epoch after the first then reads the object store, with no read tasks to start), otherwise streamed
-    from the files every epoch, in file order.
+    refers to them).
 
+    At most ``data.in_memory_mib`` of Parquet: read, joined and sorted by ``sample_id`` here, in the driver, and
+    handed to Ray as blocks of at most ``BLOCK_MIB`` (each epoch after the first then reads the object store).
     Sorted because the writers' row order is not reproducible: Ray Data's streaming repartition in cdns put the
     same negatives in another order from run to run even with ``preserve_order`` (and a resumed cdns appends its
-    rest in new files). One canonical order makes the same data train the same adapter however it was written."""
+    rest in new files). One canonical order makes the same data train the same adapter however it was written.
+    Read here rather than by Ray Data's read and sort: those start a sample / map / reduce round of tasks, about
+    10-20 s of start-up on a small cluster for data read in well under a second.
+
+    Larger: streamed from the files every epoch by Ray Data, in file order."""
     joined = [c for c in columns if c in CACHE_TENSOR_COLUMNS] if joins_cache(cfg) else []
-    data = ray.data.read_parquet(cfg.data.path, columns=[c for c in columns if c not in joined])
-    mib = parquet_mib(cfg.data.path)
-    if joined:
-        index = cache_index(cfg.data.cache_path)
-        data = data.map_batches(join_cache, batch_format="pyarrow", fn_kwargs={"index": index, "columns": joined})
-        mib += parquet_mib(cfg.data.cache_path)  # at most: the triplets may hold more rows
+    read = [c for c in columns if c not in joined]
+    # The cache's share is at most its size: the triplets may hold more rows than the join takes.
+    mib = parquet_mib(cfg.data.path) + (parquet_mib(cfg.data.cache_path) if joined else 0.0)
     if mib > cfg.data.in_memory_mib:
+        data = ray.data.read_parquet(cfg.data.path, columns=read)
+        if joined:
+            index = cache_index(cfg.data.cache_path)
+            data = data.map_batches(join_cache, batch_format="pyarrow", fn_kwargs={"index": index, "columns": joined})
         return data
-    data.context.execution_options.preserve_order = True  # this dataset's context: the sorted order is kept
-    return data.sort("sample_id").materialize()
+    table = storage.dataset(cfg.data.path).to_table(columns=read).sort_by("sample_id")
+    if joined:
+        table = join_cache(table, cache_index(cfg.data.cache_path), joined)
+    return ray.data.from_arrow(blocks(table, BLOCK_MIB))
+
+
+def blocks(table: pa.Table, mib: float) -> list[pa.Table]:
+    """``table`` cut into consecutive slices of at most about ``mib`` MiB each (at least one row, one slice)."""
+    rows = max(1, int(table.num_rows * mib * 2**20 // max(table.nbytes, 1)))
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)] or [table]
 
 
 def _columns(cfg: TrainConfig, cached: bool = False, scored: bool = False) -> list[str]:

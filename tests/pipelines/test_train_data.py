@@ -63,12 +63,13 @@ def test_a_stream_started_at_a_yielded_position_continues_it(ordered, tmp_path):
         assert take(straight[k - 1][0], 15 - k) == straight[k:]
 
 
-def test_small_parquet_is_read_once_sorted_by_sample_id_and_large_parquet_streams(ray_local, tmp_path):
+def test_small_parquet_is_read_once_sorted_by_sample_id_and_large_parquet_streams(ray_local, tmp_path, monkeypatch):
     """``training_dataset``: under ``data.in_memory_mib`` the rows are materialised sorted by ``sample_id`` (several
     files, uneven sizes, rows written out of order as cdns' Ray Data writer may), so every epoch reads the same
     rows in the same order without re-reading the files, however the writer ordered them."""
     from ray.data.dataset import MaterializedDataset
 
+    from pipelines import train_data
     from pipelines.train_data import parquet_mib, training_dataset
 
     folder = tmp_path / "parts"
@@ -84,6 +85,9 @@ def test_small_parquet_is_read_once_sorted_by_sample_id_and_large_parquet_stream
     assert [r["sample_id"] for r in small.take_all()] == ids
     assert [r["sample_id"] for r in small.take_all()] == ids  # a second pass: the same rows, same order
     assert ray_local.data.DataContext.get_current().execution_options.preserve_order == global_order  # untouched
+    monkeypatch.setattr(train_data, "BLOCK_MIB", 1e-5)  # ~10 bytes: a block per row or two, still in order
+    many = training_dataset(sft_config(tmp_path, "blocks", str(folder)), ["sample_id"])
+    assert many.num_blocks() > 10 and [r["sample_id"] for r in many.take_all()] == ids
     streamed = training_dataset(sft_config(tmp_path, "stream", str(folder), "data.in_memory_mib=0"), ["sample_id"])
     assert not isinstance(streamed, MaterializedDataset)
     assert sorted(r["sample_id"] for r in streamed.take_all()) == ids
