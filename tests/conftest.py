@@ -9,6 +9,12 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
+# Ray Train's controller looks at its workers every 2 s by default, so a one-step test job waits up to 2 s for
+# each of its phases to be noticed (4-6 s a job, measured 2026-12-06). Every Ray the tests start (in this process
+# or in a job's own process) inherits this. A slow poll only counts as missed; a worker is declared dead after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min), so a busy machine cannot fail a test through it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _hermetic_cache(tmp_path_factory):
