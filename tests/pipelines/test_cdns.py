@@ -7,6 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from pipelines import cdns
 from pipelines.cdns import CdnsConfig, run
@@ -98,12 +99,23 @@ def test_ray_writes_quadruplets_with_provenance(ray_output, triplets):
         assert decode_png(out["negative_png"]).size == (SIZE, SIZE)
 
 
-def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path):
-    """Same generator, same seeds: the plain loop reproduces Ray's PNG bytes, across a resume."""
-    first = run(config(triplets, tmp_path, "runner=local", "data.limit=2"))
+@pytest.fixture
+def restore_torch_threads():
+    """Puts this process's torch thread count back after a local run that set its own (``scaling.torch_threads``)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path, restore_torch_threads):
+    """Same generator, same seeds, same torch threads: the plain loop reproduces Ray's PNG bytes, across a resume.
+
+    Ray gives its 0.5-CPU actor one torch thread; the loop here runs with one too (``scaling.torch_threads=1``):
+    a sum split over two threads may round a pixel the other way (seen on a 2-core AMD EPYC, 2026-12-06)."""
+    first = run(config(triplets, tmp_path, "runner=local", "data.limit=2", "scaling.torch_threads=1"))
     assert first["written"] == 2 and first["skipped"] == 0
     (tmp_path / "cdns-interrupted_000000.parquet").write_bytes(b"PAR1 cut short")  # an interrupted write
-    second = run(config(triplets, tmp_path, "runner=local"))
+    second = run(config(triplets, tmp_path, "runner=local", "scaling.torch_threads=1"))
     assert counts(second) == (2, 2, 0) and second["output"] == str(tmp_path)
     assert (tmp_path / "cdns-interrupted_000000.parquet.incomplete").exists()
     ids = read(tmp_path).column("sample_id").to_pylist()
