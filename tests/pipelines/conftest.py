@@ -1,4 +1,4 @@
-"""Fixtures shared by the pipeline tests: one local Ray session for the whole test session."""
+"""Fixtures shared by the pipeline tests: one local Ray session for the whole test session, torch's thread count."""
 
 from __future__ import annotations
 
@@ -36,3 +36,14 @@ def ref_adapter(tmp_path_factory):
     folder = tmp_path_factory.mktemp("adapters") / "ref"
     adapters.save_adapter(model.transformer, adapters.REF, folder)
     return folder
+
+
+@pytest.fixture
+def torch_threads():
+    """This process's torch thread count, put back after the test (a local run applies ``scaling.torch_threads``
+    to the process it runs in)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield threads
+    torch.set_num_threads(threads)

@@ -7,7 +7,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from pipelines import cdns
 from pipelines.cdns import CdnsConfig, run
@@ -99,15 +98,7 @@ def test_ray_writes_quadruplets_with_provenance(ray_output, triplets):
         assert decode_png(out["negative_png"]).size == (SIZE, SIZE)
 
 
-@pytest.fixture
-def restore_torch_threads():
-    """Puts this process's torch thread count back after a local run that set its own (``scaling.torch_threads``)."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path, restore_torch_threads):
+def test_local_loop_matches_ray_and_resumes(ray_output, triplets, tmp_path, torch_threads):
     """Same generator, same seeds, same torch threads: the plain loop reproduces Ray's PNG bytes, across a resume.
 
     Ray gives its 0.5-CPU actor one torch thread; the loop here runs with one too (``scaling.torch_threads=1``):

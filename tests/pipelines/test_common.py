@@ -53,20 +53,16 @@ def test_an_unreachable_address_fails_in_seconds_naming_it(monkeypatch):
         common.check_reachable("somewhere")
 
 
-def test_torch_threads_apply_in_the_worker_and_are_checked():
+def test_torch_threads_apply_in_the_worker_and_are_checked(torch_threads):
     import pytest
     import torch
 
     from pipelines.common import ScalingConfig, use_torch_threads
 
-    before = torch.get_num_threads()
-    try:
-        use_torch_threads(ScalingConfig())  # null: Ray's default stays
-        assert torch.get_num_threads() == before
-        use_torch_threads(ScalingConfig(torch_threads=1))
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
+    use_torch_threads(ScalingConfig())  # null: Ray's default stays
+    assert torch.get_num_threads() == torch_threads
+    use_torch_threads(ScalingConfig(torch_threads=1))
+    assert torch.get_num_threads() == 1
     with pytest.raises(ValueError, match="scaling.torch_threads"):
         ScalingConfig(torch_threads=0)
 
